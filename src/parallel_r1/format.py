@@ -9,7 +9,11 @@ Parsing, strict validation and rendering of responses live further down in this 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 PARALLEL_OPEN = "<Parallel>"
 PARALLEL_CLOSE = "</Parallel>"
@@ -73,3 +77,461 @@ def add_parallel_tokens(tokenizer, model=None) -> TagIds:
         if new > old:
             model.resize_token_embeddings(new, mean_resizing=True)
     return TagIds.from_tokenizer(tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing, strict validation, rendering
+# --------------------------------------------------------------------------------------------------
+
+# What the strict check (SPEC section 4) can find wrong. Each error carries the character offset
+# where the problem is: the offending tag or the first character of the offending text.
+ERROR_KINDS = (
+    "stray_close",  # a closing tag with nothing open to close: </Path> in main text, </Summary> with no <Summary>
+    "path_outside_block",  # <Path> in main text or inside a summary
+    "nested_block",  # <Parallel> while a block or a summary is open (blocks do not nest)
+    "summary_out_of_place",  # <Summary> anywhere but right after </Parallel>
+    "unclosed_path",  # a <Path> ended by the next <Path>, by </Parallel> or by the end of text (offset: its <Path>)
+    "unclosed_block",  # a <Parallel> with no </Parallel> before the end of text (offset: its <Parallel>)
+    "unclosed_summary",  # a <Summary> with no </Summary> (offset: its <Summary>)
+    "too_few_paths",  # a closed block with fewer than two paths (offset: its <Parallel>)
+    "missing_summary",  # </Parallel> followed by something other than <Summary> (offset: that thing, or end of text)
+    "text_before_summary",  # text between </Parallel> and its <Summary> (offset: the text)
+    "text_between_paths",  # text between a </Path> and the next <Path> (offset: the text)
+    "text_in_block",  # text between <Parallel> and its first <Path>, or after the last </Path> (offset: the text)
+    "empty_path",  # a closed path holding only white space (offset: its <Path>)
+    "empty_summary",  # a closed summary holding only white space (offset: its <Summary>)
+)
+
+
+@dataclass(frozen=True)
+class FormatError:
+    kind: str  # one of ERROR_KINDS
+    offset: int  # character offset in the text where the problem is
+    message: str
+
+
+@dataclass
+class Span:
+    """A half-open range [start, end) of characters (or of token indices for `token_span`)."""
+
+    start: int
+    end: int
+
+
+@dataclass
+class PathSpan:
+    span: Span  # from <Path> to after </Path> (or to where the path was cut off)
+    content: Span  # between the tags
+    closed: bool  # ended by its own </Path>
+    token_span: Span | None = None  # token indices, filled by parse_ids
+
+
+@dataclass
+class Block:
+    span: Span  # from <Parallel> through </Summary> (or to where the block was cut off)
+    paths: list[PathSpan]
+    summary: Span | None  # content of the summary; None when there is no <Summary>
+    closed: bool  # its </Parallel> was found
+    token_span: Span | None = None  # token indices, filled by parse_ids
+    summary_closed: bool = False  # its </Summary> was found
+
+
+@dataclass
+class ParsedResponse:
+    text: str
+    blocks: list[Block]
+    main_segments: list[Span]  # the text outside every block, in order
+    errors: list[FormatError]
+
+    @property
+    def well_formed(self) -> bool:
+        return not self.errors
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def paths_per_block(self) -> list[int]:
+        return [len(b.paths) for b in self.blocks]
+
+    @property
+    def has_parallel(self) -> bool:
+        return bool(self.blocks)
+
+
+@dataclass(frozen=True)
+class _Tag:
+    """One tag occurrence: its characters in the text and, when parsing ids, its token index."""
+
+    name: str
+    start: int
+    end: int
+    index: int | None = None
+
+
+_TAG_RE = re.compile("|".join(re.escape(t) for t in TAGS))
+_MAIN, _BLOCK, _PATH, _AFTER, _SUMMARY = "main", "block", "path", "after_block", "summary"
+
+
+def _first_non_space(text: str, start: int, end: int) -> int | None:
+    for i in range(start, end):
+        if not text[i].isspace():
+            return i
+    return None
+
+
+def _snippet(text: str, offset: int) -> str:
+    """Up to 30 characters of text starting at `offset`, cut before the next tag."""
+    end = min(len(text), offset + 30)
+    tag = _TAG_RE.search(text, offset, end)
+    return repr(text[offset : tag.start() if tag else end])
+
+
+class _Scanner:
+    """One left-to-right pass over the tags: a small state machine that keeps the blocks it finds and
+    reports every error at the offset where it happens. A misplaced tag is reported and then treated
+    as plain text of the region it sits in, so one mistake does not hide the rest of the structure."""
+
+    def __init__(self, text: str, n_tokens: int | None, lenient: bool):
+        self.text = text
+        self.n_tokens = n_tokens
+        self.lenient = lenient
+        self.state = _MAIN
+        self.blocks: list[Block] = []
+        self.errors: list[FormatError] = []
+        self.block: Block | None = None
+        self.block_tag: _Tag | None = None
+        self.path_tag: _Tag | None = None
+        self.summary_tag: _Tag | None = None
+        self.num_paths = 0  # paths of the open block, unclosed ones included
+        self.gap: int | None = None  # first non-space character since the last structural tag of a block
+        self.close_end: tuple[int, int | None] = (0, None)  # where a block without summary ends: after </Parallel>
+        self.handlers = {
+            _MAIN: self._in_main,
+            _BLOCK: self._in_block,
+            _PATH: self._in_path,
+            _AFTER: self._after_block,
+            _SUMMARY: self._in_summary,
+        }
+
+    def run(self, tags: list[_Tag]) -> ParsedResponse:
+        pos = 0
+        for tag in tags:
+            self._text(pos, tag.start)
+            self.handlers[self.state](tag)
+            pos = tag.end
+        self._text(pos, len(self.text))
+        self._finish()
+        self.errors.sort(key=lambda e: e.offset)
+        return ParsedResponse(self.text, self.blocks, self._main_segments(), self.errors)
+
+    def _error(self, kind: str, offset: int, message: str) -> None:
+        self.errors.append(FormatError(kind, offset, message))
+
+    def _text(self, start: int, end: int) -> None:
+        if self.state in (_BLOCK, _AFTER) and self.gap is None:
+            self.gap = _first_non_space(self.text, start, end)
+
+    def _misplaced(self, tag: _Tag, where: str) -> None:
+        if tag.name == PARALLEL_OPEN:
+            self._error("nested_block", tag.start, f"{tag.name} {where}: blocks do not nest")
+        elif tag.name == PATH_OPEN:
+            self._error("path_outside_block", tag.start, f"{tag.name} {where}: a path must sit inside a block")
+        elif tag.name == SUMMARY_OPEN:
+            message = f"{tag.name} {where}: a summary must follow {PARALLEL_CLOSE}"
+            self._error("summary_out_of_place", tag.start, message)
+        else:
+            self._error("stray_close", tag.start, f"{tag.name} {where} closes nothing")
+
+    def _in_main(self, tag: _Tag) -> None:
+        if tag.name != PARALLEL_OPEN:
+            self._misplaced(tag, "in main text")
+            return
+        self.block = Block(Span(tag.start, tag.end), [], None, False)
+        self.block_tag, self.num_paths, self.gap = tag, 0, None
+        self.state = _BLOCK
+
+    def _in_block(self, tag: _Tag) -> None:
+        if tag.name == PATH_OPEN:
+            self._check_gap(between_paths=self.num_paths > 0)
+            self._open_path(tag)
+        elif tag.name == PARALLEL_CLOSE:
+            self._check_gap(between_paths=False)
+            self._close_block(tag)
+        else:
+            self._misplaced(tag, "inside a block, between paths")
+
+    def _in_path(self, tag: _Tag) -> None:
+        if tag.name == PATH_CLOSE:
+            self._end_path(tag.end, _after(tag), tag.start, closed=True)
+            self.state, self.gap = _BLOCK, None
+        elif tag.name == PATH_OPEN:
+            self._end_path(tag.start, tag.index, tag.start, closed=False)
+            self._open_path(tag)
+        elif tag.name == PARALLEL_CLOSE:
+            self._end_path(tag.start, tag.index, tag.start, closed=False)
+            self._close_block(tag)
+        else:
+            self._misplaced(tag, "inside a path")
+
+    def _after_block(self, tag: _Tag) -> None:
+        if tag.name == SUMMARY_OPEN:
+            if self.gap is not None:
+                self._error(
+                    "text_before_summary",
+                    self.gap,
+                    f"text between {PARALLEL_CLOSE} and {SUMMARY_OPEN}: {_snippet(self.text, self.gap)}",
+                )
+            self.summary_tag = tag
+            self.state = _SUMMARY
+            return
+        self._missing_summary(tag.start if self.gap is None else self.gap)
+        self._in_main(tag)
+
+    def _in_summary(self, tag: _Tag) -> None:
+        if tag.name != SUMMARY_CLOSE:
+            self._misplaced(tag, "inside a summary")
+            return
+        assert self.block is not None and self.summary_tag is not None
+        self.block.summary = Span(self.summary_tag.end, tag.start)
+        self.block.summary_closed = True
+        if not self.text[self.summary_tag.end : tag.start].strip():
+            self._error("empty_summary", self.summary_tag.start, f"{SUMMARY_OPEN} holds only white space")
+        self._end_block(tag.end, _after(tag))
+
+    def _finish(self) -> None:
+        end, end_tok = len(self.text), self.n_tokens
+        if self.state == _PATH:
+            self._end_path(end, end_tok, end, closed=False)
+            self.state = _BLOCK
+        if self.state == _BLOCK:
+            self._check_gap(between_paths=False)
+            assert self.block_tag is not None
+            message = f"{PARALLEL_OPEN} is never closed by {PARALLEL_CLOSE}"
+            self._error("unclosed_block", self.block_tag.start, message)
+            self._end_block(end, end_tok)
+        elif self.state == _AFTER:
+            self._missing_summary(end if self.gap is None else self.gap)
+        elif self.state == _SUMMARY:
+            assert self.block is not None and self.summary_tag is not None
+            message = f"{SUMMARY_OPEN} is never closed by {SUMMARY_CLOSE}"
+            self._error("unclosed_summary", self.summary_tag.start, message)
+            self.block.summary = Span(self.summary_tag.end, end)
+            self._end_block(end, end_tok)
+
+    def _check_gap(self, between_paths: bool) -> None:
+        if self.gap is None:
+            return
+        text = _snippet(self.text, self.gap)
+        if between_paths:
+            self._error("text_between_paths", self.gap, f"text between {PATH_CLOSE} and {PATH_OPEN}: {text}")
+        else:
+            self._error("text_in_block", self.gap, f"text inside {PARALLEL_OPEN} outside any {PATH_OPEN}: {text}")
+        self.gap = None
+
+    def _open_path(self, tag: _Tag) -> None:
+        self.path_tag = tag
+        self.num_paths += 1
+        self.state = _PATH
+
+    def _end_path(self, end: int, end_tok: int | None, content_end: int, closed: bool) -> None:
+        tag, block = self.path_tag, self.block
+        assert tag is not None and block is not None
+        if closed and not self.text[tag.end : content_end].strip():
+            self._error("empty_path", tag.start, f"{PATH_OPEN} holds only white space")
+        if not closed:
+            self._error("unclosed_path", tag.start, f"{PATH_OPEN} is never closed by {PATH_CLOSE}")
+        if closed or self.lenient:
+            path = PathSpan(Span(tag.start, end), Span(tag.end, content_end), closed, self._tokens(tag, end_tok))
+            block.paths.append(path)
+        self.path_tag = None
+
+    def _close_block(self, tag: _Tag) -> None:
+        assert self.block is not None and self.block_tag is not None
+        self.block.closed = True
+        self.block.span.end = tag.end
+        if self.num_paths < 2:
+            self._error(
+                "too_few_paths",
+                self.block_tag.start,
+                f"{PARALLEL_OPEN} holds {self.num_paths} path(s); a block needs at least two",
+            )
+        self.state, self.gap = _AFTER, None
+        self.close_end = (tag.end, _after(tag))
+
+    def _missing_summary(self, offset: int) -> None:
+        self._error("missing_summary", offset, f"{PARALLEL_CLOSE} is not followed by {SUMMARY_OPEN}")
+        self._end_block(*self.close_end)
+
+    def _end_block(self, end: int, end_tok: int | None) -> None:
+        block = self.block
+        assert block is not None and self.block_tag is not None
+        block.span.end = end
+        block.token_span = self._tokens(self.block_tag, end_tok)
+        if block.closed or self.lenient:
+            self.blocks.append(block)
+        self.block, self.block_tag, self.summary_tag = None, None, None
+        self.state = _MAIN
+
+    def _tokens(self, opening: _Tag, end_tok: int | None) -> Span | None:
+        if opening.index is None or end_tok is None:
+            return None
+        return Span(opening.index, end_tok)
+
+    def _main_segments(self) -> list[Span]:
+        segments, pos = [], 0
+        for block in self.blocks:
+            if block.span.start > pos:
+                segments.append(Span(pos, block.span.start))
+            pos = block.span.end
+        if len(self.text) > pos:
+            segments.append(Span(pos, len(self.text)))
+        return segments
+
+
+def _after(tag: _Tag) -> int | None:
+    return None if tag.index is None else tag.index + 1
+
+
+def parse(text: str, lenient: bool = False) -> ParsedResponse:
+    """Find the blocks of `text` and every format error, each with its character offset.
+
+    Strict (the default) keeps only blocks whose `</Parallel>` was found and, in them, only paths
+    closed by their own `</Path>`. `lenient=True` recovers the structure of truncated or messy output:
+    a block left open at the end still yields its paths, and a path cut off (by the next `<Path>`, by
+    `</Parallel>` or by the end of the text) yields a path with `closed=False`. The errors are the
+    same in both modes.
+    """
+    return _Scanner(text, None, lenient).run([_Tag(m.group(), m.start(), m.end()) for m in _TAG_RE.finditer(text)])
+
+
+def validate(text: str) -> list[FormatError]:
+    """The strict format check of SPEC section 4; an empty list means the response is well formed."""
+    return parse(text).errors
+
+
+def render(parsed: ParsedResponse) -> str:
+    """Rebuild the text from the structure: main segments, and each block from its paths and the text
+    around them. Raises ValueError when the spans do not tile the text, so `render(parse(t)) == t`
+    checks that the parser accounted for every character."""
+    text = parsed.text
+    pieces = [(s, None) for s in parsed.main_segments] + [(b.span, b) for b in parsed.blocks]
+    pieces.sort(key=lambda piece: piece[0].start)
+    out, pos = [], 0
+    for span, block in pieces:
+        bounds = [span.start, span.end]
+        if block is not None:
+            bounds[1:1] = [x for p in block.paths for x in (p.span.start, p.span.end)]
+        if span.start != pos or bounds != sorted(bounds):
+            raise ValueError(f"spans do not tile the text at offset {pos}")
+        out.extend(text[a:b] for a, b in zip(bounds, bounds[1:]))
+        pos = span.end
+    if pos != len(text):
+        raise ValueError(f"spans stop at offset {pos} of {len(text)}")
+    return "".join(out)
+
+
+_JOINS = (
+    (PARALLEL_OPEN, PATH_OPEN),
+    (PATH_CLOSE, PATH_OPEN),
+    (PATH_CLOSE, PARALLEL_CLOSE),
+    (PARALLEL_CLOSE, SUMMARY_OPEN),
+)
+_JOIN_SPACE_RE = re.compile("|".join(rf"(?<={re.escape(a)})\s+(?={re.escape(b)})" for a, b in _JOINS))
+
+
+def canonicalize(text: str) -> str:
+    """Remove the white space between structural tags that follow each other inside a block
+    (`<Parallel> <Path>`, `</Path> <Path>`, `</Path> </Parallel>`, `</Parallel> <Summary>`), so
+    that training data tokenizes like the engine's output (docs/design.md, "Token layout")."""
+    return _JOIN_SPACE_RE.sub("", text)
+
+
+def parse_ids(ids, tokenizer, lenient: bool = True) -> ParsedResponse:
+    """Parse token ids: tags are found by their token ids, never by re-tokenizing decoded text.
+
+    The text of the result is built by decoding each run of non-tag tokens on its own and joining the
+    runs with the tags; character offsets refer to that text, and blocks and paths get `token_span`s
+    (indices into `ids`).
+    """
+    ids = [int(i) for i in ids]
+    tag_names = dict(zip(TagIds.from_tokenizer(tokenizer).as_tuple(), TAGS))
+    pieces: list[str] = []
+    tags: list[_Tag] = []
+    pos, run_start = 0, 0
+    for i, tok in enumerate([*ids, None]):
+        if tok is not None and tok not in tag_names:
+            continue
+        run = tokenizer.decode(ids[run_start:i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        pieces.append(run)
+        pos += len(run)
+        if tok is not None:
+            name = tag_names[tok]
+            tags.append(_Tag(name, pos, pos + len(name), i))
+            pieces.append(name)
+            pos += len(name)
+        run_start = i + 1
+    return _Scanner("".join(pieces), len(ids), lenient).run(tags)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking a file of responses (the `parallel-r1 check` command)
+# --------------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """A response file that cannot be read; the message names the file and, where known, the line."""
+
+
+def check_file(path: str | Path, field: str = "response") -> list[dict]:
+    """Strictly validate the `field` of every record of a JSONL file (blank lines are skipped).
+
+    Returns one dict per record: {"line", "valid", "blocks", "paths", "errors"}, where blocks and
+    paths count what is there (lenient parse) and errors are those of the strict check. Raises
+    InputError for a missing or unreadable file, a line that is not a JSON object, or a missing field.
+    """
+    results = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    results.append(_check_line(path, n, line, field))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {e}") from e
+    return results
+
+
+def _check_line(path: str | Path, n: int, line: str, field: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{n}: not valid JSON: {e}") from e
+    if not isinstance(record, dict) or field not in record:
+        raise InputError(f"{path}:{n}: no field {field!r} in this record")
+    if not isinstance(record[field], str):
+        raise InputError(f"{path}:{n}: field {field!r} must be a string, not {type(record[field]).__name__}")
+    parsed = parse(record[field], lenient=True)
+    return {
+        "line": n,
+        "valid": parsed.well_formed,
+        "blocks": parsed.num_blocks,
+        "paths": parsed.paths_per_block,
+        "errors": [asdict(e) for e in parsed.errors],
+    }
+
+
+def check_report(path: str | Path, results: list[dict]) -> str:
+    """Plain-text report of `check_file` results: one line per error, then the totals."""
+    lines = [
+        f"{path}:{r['line']}: {e['kind']} at offset {e['offset']}: {e['message']}" for r in results for e in r["errors"]
+    ]
+    kinds = Counter(e["kind"] for r in results for e in r["errors"])
+    invalid = sum(not r["valid"] for r in results)
+    lines.append(
+        f"{len(results)} responses: {len(results) - invalid} valid, {invalid} invalid; "
+        f"{sum(r['blocks'] for r in results)} blocks, {sum(sum(r['paths']) for r in results)} paths"
+    )
+    if kinds:
+        lines.append("errors: " + ", ".join(f"{kind} {count}" for kind, count in kinds.most_common()))
+    return "\n".join(lines)
