@@ -1,0 +1,141 @@
+"""Rewards for GRPO (SPEC section 6): accuracy, the parallel bonus behind a format gate, and schedules.
+
+With the default values a response scores:
+
+    wrong answer                                        -1.0
+    correct, no block (or any format error)              1.0
+    correct, >= 1 block, strictly well formed            1.2   (only on steps where the schedule enables it)
+
+Every function is pure; `score_response` returns the components so that trainers can log them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .answers import extract_answer, verify
+from .format import parse
+
+SCHEDULE_KINDS = ("accuracy", "parallel", "alternating", "mid_training")
+
+
+@dataclass(frozen=True)
+class RewardBreakdown:
+    reward: float  # the total used for advantages
+    accuracy: float  # the correct / wrong part
+    parallel_bonus: float  # extra for a correct, well-formed parallel response; 0 when it does not apply
+    correct: bool
+    well_formed: bool  # the strict format check found no error
+    num_blocks: int  # closed <Parallel> blocks
+    answer: str | None  # the extracted final answer
+    parallel_active: bool  # whether the schedule enabled the parallel reward on this step
+
+
+def accuracy_reward(correct: bool, correct_value: float = 1.0, wrong_value: float = -1.0) -> float:
+    return correct_value if correct else wrong_value
+
+
+def parallel_bonus(correct: bool, num_blocks: int, well_formed: bool, bonus: float = 0.2) -> float:
+    """`bonus` for a correct answer reached with at least one block, when the whole response is well formed.
+
+    The format gate: any strict-format error (an unclosed tag, a one-path block, a missing summary, ...)
+    forfeits the bonus, so the policy cannot earn it with broken structure.
+    """
+    return bonus if correct and num_blocks >= 1 and well_formed else 0.0
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"RewardSchedule.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RewardSchedule:
+    """Which training steps add the parallel reward to the accuracy reward (steps count from 0).
+
+    - ``accuracy``: never; ``parallel``: always.
+    - ``alternating``: in every window of `window` steps, the last `parallel_steps` use accuracy + parallel
+      and the others accuracy alone (the paper's Unseen S2 stage: window 10, 2 parallel steps, so steps
+      8, 9, 18, 19, ...).
+    - ``mid_training``: accuracy + parallel for steps 0 .. `switch_step` - 1, accuracy alone from
+      `switch_step` on (the paper's scaffold for its best AIME25 result).
+    """
+
+    kind: str  # one of SCHEDULE_KINDS
+    window: int = 10
+    parallel_steps: int = 2
+    switch_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"RewardSchedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        _check_int("window", self.window, 1)
+        _check_int("parallel_steps", self.parallel_steps, 0)
+        _check_int("switch_step", self.switch_step, 0)
+        if self.parallel_steps > self.window:
+            raise ValueError(
+                f"RewardSchedule.parallel_steps ({self.parallel_steps}) cannot exceed window ({self.window})"
+            )
+        if self.kind == "mid_training" and self.switch_step == 0:
+            raise ValueError(
+                "RewardSchedule(kind='mid_training') needs switch_step >= 1 (the first accuracy-only step)"
+            )
+
+    def parallel_active(self, step: int) -> bool:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if self.kind == "accuracy":
+            return False
+        if self.kind == "parallel":
+            return True
+        if self.kind == "alternating":
+            return step % self.window >= self.window - self.parallel_steps
+        return step < self.switch_step
+
+
+def score_response(
+    response: str,
+    gold: str,
+    parallel_active: bool,
+    correct_value: float = 1.0,
+    wrong_value: float = -1.0,
+    parallel_value: float = 1.2,
+    timeout_s: float = 5.0,
+) -> RewardBreakdown:
+    """Score one response against the ground truth `gold`.
+
+    `parallel_value` is the total for a correct, well-formed parallel response; the bonus is its excess
+    over `correct_value`. The format check runs whether or not the bonus is active, for logging.
+    """
+    answer = extract_answer(response)
+    correct = answer is not None and verify(answer, gold, timeout_s)
+    parsed = parse(response)
+    accuracy = accuracy_reward(correct, correct_value, wrong_value)
+    bonus = 0.0
+    if parallel_active:
+        bonus = parallel_bonus(correct, parsed.num_blocks, parsed.well_formed, parallel_value - correct_value)
+    return RewardBreakdown(
+        reward=accuracy + bonus,
+        accuracy=accuracy,
+        parallel_bonus=bonus,
+        correct=correct,
+        well_formed=parsed.well_formed,
+        num_blocks=parsed.num_blocks,
+        answer=answer,
+        parallel_active=parallel_active,
+    )
+
+
+def score_batch(
+    responses: Sequence[str], golds: Sequence[str], step: int, schedule: RewardSchedule, **values: float
+) -> list[RewardBreakdown]:
+    """Score responses[i] against golds[i] at training step `step`; `values` go to `score_response`."""
+    if len(responses) != len(golds):
+        raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
+    active = schedule.parallel_active(step)
+    return [score_response(r, g, active, **values) for r, g in zip(responses, golds)]
+
+
+# The name docs/design.md gives the batch entry point.
+compute_rewards = score_batch
