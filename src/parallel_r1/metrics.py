@@ -1,0 +1,120 @@
+"""Training logs: a JSON Lines file always, tensorboard and Weights & Biases when asked.
+
+Every record carries the step it belongs to. A resumed run rewinds its logs to the checkpoint's step
+first, so steps that were logged after the last checkpoint and are now run again appear once, and the
+file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def rewind_jsonl(path: str | Path, step: int) -> None:
+    """Drop the records of `path` whose "step" is greater than `step` (atomic rewrite)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                # A line cut short by a kill mid-write; every complete record before it is kept.
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class JsonlWriter:
+    """Append records to a JSON Lines file, flushed after each write (a kill loses at most one line)."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            rewind_jsonl(self.path, resume_step)
+            self._file = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class MetricsLogger:
+    """One training stage's metrics: `metrics.jsonl` in `directory`, plus tensorboard/wandb if asked.
+
+    `log(step, metrics)` writes every value to the JSONL (lists included, e.g. the data indices a step
+    consumed) and the scalars to tensorboard/wandb. Only the main process should pass enabled=True.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        resume_step: int = 0,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "parallel-r1",
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ):
+        self.directory = Path(directory)
+        self.jsonl = JsonlWriter(self.directory / "metrics.jsonl", resume_step, enabled)
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError("logging.tensorboard needs the tensorboard package: pip install tensorboard") from exc
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"), purge_step=resume_step + 1)
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError as exc:
+                raise ImportError("logging.wandb needs the wandb package: pip install wandb") from exc
+            self._wandb = wandb_lib.init(project=wandb_project, name=run_name, config=config, dir=str(self.directory))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.jsonl.write({"step": step, **metrics})
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

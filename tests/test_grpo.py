@@ -1,0 +1,196 @@
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from parallel_r1.config import GRPOConfig
+from parallel_r1.format import TagIds
+from parallel_r1.grpo import (
+    clipped_policy_loss,
+    collate_rollouts,
+    group_advantages,
+    informative_groups,
+    kl_k3,
+    policy_update,
+    token_mean,
+)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, -1.0, 1.0, -1.0], [1.2, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards)
+    std0 = math.sqrt(4 / 3)  # unbiased std of (1, -1, 1, -1)
+    assert torch.allclose(adv[0], torch.tensor([1, -1, 1, -1]) / std0, atol=1e-5)
+    mean1 = 4.2 / 4
+    centred1 = torch.tensor([1.2, 1.0, 1.0, 1.0]) - mean1
+    assert torch.allclose(adv[1], centred1 / centred1.std(), atol=1e-4)
+    assert torch.equal(adv[2], torch.zeros(4))
+
+
+def test_dr_grpo_does_not_divide_by_std():
+    rewards = torch.tensor([[1.0, -1.0, -1.0, -1.0], [1.2, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards, scale=False)
+    assert torch.allclose(adv[0], torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    assert torch.allclose(adv[1], torch.tensor([0.15, -0.05, -0.05, -0.05]), atol=1e-6)
+
+
+def test_zero_variance_groups_are_found():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, -1.0], [1.2, 1.0, 1.0]])
+    assert informative_groups(rewards).tolist() == [False, False, True, True]
+
+
+def _ratios_to_logps(ratios):
+    old = torch.full((len(ratios),), -1.0)
+    return old + torch.log(torch.tensor(ratios)), old
+
+
+def test_clipped_loss_by_hand_inside_and_outside_the_clip_range():
+    # Clip range [0.8, 1.28]. Rows: advantage +1 and -1; columns: ratios 0.5, 0.9, 1.0, 1.2, 1.5.
+    ratios = [0.5, 0.9, 1.0, 1.2, 1.5]
+    new, old = _ratios_to_logps(ratios)
+    logp = torch.stack([new, new])
+    old_logp = torch.stack([old, old])
+    loss, clipped = clipped_policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), 0.2, 0.28)
+    # A > 0: -min(r, clip(r)) -> a low ratio is not clipped, a high one is capped at 1.28.
+    expected_pos = [-0.5, -0.9, -1.0, -1.2, -1.28]
+    # A < 0: max(r, clip(r)) -> a low ratio is lifted to 0.8, a high one is not clipped.
+    expected_neg = [0.8, 0.9, 1.0, 1.2, 1.5]
+    assert torch.allclose(loss, torch.tensor([expected_pos, expected_neg]), atol=1e-6)
+    assert clipped.tolist() == [[False, False, False, False, True], [True, False, False, False, False]]
+    mask = torch.ones_like(loss)
+    assert token_mean(clipped.float(), mask).item() == pytest.approx(2 / 10)
+
+
+def test_clip_is_asymmetric():
+    new, old = _ratios_to_logps([1.25, 0.75])
+    loss, clipped = clipped_policy_loss(new[None], old[None], torch.tensor([1.0]), 0.2, 0.28)
+    assert clipped.tolist() == [[False, False]]  # 1.25 < 1.28; 0.75 with A > 0 is never clipped
+    loss, clipped = clipped_policy_loss(new[None], old[None], torch.tensor([-1.0]), 0.2, 0.28)
+    assert clipped.tolist() == [[False, True]]
+    assert loss[0, 1].item() == pytest.approx(0.8)
+
+
+def test_token_level_aggregation_counts_tokens_not_sequences():
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert token_mean(values, mask).item() == pytest.approx(8 / 5)  # a sequence mean would give 2.5
+    # Micro-batches divided by the whole mini-batch's token count add up to the mini-batch mean.
+    parts = token_mean(values[:1], mask[:1], num_tokens=5) + token_mean(values[1:], mask[1:], num_tokens=5)
+    assert parts.item() == pytest.approx(8 / 5)
+
+
+def test_gradient_equals_policy_gradient_when_old_equals_new():
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 5)).requires_grad_()
+    adv = torch.tensor([0.7, -1.3, 2.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    loss, _ = clipped_policy_loss(logp, logp.detach(), adv, 0.2, 0.28)
+    token_mean(loss, mask).backward()
+    # d/d logp of -(1/N) sum_t A_b r_bt at r = 1 is -A_b / N on trained-on tokens.
+    expected = -adv[:, None] * mask / mask.sum()
+    assert torch.allclose(logp.grad, expected, atol=1e-7)
+
+
+def test_k3_kl_by_hand():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.0, -1.5]])
+    kl = kl_k3(logp, ref)
+    assert kl[0, 0].item() == 0.0
+    assert kl[0, 1].item() == pytest.approx(math.exp(0.5) - 0.5 - 1)
+
+
+def _fake_rollout(prompt, response, sampled, logprobs):
+    return SimpleNamespace(prompt_ids=prompt, response_ids=response, sampled_mask=sampled, logprobs=logprobs)
+
+
+def test_collate_masks_only_sampled_response_tokens():
+    rollouts = [
+        _fake_rollout([5, 6, 7], [8, 9, 10], [True, False, True], [-0.1, 0.0, -0.3]),
+        _fake_rollout([5], [11], [True], [-0.5]),
+    ]
+    batch = collate_rollouts(rollouts, [1.0, -1.0], pad_id=0)
+    assert batch.input_ids_BT.tolist() == [[5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 5, 11]]
+    assert batch.attention_mask_BT.tolist() == [[1] * 6, [0, 0, 0, 0, 1, 1]]
+    assert batch.loss_mask_BT.tolist() == [[0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 0, 1]]
+    assert torch.allclose(batch.old_logp_BT[0, 3:], torch.tensor([-0.1, 0.0, -0.3]))
+    assert batch.adv_B.tolist() == [1.0, -1.0]
+
+
+def _favoured_logmass(model, batch, tags, favoured):
+    """Mean over trained-on positions of log p(any favoured token | context)."""
+    from parallel_r1.attention import model_attention
+
+    with torch.no_grad():
+        mask, pos = model_attention(model, batch.input_ids_BT, batch.attention_mask_BT, tags, "seen")
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=mask, position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)[..., favoured].logsumexp(-1)
+        m = batch.loss_mask_BT[:, 1:]
+        return ((logp * m).sum() / m.sum()).item()
+
+
+def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, tiny_tokenizer):
+    from parallel_r1.engine import ParallelEngine, SamplingParams
+
+    tags = TagIds.from_tokenizer(tiny_tokenizer)
+    favoured = [tiny_tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    engine = ParallelEngine(tiny_model, tiny_tokenizer, max_batch_size=64)
+    params = SamplingParams(temperature=1.0, seed=0, max_response_tokens=12, variant="seen", max_blocks=0)
+    n = 16
+    rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads 12 pages"], n=n, params=params)
+    # Reward: the share of sampled tokens that are digits.
+    rewards = torch.tensor(
+        [sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]
+    ).view(2, n)
+    assert informative_groups(rewards).all()
+    adv = group_advantages(rewards)
+    batch = collate_rollouts(rollouts, adv.flatten().tolist(), tiny_tokenizer.pad_token_id)
+    before = _favoured_logmass(tiny_model, batch, tags, favoured)
+
+    cfg = GRPOConfig(micro_batch_size=8)
+    accelerator = Accelerator(cpu=True)
+    punished = copy.deepcopy(tiny_model)
+
+    def update(model, advantages):
+        batch.adv_B = advantages
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        return policy_update(
+            accelerator, model, optimizer, batch, cfg, tags, "seen", max_grad_norm=1.0,
+            num_tokens=batch.loss_mask_BT.sum().item(),
+        )
+
+    out = update(tiny_model, adv.flatten())
+    after = _favoured_logmass(tiny_model, batch, tags, favoured)
+    assert out["grad_norm"] > 0 and out["tokens"] == batch.loss_mask_BT.sum().item()
+    assert out["clipped"] == 0  # at old == new log-probs nothing is clipped on the first update
+    assert after > before + 0.05, (before, after)
+    # The same step with the advantages negated ends far lower: the direction comes from the reward.
+    update(punished, -adv.flatten())
+    assert _favoured_logmass(punished, batch, tags, favoured) < after - 0.05
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_engine_logprobs_equal_the_training_forward(tiny_model, tiny_tokenizer, variant):
+    """What makes `old_logprobs: auto` use the engine's log-probs with the hf backend."""
+    from parallel_r1.engine import ParallelEngine, SamplingParams
+    from parallel_r1.grpo import recompute_logprobs
+
+    tags = TagIds.from_tokenizer(tiny_tokenizer)
+    # An output layer with a bias towards the tags, so that responses open blocks and fork paths.
+    head = torch.nn.Linear(tiny_model.config.hidden_size, tiny_model.lm_head.weight.shape[0], bias=True)
+    with torch.no_grad():
+        head.weight.copy_(tiny_model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[[tags.parallel_open, tags.path_close, tags.summary_close]] = torch.tensor([4.0, 3.0, 3.0])
+    tiny_model.lm_head = head
+    engine = ParallelEngine(tiny_model, tiny_tokenizer)
+    params = SamplingParams(temperature=0.7, seed=1, max_response_tokens=24, max_path_tokens=6, variant=variant)
+    rollouts = engine.generate(["Question: Amy reads", "Question: Tom has 3 apples"], n=3, params=params)
+    assert all(r.structure.num_blocks > 0 for r in rollouts)
+    if variant == "unseen":  # the engine inserts tags when it forks and joins paths; they are not trained on
+        assert any(not s for r in rollouts for s in r.sampled_mask)
+    batch = collate_rollouts(rollouts, [0.0] * len(rollouts), tiny_tokenizer.pad_token_id)
+    recomputed = recompute_logprobs(tiny_model, batch, tags, variant, temperature=0.7, micro_batch_size=4)
+    assert torch.allclose(recomputed, batch.old_logp_BT * batch.loss_mask_BT, atol=1e-4)

@@ -1,0 +1,119 @@
+import torch
+
+from parallel_r1.config import parse_recipe
+from parallel_r1.format import TagIds, canonicalize
+from parallel_r1.metrics import read_jsonl
+from parallel_r1.sft import Example, SFTTrainer, collate, encode_record, epoch_batches, response_nll_sum
+
+
+def test_encode_record_tokenizes_prompt_then_canonical_response_and_eos(tiny_tokenizer):
+    response = "3 + 4 = 7\n<Parallel>\n<Path>3 + 4 = 7</Path>\n<Path>4 + 3 = 7</Path>\n</Parallel>\n<Summary>7</Summary>"
+    example = encode_record(tiny_tokenizer, "Question: Tom has 3 apples.\n", response, max_length=512)
+    prompt_ids = tiny_tokenizer("Question: Tom has 3 apples.\n")["input_ids"]
+    response_ids = tiny_tokenizer(canonicalize(response), add_special_tokens=False)["input_ids"]
+    assert canonicalize(response) != response
+    assert example.input_ids == prompt_ids + response_ids + [tiny_tokenizer.eos_token_id]
+    assert example.prompt_len == len(prompt_ids)
+    short = encode_record(tiny_tokenizer, "Question: Tom has 3 apples.\n", response, max_length=5)
+    assert len(short.input_ids) == 5 and short.prompt_len == 5
+
+
+def test_collate_left_pads_and_masks_only_response_tokens():
+    ids, attn, loss = collate([Example([1, 2, 3, 4, 5], 3), Example([6, 7, 8], 1)], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 4, 5], [0, 0, 6, 7, 8]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    assert loss.tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
+
+
+def _batch(tiny_tokenizer):
+    examples = [
+        encode_record(tiny_tokenizer, "Question: Tom has 3 apples.\n", "3 + 4 = 7\nFinal Answer: 7", 256),
+        encode_record(tiny_tokenizer, "Amy reads 12 pages.\n", "<Parallel><Path>12</Path><Path>12</Path></Parallel><Summary>12</Summary>", 256),
+    ]
+    return examples, collate(examples, tiny_tokenizer.pad_token_id)
+
+
+def test_loss_is_the_response_token_nll_and_prompt_predictions_get_no_gradient(tiny_model, tiny_tokenizer):
+    tags = TagIds.from_tokenizer(tiny_tokenizer)
+    examples, (ids, attn, loss_mask) = _batch(tiny_tokenizer)
+    captured = {}
+
+    def keep_logits(module, inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    handle = tiny_model.lm_head.register_forward_hook(keep_logits)
+    nll = response_nll_sum(tiny_model, ids, attn, loss_mask, tags, "seen")
+    nll.backward()
+    handle.remove()
+    logits = captured["logits"]
+
+    # The same number by hand: -log softmax(logits[t-1])[ids[t]] summed over response tokens only.
+    logp = torch.log_softmax(logits.detach()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(nll.detach(), -(logp * loss_mask[:, 1:]).sum(), atol=1e-4)
+    # Logits that predict a prompt token (or padding) get exactly zero gradient; response ones do not.
+    grad_norm_per_position = logits.grad.abs().sum(-1)
+    predicts_response = torch.zeros_like(loss_mask, dtype=torch.bool)
+    predicts_response[:, :-1] = loss_mask[:, 1:].bool()
+    assert (grad_norm_per_position[~predicts_response] == 0).all()
+    assert (grad_norm_per_position[predicts_response] > 0).all()
+
+
+def test_changing_prompt_labels_does_not_change_the_loss(tiny_model, tiny_tokenizer):
+    """Per-token log-probs at prompt positions are replaced by garbage: the masked loss is unchanged."""
+    from parallel_r1 import sft
+
+    tags = TagIds.from_tokenizer(tiny_tokenizer)
+    _, (ids, attn, loss_mask) = _batch(tiny_tokenizer)
+    base = response_nll_sum(tiny_model, ids, attn, loss_mask, tags, "seen")
+    real = sft.response_logprobs
+
+    def noisy(*args, **kwargs):
+        logp, ent = real(*args, **kwargs)
+        return torch.where(loss_mask.bool(), logp, torch.full_like(logp, -123.0)), ent
+
+    sft.response_logprobs = noisy
+    try:
+        noisy_loss = response_nll_sum(tiny_model, ids, attn, loss_mask, tags, "seen")
+    finally:
+        sft.response_logprobs = real
+    assert torch.equal(base, noisy_loss)
+
+
+def test_epoch_batches_visit_every_record_once_and_bucket_by_length():
+    lengths = [(i * 37) % 100 + 1 for i in range(103)]
+    batches = epoch_batches(lengths, batch_size=8, bucket_batches=4, seed=1, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(103))
+    assert batches == epoch_batches(lengths, 8, 4, seed=1, epoch=0)
+    assert batches != epoch_batches(lengths, 8, 4, seed=1, epoch=1)
+    unbucketed = epoch_batches(lengths, 8, 1, seed=1, epoch=0)
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
+    assert padding(batches) < padding(unbucketed) / 2
+
+
+TINY_SFT = """
+name: sft-test
+stages:
+  - name: sft
+    kind: sft
+    variant: {variant}
+    model: {{name_or_path: tiny, tiny: {{hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}}}
+    data: {{source: task, task_size: 24, eval_size: 8, prompt: question}}
+    lr: 1.0e-2
+    sft: {{batch_size: 8, grad_accum: 2, epochs: 8}}
+"""
+
+
+def test_sft_on_a_few_examples_drives_the_loss_down(tmp_path):
+    recipe = parse_recipe(TINY_SFT.format(variant="unseen"))
+    trainer = SFTTrainer(recipe.stages[0], tmp_path / "sft", init_model="tiny", seed=0)
+    assert trainer.total_steps == 8  # 16 training records, 2 batches of 8 per step, 8 epochs
+    trainer.train()
+    rows = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    assert rows[-1]["eval_loss"] < rows[0]["loss"]
+    # The step consumes 2 batches of 8 records: every epoch sees each training record once.
+    for r in rows:
+        assert sorted(r["data_indices"]) == list(range(16))
