@@ -1,0 +1,200 @@
+"""The optional vLLM backend of the rollout engine (`pip install parallel-r1[vllm]`; vLLM is imported lazily).
+
+Seen: plain generation; it only stops at `<Parallel>` to count blocks, so that `<Parallel>` can be banned
+once the block cap is reached.
+
+Unseen, as the reference implementation does it: decode the main thread until `<Parallel>`; send one
+request per path, each `prompt + response so far + <Path>` (vLLM's automatic prefix caching finds the shared
+prefix's KV blocks, so the prefix is computed once); append the paths one after another with `</Parallel>`
+`<Summary>` and send that sequential text for the summary and the rest of the main thread. The summary's
+context is therefore re-encoded causally (path 2 attends to path 1 there), not the structured context the
+Unseen trainer scores: the log-probs returned are vLLM's and the trainer must recompute old log-probs with
+`attention.response_logprobs` (docs/engine.md). Use the HF backend (`engine.ParallelEngine`) for exact
+sample/train consistency.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from parallel_r1.engine import Rollout, SamplingParams
+from parallel_r1.format import TagIds, parse_ids
+
+BAN_BIAS = -100.0  # vLLM's logit_bias is additive; -100 removes a token in practice
+
+
+@dataclass
+class Request:
+    """One vLLM completion request, independent of the vLLM version."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    stop_token_ids: list[int]
+    banned: list[int]
+    seed: int | None
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token, as vLLM reports it
+    finish_reason: str  # "stop" (EOS or a stop token) | "length"
+
+
+@dataclass
+class _Sample:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    state: str = "main"  # main | paths | summary
+    response: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    blocks: int = 0
+    finish_reason: str | None = None
+
+    def add(self, token: int, sampled: bool, logprob: float = 0.0) -> None:
+        self.response.append(token)
+        self.sampled.append(sampled)
+        self.logprobs.append(logprob if sampled else 0.0)
+
+
+class VLLMEngine:
+    """`generate` with the signature of `ParallelEngine.generate`, on a vLLM `LLM`.
+
+    `model`: a model directory / Hub id (an `LLM` with prefix caching is created from it with
+    `llm_kwargs`), or a ready `vllm.LLM`. The tokenizer must already hold the six tags
+    (`format.add_parallel_tokens`, then save the model).
+    """
+
+    def __init__(self, model, tokenizer=None, **llm_kwargs):
+        if isinstance(model, torch.nn.Module):
+            raise TypeError(
+                "VLLMEngine needs a model directory, a Hub id or a vllm.LLM, not an in-memory torch model: "
+                "vLLM loads its own copy of the weights (save the model and pass its directory)"
+            )
+        if isinstance(model, (str, os.PathLike)):
+            from vllm import LLM
+
+            model = LLM(model=str(model), enable_prefix_caching=True, **llm_kwargs)
+        self.llm = model
+        self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
+        self.tags = TagIds.from_tokenizer(self.tokenizer)
+
+    def run(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        """Send one batch of requests to vLLM (the only vLLM-specific step)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = [
+            VLLMSamplingParams(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                seed=r.seed,
+                max_tokens=r.max_tokens,
+                stop_token_ids=r.stop_token_ids,
+                logit_bias={t: BAN_BIAS for t in r.banned} or None,
+                logprobs=0,
+                skip_special_tokens=False,
+            )
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        completions = []
+        for output in self.llm.generate(prompts, sampling, use_tqdm=False):
+            choice = output.outputs[0]
+            ids = list(choice.token_ids)
+            logprobs = [step[t].logprob for t, step in zip(ids, choice.logprobs or [])]
+            completions.append(Completion(ids, logprobs + [0.0] * (len(ids) - len(logprobs)), choice.finish_reason))
+        return completions
+
+    def generate(self, prompts, n: int = 1, params: SamplingParams | None = None) -> list[Rollout]:
+        """len(prompts) * n rollouts, grouped by prompt (prompt 0's n samples first)."""
+        params = params or SamplingParams()
+        encoded = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
+        samples = [_Sample(i, j, ids) for i, ids in enumerate(encoded) for j in range(n)]
+        # One seed per request, drawn in a fixed order: the same params.seed gives the same rollouts.
+        rng = random.Random(params.seed)
+        active = list(samples)
+        while active:
+            plan = [(s, self._requests(s, params, rng)) for s in active]
+            completions = iter(self.run([r for _, requests in plan for r in requests], params))
+            for sample, requests in plan:
+                self._advance(sample, requests, [next(completions) for _ in requests], params)
+            active = [s for s in active if s.finish_reason is None]
+        return [self._to_rollout(s, params) for s in samples]
+
+    def _requests(self, s: _Sample, params: SamplingParams, rng: random.Random) -> list[Request]:
+        tags, context = self.tags, s.prompt_ids + s.response
+        budget = params.max_response_tokens - len(s.response)
+        capped = s.blocks >= params.max_blocks
+
+        def seed() -> int | None:
+            return None if params.seed is None else rng.randrange(2**31)
+
+        if params.variant == "seen":
+            stop = [] if capped else [tags.parallel_open]
+            return [Request(context, budget, stop, [tags.parallel_open] if capped else [], seed())]
+        if s.state == "paths":
+            banned = [t for t in tags.as_tuple() if t != tags.path_close]
+            # <Path> and </Path> count towards the path cap, hence max_path_tokens - 2 sampled tokens.
+            max_tokens = max(1, min(params.max_path_tokens - 2, budget - 1))
+            return [
+                Request(context + [tags.path_open], max_tokens, [tags.path_close], banned, seed())
+                for _ in range(params.num_paths)
+            ]
+        keep = tags.summary_close if s.state == "summary" else None if capped else tags.parallel_open
+        banned = [t for t in tags.as_tuple() if t != keep]
+        return [Request(context, budget, [] if keep is None else [keep], banned, seed())]
+
+    def _advance(self, s: _Sample, requests: list[Request], completions: list[Completion], params) -> None:
+        tags = self.tags
+        if s.state == "paths":
+            for c in completions:
+                ids, logprobs = c.token_ids, c.logprobs
+                if c.finish_reason == "stop" and ids and ids[-1] != tags.path_close:
+                    ids, logprobs = ids[:-1], logprobs[:-1]  # EOS cannot end a path's response: drop it
+                s.add(tags.path_open, False)
+                for token, logprob in zip(ids, logprobs):
+                    s.add(token, True, logprob)
+                if s.response[-1] != tags.path_close:
+                    s.add(tags.path_close, False)
+            s.add(tags.parallel_close, False)
+            s.add(tags.summary_open, False)
+            s.state = "summary"
+        else:
+            ((request, c),) = zip(requests, completions)
+            for token, logprob in zip(c.token_ids, c.logprobs):
+                s.add(token, True, logprob)
+            last = c.token_ids[-1] if c.token_ids else None
+            if c.finish_reason == "stop" and last not in request.stop_token_ids:
+                s.finish_reason = "stop"  # EOS (any of the model's end-of-sequence ids)
+            elif last == tags.parallel_open:
+                s.blocks += 1
+                s.state = "paths" if params.variant == "unseen" else "main"
+            elif last == tags.summary_close:
+                s.state = "main"
+        if s.finish_reason is None and len(s.response) >= params.max_response_tokens:
+            s.finish_reason = "length"
+
+    def _to_rollout(self, s: _Sample, params: SamplingParams) -> Rollout:
+        cut = params.max_response_tokens
+        ids = s.response[:cut]
+        text_ids = ids[:-1] if s.finish_reason == "stop" and len(ids) == len(s.response) else ids
+        return Rollout(
+            prompt_index=s.prompt_index,
+            sample_index=s.sample_index,
+            prompt_ids=list(s.prompt_ids),
+            response_ids=ids,
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+            sampled_mask=s.sampled[:cut],
+            logprobs=s.logprobs[:cut],
+            finish_reason=s.finish_reason or "length",
+            structure=parse_ids(ids, self.tokenizer),
+        )

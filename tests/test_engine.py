@@ -1,0 +1,288 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from parallel_r1.attention import build_attention, build_positions, response_logprobs, structure_ids
+from parallel_r1.engine import (
+    BAN_MAIN,
+    BAN_NONE,
+    BAN_PATH,
+    ParallelEngine,
+    SamplingParams,
+    ban_table,
+    sample_tokens,
+    step_mask,
+)
+from parallel_r1.format import TagIds
+
+PROMPTS = ["Question: Tom has 3 apples and buys 4 more.", "Amy reads 12 pages", "The answer is"]
+
+
+def with_bias(model, bias: dict[int, float]):
+    """Untie the output layer and give it a bias, so the random model opens/closes blocks often."""
+    old = model.get_output_embeddings().weight
+    head = torch.nn.Linear(old.shape[1], old.shape[0], bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old)
+        head.bias.zero_()
+        for token, value in bias.items():
+            head.bias[token] = value
+    model.lm_head = head
+    return model
+
+
+@pytest.fixture()
+def tags(tiny_tokenizer) -> TagIds:
+    return TagIds.from_tokenizer(tiny_tokenizer)
+
+
+@pytest.fixture()
+def block_model(tiny_model, tiny_tokenizer, tags):
+    eos = tiny_tokenizer.eos_token_id
+    return with_bias(tiny_model, {tags.parallel_open: 4.0, tags.path_close: 2.5, tags.summary_close: 3.0, eos: 1.0})
+
+
+def closed_blocks(rollouts):
+    return [b for r in rollouts for b in r.structure.blocks if b.closed]
+
+
+def scored(model, tags, rollout, variant):
+    ids = torch.tensor([rollout.prompt_ids + rollout.response_ids])
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(model, ids, torch.ones_like(ids), tags, variant, temperature=1.0)
+    return logprobs[0, len(rollout.prompt_ids) :]
+
+
+@pytest.mark.parametrize("num_paths", [2, 3])
+def test_unseen_logprobs_match_structured_forward(block_model, tiny_tokenizer, tags, num_paths):
+    engine = ParallelEngine(block_model, tiny_tokenizer)
+    params = SamplingParams(seed=1, max_response_tokens=96, max_path_tokens=24, num_paths=num_paths)
+    rollouts = engine.generate(PROMPTS, n=3, params=params)
+    assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, j) for i in range(3) for j in range(3)]
+    assert len(closed_blocks(rollouts)) >= 3, "the biased model should open and close blocks"
+    for r in rollouts:
+        sampled = torch.tensor(r.sampled_mask)
+        expected = scored(block_model, tags, r, "unseen")
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], expected[sampled], atol=1e-4)
+        assert all(lp == 0.0 for lp, s in zip(r.logprobs, r.sampled_mask) if not s)
+
+
+def test_each_path_sees_only_the_prefix_and_itself(block_model, tiny_tokenizer, tags):
+    """A path of a response's first block: its log-probs equal a plain causal forward over prompt +
+    prefix + that path alone (later blocks have earlier paths in their prefix, so no plain forward)."""
+    engine = ParallelEngine(block_model, tiny_tokenizer)
+    rollouts = engine.generate(PROMPTS, n=2, params=SamplingParams(seed=3, max_response_tokens=80, max_path_tokens=16))
+    checked = 0
+    for r in rollouts:
+        for block in r.structure.blocks[:1]:
+            start = block.paths[0].token_span.start  # the first <Path>
+            prefix = r.prompt_ids + r.response_ids[:start]
+            for path in block.paths:
+                span = range(path.token_span.start, path.token_span.end)
+                alone = torch.tensor([prefix + [r.response_ids[i] for i in span]])
+                with torch.no_grad():
+                    logits = block_model(alone).logits[0, len(prefix) - 1 : -1]
+                want = torch.log_softmax(logits, -1).gather(1, alone[0, len(prefix) :, None])[:, 0]
+                for k, i in enumerate(span):
+                    if r.sampled_mask[i]:
+                        assert abs(r.logprobs[i] - want[k].item()) < 1e-4
+                        checked += 1
+    assert checked > 20
+
+
+def test_fed_positions_follow_the_design(tiny_model, tiny_tokenizer, tags):
+    """Every (token, position) the engine feeds is the one attention.build_positions gives."""
+    eos = tiny_tokenizer.eos_token_id
+    block_model = with_bias(
+        tiny_model, {tags.parallel_open: 4.0, tags.path_close: 3.0, tags.summary_close: 3.0, eos: 2.5}
+    )
+    fed = []
+
+    def record(module, args, kwargs):
+        fed.extend(zip(kwargs["input_ids"][0].tolist(), kwargs["position_ids"][0].tolist()))
+
+    handle = block_model.model.register_forward_pre_hook(record, with_kwargs=True)
+    engine = ParallelEngine(block_model, tiny_tokenizer)
+    for seed in range(30):
+        fed.clear()
+        (r,) = engine.generate([PROMPTS[0]], params=SamplingParams(seed=seed, max_response_tokens=120))
+        if r.finish_reason == "stop" and closed_blocks([r]):
+            break
+    handle.remove()
+    assert r.finish_reason == "stop" and closed_blocks([r])
+    ids = torch.tensor([r.prompt_ids + r.response_ids])
+    positions = build_positions(ids, None, tags, "unseen")[0].tolist()
+    # The final EOS is sampled but never fed; everything else is fed once at its designed position.
+    last = (ids[0, -1].item(), positions[-1])
+    assert last[0] == eos
+    assert Counter(fed) + Counter([last]) == Counter(zip(ids[0].tolist(), positions))
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_greedy_matches_generate(tiny_model, tiny_tokenizer, tags, variant):
+    engine = ParallelEngine(tiny_model, tiny_tokenizer, max_batch_size=2)
+    params = SamplingParams(temperature=0.0, max_response_tokens=24, max_blocks=100, variant=variant)
+    rollouts = engine.generate(PROMPTS, params=params)
+    for prompt, r in zip(PROMPTS, rollouts):
+        ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
+        out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+        reference = out[0, ids.shape[1] :].tolist()
+        assert not set(reference) & set(tags.as_tuple()), "precondition: greedy text holds no tags"
+        assert r.response_ids == reference
+        assert all(r.sampled_mask)
+
+
+def test_greedy_with_blocks_does_not_depend_on_batching(block_model, tiny_tokenizer):
+    params = SamplingParams(temperature=0.0, max_response_tokens=64, max_path_tokens=10, num_paths=3)
+    one = ParallelEngine(block_model, tiny_tokenizer, max_batch_size=1).generate(PROMPTS, params=params)
+    all_ = ParallelEngine(block_model, tiny_tokenizer, max_batch_size=8).generate(PROMPTS, params=params)
+    assert closed_blocks(all_)
+    assert [r.response_ids for r in one] == [r.response_ids for r in all_]
+    for a, b in zip(one, all_):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_seed_reproduces(block_model, tiny_tokenizer):
+    engine = ParallelEngine(block_model, tiny_tokenizer)
+    params = SamplingParams(seed=7, max_response_tokens=48, max_path_tokens=12)
+    first = engine.generate(PROMPTS, n=2, params=params)
+    again = engine.generate(PROMPTS, n=2, params=params)
+    other = engine.generate(PROMPTS, n=2, params=SamplingParams(seed=8, max_response_tokens=48, max_path_tokens=12))
+    assert [r.response_ids for r in first] == [r.response_ids for r in again]
+    assert [r.logprobs for r in first] == [r.logprobs for r in again]
+    assert [r.response_ids for r in first] != [r.response_ids for r in other]
+
+
+def test_path_cap_inserts_unsampled_close(tiny_model, tiny_tokenizer, tags):
+    model = with_bias(tiny_model, {tags.parallel_open: 5.0, tags.path_close: -5.0})
+    params = SamplingParams(seed=0, max_response_tokens=60, max_path_tokens=5, num_paths=2)
+    rollouts = ParallelEngine(model, tiny_tokenizer).generate(PROMPTS, n=2, params=params)
+    paths = [p for r in rollouts for b in r.structure.blocks for p in b.paths if p.closed]
+    assert len(paths) >= 4
+    for r in rollouts:
+        for p in (p for b in r.structure.blocks for p in b.paths if p.closed):
+            span = p.token_span
+            assert span.end - span.start <= 5
+            if span.end - span.start == 5:
+                assert r.response_ids[span.end - 1] == tags.path_close
+                assert r.sampled_mask[span.end - 1] is False
+    assert any(p.token_span.end - p.token_span.start == 5 for p in paths)
+
+
+def test_eos_inside_a_path_becomes_an_inserted_close(tiny_model, tiny_tokenizer, tags):
+    eos = tiny_tokenizer.eos_token_id
+    model = with_bias(tiny_model, {tags.parallel_open: 8.0, eos: 3.0})
+    params = SamplingParams(seed=0, max_response_tokens=64, max_path_tokens=30, num_paths=2)
+    rollouts = ParallelEngine(model, tiny_tokenizer).generate(PROMPTS, n=3, params=params)
+    replaced = 0
+    for r in rollouts:
+        for p in (p for b in r.structure.blocks for p in b.paths):
+            inside = r.response_ids[p.token_span.start : p.token_span.end]
+            assert eos not in inside
+            length = p.token_span.end - p.token_span.start
+            if p.closed and length < 29 and not r.sampled_mask[p.token_span.end - 1]:
+                replaced += 1
+    assert replaced > 0
+
+
+def test_block_cap_and_response_cap(block_model, tiny_tokenizer, tags):
+    engine = ParallelEngine(block_model, tiny_tokenizer)
+    for max_blocks in (0, 1):
+        params = SamplingParams(seed=0, max_response_tokens=70, max_path_tokens=8, max_blocks=max_blocks)
+        rollouts = engine.generate(PROMPTS, n=4, params=params)
+        for r in rollouts:
+            assert r.response_ids.count(tags.parallel_open) <= max_blocks
+            assert len(r.response_ids) <= 70
+            assert (len(r.response_ids) == 70) == (r.finish_reason == "length")
+            if r.finish_reason == "stop":
+                assert r.response_ids[-1] == tiny_tokenizer.eos_token_id
+        assert any(r.finish_reason == "length" for r in rollouts)
+    assert any(r.response_ids.count(tags.parallel_open) == 1 for r in rollouts)
+
+
+def test_output_parses_with_n_paths_and_only_tags_inserted(block_model, tiny_tokenizer, tags):
+    params = SamplingParams(seed=5, max_response_tokens=100, max_path_tokens=14, num_paths=3)
+    rollouts = ParallelEngine(block_model, tiny_tokenizer).generate(PROMPTS, n=3, params=params)
+    assert closed_blocks(rollouts)
+    insertable = {tags.path_open, tags.path_close, tags.parallel_close, tags.summary_open}
+    for r in rollouts:
+        assert len(r.sampled_mask) == len(r.logprobs) == len(r.response_ids)
+        assert {t for t, s in zip(r.response_ids, r.sampled_mask) if not s} <= insertable
+        assert r.response_ids.count(tags.path_open) == 3 * r.response_ids.count(tags.parallel_open) or (
+            r.finish_reason == "length"
+        )
+        for block in r.structure.blocks:
+            if block.closed:
+                assert len(block.paths) == 3
+                assert all(p.closed for p in block.paths)
+        # Only what a cut-off or a model's own choice explains; never a misplaced or missing tag.
+        kinds = {e.kind for e in r.structure.errors}
+        assert kinds <= {"unclosed_path", "unclosed_block", "unclosed_summary", "empty_path", "empty_summary"}
+        if r.finish_reason == "stop":
+            assert not kinds & {"unclosed_path", "unclosed_block"}
+
+
+def test_seen_logprobs_match_causal_forward(block_model, tiny_tokenizer, tags):
+    params = SamplingParams(seed=2, max_response_tokens=64, variant="seen", max_blocks=2)
+    rollouts = ParallelEngine(block_model, tiny_tokenizer).generate(PROMPTS, n=2, params=params)
+    assert any(tags.parallel_open in r.response_ids for r in rollouts)
+    for r in rollouts:
+        assert all(r.sampled_mask)
+        assert r.response_ids.count(tags.parallel_open) <= 2
+        expected = scored(block_model, tags, r, "seen")
+        assert torch.allclose(torch.tensor(r.logprobs), expected, atol=1e-4)
+
+
+def test_step_mask_equals_build_attention(tiny_tokenizer, tags):
+    text = "a b<Parallel><Path>x y</Path><Path>z</Path></Parallel><Summary>s</Summary>c<Parallel><Path>u"
+    ids = torch.tensor([[tiny_tokenizer.pad_token_id] * 3 + tiny_tokenizer(text)["input_ids"]])
+    real = ids != tiny_tokenizer.pad_token_id
+    block, path = structure_ids(ids, tags, real.long())
+    expected, _ = build_attention(ids, real.long(), tags, "unseen")
+    assert torch.equal(step_mask(real, block, path, ids.shape[1], torch.float32), expected)
+    # The last 4 queries against the full key set are the last 4 rows of the full mask.
+    assert torch.equal(step_mask(real, block, path, 4, torch.float32), expected[:, :, -4:])
+
+
+def test_sampling_bans_tags_but_records_unbanned_logprob(tags):
+    vocab = 20
+    logits = torch.zeros(3, vocab)
+    logits[:, tags.parallel_open] = 10.0
+    logits[:, tags.path_close] = 9.0
+    logits[:, 11] = 8.0
+    table = ban_table(tags, vocab, torch.device("cpu"))
+    banned = table[torch.tensor([BAN_NONE, BAN_MAIN, BAN_PATH])]
+    tokens, logprobs = sample_tokens(logits, banned, SamplingParams(temperature=0.5, top_k=1), torch.Generator())
+    assert tokens.tolist() == [tags.parallel_open, tags.parallel_open, tags.path_close]
+    expected = torch.log_softmax(logits / 0.5, -1)[torch.arange(3), tokens]
+    assert torch.allclose(logprobs, expected)
+    path_tokens = sample_tokens(
+        logits[:1].expand(200, -1), table[BAN_PATH].expand(200, -1), SamplingParams(top_p=0.9), torch.Generator()
+    )[0]
+    assert set(path_tokens.tolist()) <= {tags.path_close, 11}
+
+
+def test_bad_params_are_rejected():
+    with pytest.raises(ValueError, match="num_paths"):
+        SamplingParams(num_paths=1)
+    with pytest.raises(ValueError, match="variant"):
+        SamplingParams(variant="tree")
+
+
+def test_generate_command_writes_jsonl_and_shows_paths(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    import json
+
+    from parallel_r1.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "rollouts.jsonl"
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "3 + 4 =", "--prompt", "5 + 6 =", "--n", "2"]
+    assert main([*argv, "--max-tokens", "24", "--num-paths", "3", "--jsonl", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert records[2]["prompt"] == "5 + 6 ="
+    for r in records:
+        assert len(r["response_ids"]) == len(r["sampled_mask"]) == len(r["logprobs"]) <= 24
+    assert "prompt 1 sample 1" in capsys.readouterr().out

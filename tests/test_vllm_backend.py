@@ -1,0 +1,120 @@
+import importlib.util
+
+import pytest
+import torch
+
+from parallel_r1.engine import SamplingParams
+from parallel_r1.format import TagIds
+from parallel_r1.vllm_backend import Completion, Request, VLLMEngine
+
+
+class Scripted(VLLMEngine):
+    """The backend's control logic with vLLM replaced by scripted completions."""
+
+    def __init__(self, tokenizer, script):
+        super().__init__(object(), tokenizer)
+        self.script, self.requests = list(script), []
+
+    def run(self, requests: list[Request], params) -> list[Completion]:
+        self.requests.append(requests)
+        return [self.script.pop(0) for _ in requests]
+
+
+def done(ids, reason="stop"):
+    return Completion(list(ids), [-0.5] * len(ids), reason)
+
+
+def test_unseen_block_is_laid_out_sequentially_with_inserted_tags(tiny_tokenizer):
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    a, b, c, d = tiny_tokenizer.convert_tokens_to_ids(["a", "b", "c", "d"])
+    engine = Scripted(
+        tiny_tokenizer,
+        [
+            done([a, t.parallel_open]),  # main thread opens a block
+            done([b, t.path_close]),  # path 1 closes itself
+            done([c, eos]),  # path 2 ends with EOS: dropped, </Path> inserted
+            done([d, t.summary_close]),  # summary
+            done([a, eos]),  # main thread ends
+        ],
+    )
+    params = SamplingParams(seed=0, max_path_tokens=10, num_paths=2)
+    (r,) = engine.generate([[a, b]], params=params)
+    assert r.response_ids == [
+        a, t.parallel_open,
+        t.path_open, b, t.path_close,
+        t.path_open, c, t.path_close,
+        t.parallel_close, t.summary_open, d, t.summary_close, a, eos,
+    ]  # fmt: skip
+    assert r.sampled_mask == [True, True, False, True, True, False, True, False, False, False, True, True, True, True]
+    assert all(lp == (-0.5 if s else 0.0) for lp, s in zip(r.logprobs, r.sampled_mask))
+    assert r.finish_reason == "stop" and r.structure.well_formed
+    paths = engine.requests[1]
+    assert [p.prompt_ids for p in paths] == [[a, b, a, t.parallel_open, t.path_open]] * 2
+    assert all(p.stop_token_ids == [t.path_close] and p.max_tokens == 8 for p in paths)
+    assert t.path_close not in paths[0].banned and t.parallel_open in paths[0].banned
+    summary = engine.requests[2][0]
+    assert summary.prompt_ids == [a, b] + r.response_ids[:10] and summary.stop_token_ids == [t.summary_close]
+
+
+def test_path_cap_block_cap_and_response_cap(tiny_tokenizer):
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    a = tiny_tokenizer.convert_tokens_to_ids("a")
+    engine = Scripted(
+        tiny_tokenizer,
+        [
+            done([t.parallel_open]),
+            done([a, a, a], "length"),  # hits the path cap: </Path> appended, not sampled
+            done([a, t.path_close]),
+            done([t.summary_close]),
+            done([a] * 8, "length"),  # block cap reached: no stop at <Parallel>, runs into the response cap
+        ],
+    )
+    params = SamplingParams(seed=0, max_path_tokens=5, max_blocks=1, max_response_tokens=20)
+    (r,) = engine.generate([[a]], params=params)
+    first_path = r.structure.blocks[0].paths[0].token_span
+    assert r.response_ids[first_path.start : first_path.end] == [t.path_open, a, a, a, t.path_close]
+    assert r.sampled_mask[first_path.end - 1] is False
+    last = engine.requests[-1][0]
+    assert last.stop_token_ids == [] and t.parallel_open in last.banned and last.max_tokens == 8
+    assert r.finish_reason == "length" and len(r.response_ids) == 20
+
+
+def test_seen_counts_blocks_and_bans_parallel_at_the_cap(tiny_tokenizer):
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    a = tiny_tokenizer.convert_tokens_to_ids("a")
+    engine = Scripted(tiny_tokenizer, [done([a, t.parallel_open]), done([t.path_open, a, eos])])
+    (r,) = engine.generate([[a]], params=SamplingParams(variant="seen", max_blocks=1))
+    assert r.response_ids == [a, t.parallel_open, t.path_open, a, eos] and all(r.sampled_mask)
+    assert engine.requests[0][0].stop_token_ids == [t.parallel_open] and engine.requests[0][0].banned == []
+    assert engine.requests[1][0].banned == [t.parallel_open]
+
+
+def test_an_in_memory_torch_model_is_refused(tiny_model, tiny_tokenizer):
+    with pytest.raises(TypeError, match="directory"):
+        VLLMEngine(tiny_model, tiny_tokenizer)
+
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(), reason="needs vllm and a CUDA device"
+)
+
+
+@pytest.mark.gpu
+@needs_vllm
+def test_vllm_generates_parsable_blocks(tiny_model, tiny_tokenizer, tmp_path):
+    from parallel_r1.engine import ParallelEngine
+
+    tiny_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    engine = ParallelEngine(str(tmp_path), tiny_tokenizer, backend="vllm")
+    params = SamplingParams(seed=0, max_response_tokens=96, max_path_tokens=16, num_paths=3)
+    rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads"], n=4, params=params)
+    assert len(rollouts) == 8
+    for r in rollouts:
+        assert len(r.response_ids) <= 96
+        for block in r.structure.blocks:
+            if block.closed:
+                assert len(block.paths) == 3
+                assert all(p.token_span.end - p.token_span.start <= 16 for p in block.paths)
