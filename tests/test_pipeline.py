@@ -1,0 +1,134 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from parallel_r1 import pipeline, task
+from parallel_r1.config import ConfigError, recipe_to_dict
+from parallel_r1.format import parse
+
+
+def _recipes():
+    specs = pipeline.default_specs()
+    return specs, [pipeline.load_spec(s, []) for s in specs]
+
+
+def test_baseline_has_the_parallel_recipes_budget_and_no_parallel_reward():
+    (par_spec, seq_spec), (par, seq) = _recipes()
+    assert (par_spec.style, seq_spec.style) == ("parallel", "sequential")
+    assert [s.name for s in par.stages] == [s.name for s in seq.stages] == ["sft", "rl_easy", "rl_hard"]
+    for a, b in zip(par.stages, seq.stages):
+        da, db = recipe_to_dict(par)["stages"][par.stages.index(a)], recipe_to_dict(seq)["stages"][seq.stages.index(b)]
+        if a.kind == "grpo":
+            assert a.grpo.reward.kind == "parallel" and b.grpo.reward.kind == "accuracy"
+            da["grpo"]["reward"] = db["grpo"]["reward"] = None
+        assert da == db, f"stage {a.name} differs beyond the reward"
+
+
+def test_curriculum_goes_from_easy_to_harder_problems():
+    _, (par, _) = _recipes()
+    sft, easy, hard = par.stages
+    assert (sft.kind, easy.kind, hard.kind) == ("sft", "grpo", "grpo")
+    assert max(easy.data.task_levels) < max(hard.data.task_levels)
+    assert set(easy.data.task_levels) <= set(sft.data.task_levels)
+
+
+def test_quick_overrides_shorten_both_recipes():
+    specs, full = _recipes()
+    quick = [pipeline.load_spec(s, list(pipeline.QUICK_OVERRIDES)) for s in specs]
+    for f, q in zip(full, quick):
+        assert q.stages[1].max_steps < f.stages[1].max_steps and q.stages[2].max_steps < f.stages[2].max_steps
+
+
+def test_missing_recipe_file_gets_a_hint(tmp_path):
+    spec = pipeline.RecipeSpec("parallel", tmp_path / "nope.yaml", "parallel")
+    with pytest.raises(ConfigError, match="nope.yaml: no such recipe file.*--config"):
+        pipeline.load_spec(spec, [])
+
+
+def test_data_generation_writes_both_styles_on_the_same_problems(tmp_path):
+    specs, recipes = _recipes()
+    recipes = [pipeline.override(r, ["stages.sft.data.task_size=50"]) for r in recipes]
+    out = [pipeline.materialize_data(r, s, tmp_path) for r, s in zip(recipes, specs)]
+    rows = {}
+    for spec, recipe in zip(specs, out):
+        source = Path(recipe.stages[0].data.source)
+        assert source.is_file() and source.parent == tmp_path.resolve()
+        # the RL stages keep generating their own (harder) problems
+        assert [s.data.source for s in recipe.stages[1:]] == ["task", "task"]
+        rows[spec.style] = [json.loads(line) for line in source.read_text().splitlines()]
+    par, seq = rows["parallel"], rows["sequential"]
+    assert len(par) == len(seq) == 50
+    assert [r["question"] for r in par] == [r["question"] for r in seq]
+    assert all(parse(r["response"]).num_blocks == 1 and parse(r["response"]).well_formed for r in par)
+    assert all(parse(r["response"]).num_blocks == 0 and "<" not in r["response"] for r in seq)
+    assert all(r["response"].endswith(f"Final Answer: {r['answer']}") for r in par + seq)
+
+
+def test_heldout_problems_never_share_a_computation_with_training(tmp_path):
+    settings = pipeline.EvalSettings(problems_per_level=10, levels=(1, 3))
+    rows = [json.loads(line) for line in pipeline.write_heldout(settings, tmp_path / "h.jsonl").read_text().splitlines()]
+    assert len(rows) == 20
+    assert {r["id"].split("-")[1] for r in rows} == {"L1", "L3"}
+    train_ids = {p.id for p in task.generate(2000, (1, 2, 3), "train", 0)}
+    assert not train_ids & {r["id"] for r in rows}
+
+
+def test_eval_sampling_uses_the_last_grpo_stages_caps_and_each_stages_variant():
+    _, (par, _) = _recipes()
+    par = pipeline.override(par, ["stages.sft.variant=unseen", "stages.rl_hard.grpo.rollout.max_path_tokens=33"])
+    params = pipeline.eval_sampling(par, par.stages[0], pipeline.EvalSettings(temperature=0.5))
+    assert params.variant == "unseen" and params.max_path_tokens == 33 and params.temperature == 0.5
+    assert params.max_response_tokens == par.stages[-1].grpo.rollout.max_response_tokens
+    assert pipeline.eval_sampling(par, par.stages[2], pipeline.EvalSettings()).variant == par.stages[2].variant
+
+
+def test_cold_start_file_explicit_default_or_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such cold-start file"):
+        pipeline.find_cold_start(tmp_path / "missing.jsonl")
+    given = tmp_path / "c.jsonl"
+    given.write_text("{}\n")
+    assert pipeline.find_cold_start(given) == given
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "REPO_ROOT", tmp_path / "repo")
+    with pytest.raises(FileNotFoundError, match="pass --data"):
+        pipeline.find_cold_start()
+    shared = tmp_path / "shared" / "data"
+    shared.mkdir(parents=True)
+    (shared / pipeline.COLD_START_FILE).write_text("{}\n")
+    assert pipeline.find_cold_start().resolve() == (shared / pipeline.COLD_START_FILE).resolve()
+
+
+def test_pretrained_recipe_trains_a_few_steps_on_the_file_with_the_parallel_prompt(tmp_path):
+    data = tmp_path / "c.jsonl"
+    recipe = pipeline.pretrained_recipe("smollm2-135m", data, steps=3, max_length=512)
+    (stage,) = recipe.stages
+    assert stage.kind == "sft" and stage.max_steps == 3 and stage.model.name_or_path == "smollm2-135m"
+    assert stage.data.source == str(data.resolve()) and stage.data.prompt == "parallel"
+
+
+@pytest.mark.slow
+def test_quick_run_shows_rl_beating_sft_beside_the_sequential_baseline(tmp_path):
+    from parallel_r1.cli import main
+    from parallel_r1.report import read_evidence
+
+    run = tmp_path / "run"
+    assert main(["run", "--quick", "--out", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    evidence = read_evidence(run / "report.html")
+    par, seq = evidence["recipes"]
+    assert (par["label"], seq["label"]) == ("parallel", "sequential")
+    # the claim: RL raised held-out accuracy above the SFT model's
+    assert par["rl_accuracy"] > par["sft_accuracy"]
+    assert evidence["rl_beats_sft"]["parallel"] is True
+    # the parallel ratio at every stage, held-out and (GRPO) while training
+    for recipe in (par, seq):
+        assert set(recipe["heldout_parallel_ratio"]) == {"sft", "rl_easy", "rl_hard"}
+        assert set(recipe["train_parallel_ratio"]) == {"rl_easy", "rl_hard"}
+    assert par["heldout_parallel_ratio"]["rl_hard"] > 0.5 > seq["heldout_parallel_ratio"]["rl_hard"]
+    # the baseline's rows, the plots and the rollouts are on the page
+    assert '<tr data-recipe="sequential">' in page and '<tr data-recipe="parallel">' in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3
+    assert 'class="paths"' in page and "Final Answer:" in page
+    assert {"data", "parallel/sft", "parallel/rl_hard", "sequential/rl_hard", "total"} <= set(evidence["timings"])
