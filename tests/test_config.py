@@ -45,8 +45,8 @@ def test_tiny_yaml_is_the_embedded_default():
 
 
 def test_unknown_key_names_file_line_section_and_suggestion():
-    text = TINY_RECIPE.replace("      mini_batch_size: 4", "      mini_bach_size: 4")
-    line = text.splitlines().index("      mini_bach_size: 4") + 1
+    text = TINY_RECIPE.replace("      mini_batch_size: 32", "      mini_bach_size: 32")
+    line = text.splitlines().index("      mini_bach_size: 32") + 1
     with pytest.raises(ConfigError) as info:
         parse_recipe(text, "my.yaml")
     message = str(info.value)
@@ -63,15 +63,15 @@ def test_unknown_top_level_and_literal_typos():
 
 def test_wrong_types_and_ranges():
     with pytest.raises(ConfigError, match=r"stages\[0\]\.lr: expected float, got 'fast'"):
-        parse_recipe(TINY_RECIPE.replace("lr: 1.0e-3", "lr: fast"))
+        parse_recipe(TINY_RECIPE.replace("lr: 3.0e-3", "lr: fast"))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.sft\.batch_size: expected int"):
         parse_recipe(TINY_RECIPE.replace("batch_size: 32", "batch_size: 3.5"))
     with pytest.raises(ConfigError, match=r"stages\[1\]\.grpo: n must be >= 2"):
         parse_recipe(TINY_RECIPE.replace("      n: 8", "      n: 1"))
     with pytest.raises(ConfigError, match="multiple of mini_batch_size"):
-        parse_recipe(TINY_RECIPE.replace("mini_batch_size: 4", "mini_batch_size: 3"))
+        parse_recipe(TINY_RECIPE.replace("mini_batch_size: 32", "mini_batch_size: 3"))
     with pytest.raises(ConfigError, match="a grpo stage needs max_steps"):
-        parse_recipe(TINY_RECIPE.replace("    max_steps: 20\n", ""))
+        parse_recipe(TINY_RECIPE.replace("    max_steps: 60\n", ""))
     with pytest.raises(ConfigError, match="kind sft takes no grpo section"):
         parse_recipe(TINY_RECIPE.replace("    sft:\n", "    grpo: {}\n    sft:\n"))
     with pytest.raises(ConfigError, match="first stage .* must name a model"):
@@ -80,7 +80,7 @@ def test_wrong_types_and_ranges():
 
 def test_yaml_exponent_without_dot_is_a_float():
     # PyYAML reads 1e-5 as a string; the loader still takes it as the number.
-    recipe = parse_recipe(TINY_RECIPE.replace("lr: 1.0e-3", "lr: 1e-5"))
+    recipe = parse_recipe(TINY_RECIPE.replace("lr: 3.0e-3", "lr: 1e-5"))
     assert recipe.stages[0].lr == 1e-5
 
 
@@ -89,7 +89,7 @@ def test_override_by_index_and_by_name():
     new = override(recipe, ["stages.0.lr=1e-5", "stages.rl_easy.grpo.n=4", "stages.rl_hard.grpo.reward.kind=accuracy"])
     assert new.stages[0].lr == 1e-5 and new.stages[1].grpo.n == 4
     assert new.stages[2].grpo.reward.kind == "accuracy" and new.stages[1].grpo.reward.kind == "parallel"
-    assert recipe.stages[0].lr == 1e-3  # the original is left alone
+    assert recipe.stages[0].lr == 3e-3  # the original is left alone
 
 
 def test_override_errors():
