@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from pathlib import Path
 
@@ -111,6 +112,10 @@ def test_pretrained_recipe_trains_a_few_steps_on_the_file_with_the_parallel_prom
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("PARALLEL_R1_E2E"),
+    reason="set PARALLEL_R1_E2E=1: the quick run's SFT is still too long for CI while issue 6 is tuned",
+)
 @pytest.mark.xfail(
     strict=False,
     reason="issue 6 is open: the tiny recipes' RL gain over SFT is small (+0.02 in a full run) and not yet reliable",
