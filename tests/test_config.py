@@ -45,8 +45,8 @@ def test_tiny_yaml_is_the_embedded_default():
 
 
 def test_unknown_key_names_file_line_section_and_suggestion():
-    text = TINY_RECIPE.replace("      mini_batch_size: 32", "      mini_bach_size: 32")
-    line = text.splitlines().index("      mini_bach_size: 32") + 1
+    text = TINY_RECIPE.replace("      mini_batch_size: 8", "      mini_bach_size: 8")
+    line = text.splitlines().index("      mini_bach_size: 8") + 1
     with pytest.raises(ConfigError) as info:
         parse_recipe(text, "my.yaml")
     message = str(info.value)
@@ -69,7 +69,7 @@ def test_wrong_types_and_ranges():
     with pytest.raises(ConfigError, match=r"stages\[1\]\.grpo: n must be >= 2"):
         parse_recipe(TINY_RECIPE.replace("      n: 8", "      n: 1"))
     with pytest.raises(ConfigError, match="multiple of mini_batch_size"):
-        parse_recipe(TINY_RECIPE.replace("mini_batch_size: 32", "mini_batch_size: 3"))
+        parse_recipe(TINY_RECIPE.replace("mini_batch_size: 8", "mini_batch_size: 3"))
     with pytest.raises(ConfigError, match="a grpo stage needs max_steps"):
         parse_recipe(TINY_RECIPE.replace("    max_steps: 60\n", ""))
     with pytest.raises(ConfigError, match="kind sft takes no grpo section"):

@@ -90,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation, and an HTML report beside a sequential baseline",
     )
     run.add_argument("--out", help="run folder (default: runs/<timestamp>); an existing one is resumed")
-    run.add_argument("--quick", action="store_true", help="a shortened recipe (a few minutes; what the tests run)")
     run.add_argument("--config", help="the parallel recipe (default: configs/tiny.yaml)")
     run.add_argument("--baseline", help="the sequential baseline recipe (default: configs/tiny_sequential.yaml)")
     run.add_argument("--no-baseline", action="store_true", help="train the parallel recipe only")
@@ -263,7 +262,7 @@ def _cmd_run(args) -> int:
     from dataclasses import replace
 
     from parallel_r1.config import ConfigError
-    from parallel_r1.pipeline import QUICK_OVERRIDES, EvalSettings, default_specs, run_pipeline, run_pretrained
+    from parallel_r1.pipeline import EvalSettings, default_specs, run_pipeline, run_pretrained
 
     logger = logging.getLogger("parallel_r1")
     try:
@@ -276,9 +275,8 @@ def _cmd_run(args) -> int:
             settings = replace(settings, problems_per_level=args.eval_problems)
         if args.eval_k:
             settings = replace(settings, k=args.eval_k)
-        overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
         specs = default_specs(args.config, args.baseline, with_baseline=not args.no_baseline)
-        result = run_pipeline(args.out, specs, overrides, settings)
+        result = run_pipeline(args.out, specs, args.overrides, settings)
     except (ConfigError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2

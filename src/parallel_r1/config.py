@@ -513,12 +513,15 @@ TINY_RECIPE = """\
 # and a tiny Llama (about 0.5 M parameters) trained from scratch on a 2-core CPU.
 #   sft      cold start on the programmatic teacher's parallel solutions of easy problems (levels 1-2).
 #            The tiny model needs ~2000 steps before its equations come out right; it then solves
-#            about a third of the level-1 problems, and often copies a wrong path into its summary.
-#   rl_easy  GRPO with the parallel reward on the easiest problems (level 1).
-#   rl_hard  GRPO on harder problems (level 2: one more operation).
-# RL needs many prompts per step here: with 8 a step's gradient is mostly noise and Adam walks the
-# weights away from the SFT solution. The short "question" prompt keeps sequences small; evaluate
-# such a model with the same prompt. configs/tiny_sequential.yaml is the same budget without blocks.
+#            about a quarter of the level-1 problems, and often copies a wrong path into its summary.
+#   rl_easy  GRPO with the parallel reward on the same levels, half of them level 1.
+#   rl_hard  GRPO on harder problems: two thirds level 2 (one more operation). A stage on one level
+#            alone trades the other level's accuracy for its own.
+# RL needs many prompts per step (with 8, a step's gradient is mostly noise and Adam walks the weights
+# away from the SFT solution) and several optimiser steps per batch of rollouts (mini-batches of 8
+# prompts: 4 updates a step; one update a step barely moves the policy in 60 steps).
+# The short "question" prompt keeps sequences small; evaluate such a model with the same prompt.
+# configs/tiny_sequential.yaml is the same budget without blocks.
 name: tiny
 seed: 0
 stages:
@@ -560,7 +563,7 @@ stages:
     grpo:
       prompts_per_step: 32
       n: 8
-      mini_batch_size: 32
+      mini_batch_size: 8
       micro_batch_size: 64
       rollout:
         temperature: 1.0
@@ -587,7 +590,7 @@ stages:
     grpo:
       prompts_per_step: 32
       n: 8
-      mini_batch_size: 32
+      mini_batch_size: 8
       micro_batch_size: 64
       rollout:
         temperature: 1.0

@@ -41,15 +41,6 @@ BASELINE_RECIPE = CONFIGS / "tiny_sequential.yaml"
 COLD_START_FILE = "parallel_gsm8k_sample.jsonl"
 HELDOUT = "heldout"
 
-# --quick: the same pipeline, shortened to a few minutes (what the end-to-end test runs). Applied to
-# both recipes, like --set, so that the baseline keeps the same budget.
-QUICK_OVERRIDES = (
-    "stages.sft.max_steps=1500",
-    "stages.rl_easy.max_steps=30",
-    "stages.rl_hard.max_steps=30",
-)
-
-
 @dataclass
 class RecipeSpec:
     """One recipe of a run: its folder name, its YAML and the style of its task SFT data."""
@@ -346,7 +337,7 @@ def pretrained_recipe(model: str, data: Path, steps: int, max_length: int) -> Re
                     "variant": "seen",
                     "model": {"name_or_path": model},
                     "data": {"source": str(data.resolve()), "prompt": "parallel"},
-                    "lr": 1.0e-4,
+                    "lr": 3.0e-4,
                     "lr_schedule": "constant",
                     "max_steps": steps,
                     "log_every": 1,
