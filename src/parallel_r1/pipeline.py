@@ -151,13 +151,16 @@ def materialize_data(recipe: Recipe, spec: RecipeSpec, data_dir: Path) -> Recipe
 
 
 def eval_sampling(recipe: Recipe, stage: StageConfig, settings: EvalSettings):
-    """Sampling for the held-out evaluation: the caps of the recipe's last GRPO stage, the stage's variant."""
+    """`evaluate.EvalConfig` for the held-out evaluation: the caps of the recipe's last GRPO stage, the
+    stage's variant, and the prompt the recipe trained with."""
     from parallel_r1.config import RolloutConfig
-    from parallel_r1.engine import SamplingParams
+    from parallel_r1.evaluate import EvalConfig
+    from parallel_r1.sft import prompt_template
 
     grpo = [s for s in recipe.stages if s.kind == "grpo"]
     rollout = grpo[-1].grpo.rollout if grpo else RolloutConfig()
-    return SamplingParams(
+    return EvalConfig(
+        k=settings.k,
         temperature=settings.temperature,
         seed=settings.seed,
         max_response_tokens=rollout.max_response_tokens,
@@ -165,42 +168,22 @@ def eval_sampling(recipe: Recipe, stage: StageConfig, settings: EvalSettings):
         max_blocks=rollout.max_blocks,
         num_paths=rollout.num_paths,
         variant=stage.variant,
+        max_batch_size=settings.batch_size,
+        template=prompt_template(recipe.stages[-1].data.prompt),
     )
 
 
 def evaluate_stage(model_dir: Path, recipe: Recipe, stage: StageConfig, problems: list, settings: EvalSettings,
                    name: str, out: Path) -> dict:
     """Sample k responses per held-out problem with the stage's final model; write `evaluate` results."""
-    from rich.progress import Progress
-
-    from parallel_r1.data import build_prompt
     from parallel_r1.engine import ParallelEngine
-    from parallel_r1.evaluate import EvalConfig, sample_record, summarize, write_results
+    from parallel_r1.evaluate import evaluate_benchmark, write_results
     from parallel_r1.models import load_model_and_tokenizer
-    from parallel_r1.sft import prompt_template
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     engine = ParallelEngine(model, tokenizer, max_batch_size=settings.batch_size)
-    params = eval_sampling(recipe, stage, settings)
-    template = prompt_template(recipe.stages[-1].data.prompt)
-    per_call = max(1, settings.batch_size // settings.k)
-    records, seconds = [], 0.0
-    with Progress(transient=True) as progress:
-        bar = progress.add_task(f"eval {name}", total=len(problems))
-        for chunk_index, start in enumerate(range(0, len(problems), per_call)):
-            chunk = problems[start : start + per_call]
-            params.seed = settings.seed + chunk_index
-            t0 = time.perf_counter()
-            rollouts = engine.generate([build_prompt(p.question, template) for p in chunk], n=settings.k, params=params)
-            seconds += time.perf_counter() - t0
-            records += [sample_record(r, chunk[r.prompt_index], name, HELDOUT) for r in rollouts]
-            progress.advance(bar, len(chunk))
-    result = summarize(records, settings.k, name, HELDOUT, seconds)
-    config = EvalConfig(
-        k=settings.k, temperature=params.temperature, seed=settings.seed, max_response_tokens=params.max_response_tokens,
-        max_path_tokens=params.max_path_tokens, max_blocks=params.max_blocks, num_paths=params.num_paths,
-        variant=params.variant, max_batch_size=settings.batch_size,
-    )
+    config = eval_sampling(recipe, stage, settings)
+    result, records = evaluate_benchmark(engine, problems, config, name, HELDOUT)
     write_results(out, [result], records, config)
     return asdict(result)
 
