@@ -33,11 +33,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from parallel_r1.attention import response_logprobs
-from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
 from parallel_r1.config import GRPOConfig, LoggingConfig, StageConfig
 from parallel_r1.format import TagIds
-from parallel_r1.metrics import JsonlWriter, MetricsLogger
+from parallel_r1.metrics import JsonlWriter
 from parallel_r1.sft import (
+    StageTrainer,
     build_optimizer,
     build_scheduler,
     clip_gradients,
@@ -250,7 +251,7 @@ def path_lengths(rollout) -> list[int]:
     ]
 
 
-class GRPOTrainer:
+class GRPOTrainer(StageTrainer):
     """Runs one GRPO stage into `output_dir`, resuming from its latest checkpoint if there is one."""
 
     def __init__(
@@ -508,31 +509,11 @@ class GRPOTrainer:
             metrics["kl"] = kl / max(tokens, 1.0)
         return metrics, records
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
-            self.state,
-            accelerator=self.accelerator,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            keep_last=self.stage.keep_last,
-        )
-
     def train(self) -> Path:
         """Train to `max_steps`, checkpointing on the way; returns the final model folder."""
         acc, stage, lc = self.accelerator, self.stage, self.logging_config
         main = acc.is_main_process
-        metrics = MetricsLogger(
-            self.output_dir,
-            resume_step=self.state.step,
-            tensorboard=lc.tensorboard,
-            wandb=lc.wandb,
-            wandb_project=lc.wandb_project,
-            run_name=f"{self.output_dir.parent.name}/{stage.name}",
-            enabled=main,
-        )
+        metrics = self.open_metrics()
         rollout_log = JsonlWriter(self.output_dir / "rollouts.jsonl", self.state.step, enabled=main)
         progress, task = make_progress(self.total_steps, self.state.step, f"grpo {stage.name}", main and lc.progress)
         last_saved = self.state.step if self.resume_from is not None else -1

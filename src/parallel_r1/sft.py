@@ -216,7 +216,37 @@ def response_nll_sum(model, input_ids_BT, attention_mask_BT, loss_mask_BT, tags:
 # The trainer.
 
 
-class SFTTrainer:
+class StageTrainer:
+    """What the SFT and GRPO trainers share: the checkpoints and the metrics log of one stage folder.
+    Subclasses set output_dir, state, stage, logging_config, accelerator, model, tokenizer, optimizer
+    and scheduler."""
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.output_dir,
+            self.state,
+            accelerator=self.accelerator,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            keep_last=self.stage.keep_last,
+        )
+
+    def open_metrics(self) -> MetricsLogger:
+        lc = self.logging_config
+        return MetricsLogger(
+            self.output_dir,
+            resume_step=self.state.step,
+            tensorboard=lc.tensorboard,
+            wandb=lc.wandb,
+            wandb_project=lc.wandb_project,
+            run_name=f"{self.output_dir.parent.name}/{self.stage.name}",
+            enabled=self.accelerator.is_main_process,
+        )
+
+
+class SFTTrainer(StageTrainer):
     """Runs one SFT stage into `output_dir`, resuming from its latest checkpoint if there is one."""
 
     def __init__(
@@ -325,31 +355,11 @@ class SFTTrainer:
         self.model.train()
         return (total[0] / total[1].clamp(min=1)).item()
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
-            self.state,
-            accelerator=self.accelerator,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            keep_last=self.stage.keep_last,
-        )
-
     def train(self) -> Path:
         """Train to `total_steps`, checkpointing on the way; returns the final model folder."""
         acc, stage, lc = self.accelerator, self.stage, self.logging_config
         main = acc.is_main_process
-        metrics = MetricsLogger(
-            self.output_dir,
-            resume_step=self.state.step,
-            tensorboard=lc.tensorboard,
-            wandb=lc.wandb,
-            wandb_project=lc.wandb_project,
-            run_name=f"{self.output_dir.parent.name}/{stage.name}",
-            enabled=main,
-        )
+        metrics = self.open_metrics()
         progress, task = make_progress(self.total_steps, self.state.step, f"sft {stage.name}", main and lc.progress)
         last_saved = self.state.step if self.resume_from is not None else -1
         with progress:
