@@ -223,6 +223,24 @@ def test_output_parses_with_n_paths_and_only_tags_inserted(block_model, tiny_tok
             assert not kinds & {"unclosed_path", "unclosed_block"}
 
 
+@pytest.mark.parametrize("variant", ["unseen", "seen"])
+def test_open_block_inserts_the_first_parallel_tag_and_keeps_logprobs_exact(tiny_model, tiny_tokenizer, tags, variant):
+    # An untrained model essentially never samples <Parallel>; the option opens the block for it.
+    params = SamplingParams(seed=4, max_response_tokens=48, max_path_tokens=10, variant=variant, open_block=True)
+    rollouts = ParallelEngine(tiny_model, tiny_tokenizer).generate(PROMPTS, n=2, params=params)
+    for r in rollouts:
+        assert r.response_ids[0] == tags.parallel_open and not r.sampled_mask[0] and r.logprobs[0] == 0.0
+        assert r.structure.num_blocks >= 1
+        if variant == "unseen":  # the engine forks the paths itself
+            assert r.response_ids[1] == tags.path_open and not r.sampled_mask[1]
+            assert r.structure.blocks[0].closed or r.finish_reason == "length"
+        sampled = torch.tensor(r.sampled_mask)
+        expected = scored(tiny_model, tags, r, variant)
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], expected[sampled], atol=1e-4)
+    with pytest.raises(ValueError, match="open_block needs max_blocks >= 1"):
+        SamplingParams(open_block=True, max_blocks=0)
+
+
 def test_seen_logprobs_match_causal_forward(block_model, tiny_tokenizer, tags):
     params = SamplingParams(seed=2, max_response_tokens=64, variant="seen", max_blocks=2)
     rollouts = ParallelEngine(block_model, tiny_tokenizer).generate(PROMPTS, n=2, params=params)
@@ -286,3 +304,8 @@ def test_generate_command_writes_jsonl_and_shows_paths(tiny_model, tiny_tokenize
     for r in records:
         assert len(r["response_ids"]) == len(r["sampled_mask"]) == len(r["logprobs"]) <= 24
     assert "prompt 1 sample 1" in capsys.readouterr().out
+    # --open-block: the untrained model's responses each begin with a forked block of three paths
+    assert main([*argv, "--max-tokens", "40", "--num-paths", "3", "--open-block", "--jsonl", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["response"].startswith("<Parallel><Path>") and r["paths_per_block"][0] == 3 for r in records)
+    assert "block 1 path 3" in capsys.readouterr().out

@@ -3,6 +3,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+from parallel_r1.analysis import read_rollouts
 from parallel_r1.cli import main
 from parallel_r1.config import parse_recipe
 from parallel_r1.metrics import read_jsonl
@@ -89,7 +90,9 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     assert len(rows[0]["data_indices"]) == 2 and not set(rows[0]["data_indices"]) & set(rows[1]["data_indices"])
     rollouts = read_jsonl(stage / "rollouts.jsonl")
     assert len(rollouts) == 2 * 2 * 3  # steps x prompts x n (the --set override)
-    assert {"text", "reward", "answer", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
+    assert {"response", "reward", "answer", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
+    # `parallel-r1 analyze` and `view` read the stage folder as it is
+    assert [r["response"] for r in read_rollouts([stage])] == [r["response"] for r in rollouts]
 
     # Lose the last step (as if killed right after checkpoint 1) and run again: step 2 is re-sampled
     # from the same data with the same seed and logged once.
@@ -99,5 +102,5 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     assert main(["train", "--config", str(config), "--run-dir", str(run), "--set", "stages.rl.grpo.n=3"]) == 0
     again = read_jsonl(stage / "rollouts.jsonl")
     assert len(again) == len(rollouts)
-    assert [r["text"] for r in again if r["step"] == 2] == [r["text"] for r in first_pass]
+    assert [r["response"] for r in again if r["step"] == 2] == [r["response"] for r in first_pass]
     assert read_jsonl(stage / "metrics.jsonl")[1]["data_indices"] == rows[1]["data_indices"]

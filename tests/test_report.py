@@ -47,7 +47,7 @@ def _write_stage(recipe_dir, index, name, kind, steps, parallel, eval_acc, style
             for step in range(1, steps + 1):
                 for j in range(4):
                     text = BLOCK if (style == "parallel" and j < 2) else PLAIN
-                    f.write(json.dumps({"step": step, "text": text, "correct": True, "reward": 1.0}) + "\n")
+                    f.write(json.dumps({"step": step, "response": text, "correct": True, "reward": 1.0}) + "\n")
     n = 20
     correct = round(eval_acc * n)
     response = BLOCK if style == "parallel" else PLAIN

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from parallel_r1.config import parse_recipe
@@ -117,3 +118,22 @@ def test_sft_on_a_few_examples_drives_the_loss_down(tmp_path):
     # The step consumes 2 batches of 8 records: every epoch sees each training record once.
     for r in rows:
         assert sorted(r["data_indices"]) == list(range(16))
+
+
+def test_task_style_picks_the_teachers_solutions_on_the_same_problems():
+    from parallel_r1.format import parse
+    from parallel_r1.sft import load_records
+
+    text = TINY_SFT.format(variant="seen")
+    stages = {s: parse_recipe(text.replace("prompt: question", f"task_style: {s}")).stages[0] for s in ("parallel", "sequential")}
+    parallel, sequential = (load_records(stages[style], seed=3) for style in ("parallel", "sequential"))
+    assert [r.prompt for r in parallel] == [r.prompt for r in sequential] and len(parallel) == 24
+    assert all(parse(r.response).num_blocks == 1 for r in parallel)
+    assert all(parse(r.response).num_blocks == 0 and "<" not in r.response for r in sequential)
+    assert [r.answer for r in parallel] == [r.answer for r in sequential]
+
+
+def test_a_max_length_that_cuts_every_response_away_is_refused(tmp_path):
+    stage = parse_recipe(TINY_SFT.format(variant="seen").replace("epochs: 8", "epochs: 1, max_length: 12")).stages[0]
+    with pytest.raises(ValueError, match="sft.max_length 12 leaves no response token in any record"):
+        SFTTrainer(stage, tmp_path / "sft", init_model="tiny", seed=0)

@@ -91,6 +91,20 @@ def test_seen_counts_blocks_and_bans_parallel_at_the_cap(tiny_tokenizer):
     assert engine.requests[1][0].banned == [t.parallel_open]
 
 
+def test_open_block_starts_every_response_in_its_paths(tiny_tokenizer):
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    a, b = tiny_tokenizer.convert_tokens_to_ids(["a", "b"])
+    script = [done([a, t.path_close]), done([b, t.path_close]), done([a, t.summary_close]), done([eos])]
+    engine = Scripted(tiny_tokenizer, script)
+    (r,) = engine.generate([[a]], params=SamplingParams(open_block=True, max_blocks=1))
+    assert [p.prompt_ids for p in engine.requests[0]] == [[a, t.parallel_open, t.path_open]] * 2
+    assert r.response_ids[:3] == [t.parallel_open, t.path_open, a] and r.sampled_mask[:3] == [False, False, True]
+    assert r.structure.well_formed and r.structure.num_blocks == 1
+    # the forced block counts towards the cap: the main thread after it may not open another
+    assert t.parallel_open in engine.requests[2][0].banned
+
+
 def test_an_in_memory_torch_model_is_refused(tiny_model, tiny_tokenizer):
     with pytest.raises(TypeError, match="directory"):
         VLLMEngine(tiny_model, tiny_tokenizer)

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=512, help="response cap, every path's tokens included")
     gen.add_argument("--max-path-tokens", type=int, default=128)
     gen.add_argument("--max-blocks", type=int, default=4)
+    gen.add_argument("--open-block", action="store_true",
+                     help="start each response with an inserted <Parallel> (a model that does not open blocks yet)")
     gen.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     gen.add_argument("--jsonl", help="also write one JSON record per rollout here")
     gen.set_defaults(func=_cmd_generate)
@@ -136,7 +138,7 @@ def _cmd_generate(args) -> int:
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         max_response_tokens=args.max_tokens, max_path_tokens=args.max_path_tokens, max_blocks=args.max_blocks,
-        num_paths=args.num_paths, variant=args.variant,
+        num_paths=args.num_paths, variant=args.variant, open_block=args.open_block,
     )  # fmt: skip
     if args.backend == "vllm":
         from transformers import AutoTokenizer

@@ -79,6 +79,9 @@ class DataConfig:
     task_levels: list[int] | None = None
     """For source "task": difficulty levels (1-6); empty: the task's cold-start levels for SFT, its easy
     RL levels for GRPO."""
+    task_style: Literal["parallel", "sequential"] = "parallel"
+    """For source "task", SFT: how the programmatic teacher writes the solutions ("sequential": one
+    equation a line and no block, for a baseline on the same problems)."""
     eval_size: int = 0
     """SFT: records held out for the eval loss (0: no eval)."""
     prompt: Literal["parallel", "sequential", "question"] = "parallel"

@@ -49,6 +49,9 @@ class SamplingParams:
     max_blocks: int = 4  # blocks per response; at the cap, <Parallel> is banned
     num_paths: int = 2  # N paths forked per block (Unseen)
     variant: str = "unseen"  # "unseen" (structured) | "seen" (causal)
+    # Begin every response with an inserted (not sampled, not trained on) <Parallel>: a prefill that shows
+    # the format on a model that has not learned yet to open blocks by itself. Counts towards max_blocks.
+    open_block: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +63,7 @@ class SamplingParams:
             (self.max_blocks >= 0, "max_blocks must be >= 0"),
             (self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)"),
             (self.variant in ("unseen", "seen"), f"variant must be 'unseen' or 'seen', got {self.variant!r}"),
+            (not self.open_block or self.max_blocks >= 1, "open_block needs max_blocks >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,8 +123,11 @@ class _Row:
 
     def __post_init__(self) -> None:
         self.pending = [_Slot(t, i) for i, t in enumerate(self.prompt_ids)]
-        self.pending[-1].stream = MAIN_STREAM
         self.next_position = len(self.prompt_ids)
+        if self.params.open_block:
+            self._main_token(self.tags.parallel_open, 0.0, sampled=False)
+        else:
+            self.pending[-1].stream = MAIN_STREAM
 
     def length(self) -> int:
         return len(self.out) + sum(len(p) for p in self.paths)
@@ -152,8 +159,8 @@ class _Row:
         self.pending.append(_Slot(token, self.next_position, stream=stream))
         self.next_position += 1
 
-    def _main_token(self, token: int, logprob: float) -> None:
-        self.out.append(_Token(token, True, logprob))
+    def _main_token(self, token: int, logprob: float, sampled: bool = True) -> None:
+        self.out.append(_Token(token, sampled, logprob))
         if token in self.eos_ids:
             self.finish_reason = "stop"
             return

@@ -454,7 +454,7 @@ class GRPOTrainer(StageTrainer):
                 "problem_id": self.problems[mine[r.prompt_index]].id,
                 "sample_index": r.sample_index,
                 "gold": golds[k],
-                "text": r.text,
+                "response": r.text,
                 "reward": s.reward,
                 "accuracy": s.accuracy,
                 "parallel_bonus": s.parallel_bonus,

@@ -43,11 +43,10 @@ HELDOUT = "heldout"
 
 @dataclass
 class RecipeSpec:
-    """One recipe of a run: its folder name, its YAML and the style of its task SFT data."""
+    """One recipe of a run: its folder name and its YAML."""
 
     label: str
     path: Path
-    style: str  # "parallel" | "sequential": how the programmatic teacher writes the SFT solutions
 
 
 @dataclass
@@ -70,9 +69,9 @@ class RunResult:
 
 
 def default_specs(config: str | Path | None = None, baseline: str | Path | None = None, with_baseline: bool = True) -> list[RecipeSpec]:
-    specs = [RecipeSpec("parallel", Path(config or DEFAULT_RECIPE), "parallel")]
+    specs = [RecipeSpec("parallel", Path(config or DEFAULT_RECIPE))]
     if with_baseline:
-        specs.append(RecipeSpec("sequential", Path(baseline or BASELINE_RECIPE), "sequential"))
+        specs.append(RecipeSpec("sequential", Path(baseline or BASELINE_RECIPE)))
     return specs
 
 
@@ -102,19 +101,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_sft_data(stage: StageConfig, seed: int, style: str, path: Path) -> Path:
-    """The teacher's solutions for a task SFT stage, in `style`, as {id, question, response, answer} rows."""
-    import random
-
+def write_sft_data(stage: StageConfig, seed: int, path: Path) -> Path:
+    """The teacher's solutions for a task SFT stage, in its `data.task_style`, as {id, question, response,
+    answer} rows: the same records the trainer would generate itself, written where one can read them."""
     from parallel_r1 import task
 
     levels = tuple(stage.data.task_levels or task.COLD_START_LEVELS)
-    rng = random.Random(f"sft-teacher-{seed}")
-    problems = task.generate(stage.data.limit or stage.data.task_size, levels, "train", seed)
-    rows = [
-        {"id": p.id, "question": p.question, "response": task.teacher_solution(p, style, rng), "answer": str(p.answer)}
-        for p in problems
-    ]
+    examples = task.teacher_examples(stage.data.limit or stage.data.task_size, levels, seed, stage.data.task_style)
+    rows = [{"id": p.id, "question": p.question, "response": r, "answer": str(p.answer)} for p, r in examples]
     return _write_jsonl(path, rows)
 
 
@@ -131,16 +125,16 @@ def write_heldout(settings: EvalSettings, path: Path) -> Path:
 
 
 def materialize_data(recipe: Recipe, spec: RecipeSpec, data_dir: Path) -> Recipe:
-    """Write the SFT data of every task SFT stage in the spec's style; the stages then read those files.
+    """Write the SFT data of every task SFT stage into the run folder; the stages then read those files.
 
-    The trainers generate task data in the parallel style; the baseline needs the same problems with
-    plain solutions, and writing both makes the data of each run something one can read.
+    The trainers would generate the same records, but on disk the data of each run is something one
+    can read, check with `parallel-r1 check` and reuse.
     """
     stages = []
     for stage in recipe.stages:
         if stage.kind == "sft" and stage.data.source == "task":
             path = data_dir / f"{spec.label}-{stage.name}.jsonl"
-            write_sft_data(stage, recipe.stage_seed(stage), spec.style, path)
+            write_sft_data(stage, recipe.stage_seed(stage), path)
             stage = replace(stage, data=replace(stage.data, source=str(path.resolve()), limit=None))
         stages.append(stage)
     return replace(recipe, stages=stages)
@@ -234,7 +228,9 @@ def run_pipeline(
     started = time.time()
     info = {
         "created": datetime.now().isoformat(timespec="seconds"),
-        "recipes": [{"label": s.label, "config": str(s.path), "style": s.style} for s in specs],
+        "recipes": [
+            {"label": s.label, "config": str(s.path), "styles": _task_styles(r)} for s, r in zip(specs, recipes)
+        ],
         "overrides": list(overrides),
         "eval": asdict(settings),
         "threads": _threads(),
@@ -277,6 +273,10 @@ def run_pipeline(
     summary = json.loads((run_dir / "summary.json").read_text())
     log.info("report: %s", report)
     return RunResult(run_dir, report, summary)
+
+
+def _task_styles(recipe: Recipe) -> dict[str, str]:
+    return {s.name: s.data.task_style for s in recipe.stages if s.kind == "sft" and s.data.source == "task"}
 
 
 def _threads() -> int:
@@ -344,6 +344,9 @@ def run_pretrained(
     """A few SFT steps of a pretrained preset on cold-start data, then `samples` generations for a
     problem it did not train on; the first one with a well-formed block is shown on the console.
 
+    A few steps rarely teach a model to open a block by itself. When no sample does, the samples are
+    drawn again with an inserted `<Parallel>` (`SamplingParams.open_block`) and the Unseen engine, so
+    that the page shows the paths the model writes; the console says which of the two it shows.
     Returns the viewer page of the generations (`<run>/generation.html`; records in generation.jsonl).
     """
     from rich.console import Console
@@ -364,22 +367,28 @@ def run_pretrained(
     model_obj, tokenizer = load_model_and_tokenizer(final)
     engine = ParallelEngine(model_obj, tokenizer, max_batch_size=samples)
     params = SamplingParams(
-        temperature=0.7, seed=0, max_response_tokens=max_new_tokens, max_path_tokens=max_new_tokens // 2, variant="seen"
+        temperature=0.7, seed=0, max_response_tokens=max_new_tokens, max_path_tokens=max_new_tokens // 3, variant="seen"
     )
-    rollouts = engine.generate([build_prompt(problem.question)], n=samples, params=params)
+    prompt = [build_prompt(problem.question)]
+    rollouts = engine.generate(prompt, n=samples, params=params)
+    opened = sum(r.structure.num_blocks > 0 for r in rollouts)
+    how = f"{opened} of {samples} samples opened a block by themselves"
+    if not opened:
+        log.info("no sample opened a block after %d SFT steps: drawing them again with an inserted <Parallel>", steps)
+        rollouts = engine.generate(prompt, n=samples, params=replace(params, variant="unseen", open_block=True))
+        how = "no sample opened a block by itself; these start with an inserted <Parallel> (open_block)"
     name = f"{model} after {steps} SFT steps"
     records = [sample_record(r, problem, name, "cold-start") for r in rollouts]
     _write_jsonl(run_dir / "generation.jsonl", records)
     page = run_dir / "generation.html"
-    page.write_text(render_html(records, title=f"parallel-r1: {name}"), encoding="utf-8")
+    page.write_text(render_html(records, title=f"parallel-r1: {name} ({how})"), encoding="utf-8")
     shown = next((r for r in records if r["num_blocks"] and r["well_formed"]), None)
     shown = shown or next((r for r in records if r["num_blocks"]), records[0])
-    with_blocks = sum(r["num_blocks"] > 0 for r in records)
     console = Console()
     console.rule(f"{model}: {problem.question[:80]}")
     console.print(shown["response"], markup=False, highlight=False)
     console.rule(
-        f"sample {shown['sample_index'] + 1} of {samples} ({with_blocks} opened a block): blocks {shown['num_blocks']}, "
+        f"sample {shown['sample_index'] + 1} of {samples} ({how}): blocks {shown['num_blocks']}, "
         f"answer {shown['pred']} (gold {problem.answer})"
     )
     return page

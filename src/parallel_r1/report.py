@@ -294,9 +294,9 @@ def _training_rollouts(run: RecipeRun, buckets: int = STRATEGY_BUCKETS) -> list[
     for stage in stages:
         last = 0
         for r in read_jsonl(stage.rollouts):
-            response = r.get("response", r.get("text"))
+            response = r.get("response")
             if not isinstance(response, str):
-                raise ValueError(f"{stage.rollouts}: a rollout record needs a string 'response' (or 'text')")
+                raise ValueError(f"{stage.rollouts}: a rollout record needs a string 'response'")
             records.append({"step": offset + int(r["step"]), "response": response, "correct": r.get("correct")})
             last = max(last, int(r["step"]))
         offset += last

@@ -134,6 +134,20 @@ def encode_record(tokenizer, prompt: str, response: str, max_length: int) -> Exa
     return Example(ids, min(len(prompt_ids), len(ids)))
 
 
+def check_truncation(examples: list[Example], stage: StageConfig) -> None:
+    """Fail when `sft.max_length` cuts every response away (the stage would train on nothing); warn when
+    it cuts some."""
+    empty = sum(len(e.input_ids) == e.prompt_len for e in examples)
+    cut = sum(len(e.input_ids) == stage.sft.max_length for e in examples)
+    where, n = f"stage {stage.name!r}: sft.max_length {stage.sft.max_length}", len(examples)
+    if examples and empty == n:
+        raise ValueError(f"{where} leaves no response token in any record (prompts alone are that long): raise it")
+    if empty:
+        log.warning("%s leaves no response token in %d of %d records: they train on nothing", where, empty, n)
+    if cut > empty:
+        log.warning("%s cuts the response of %d of %d records short (no EOS to learn)", where, cut - empty, n)
+
+
 QUESTION_TEMPLATE = "Problem: {question}\n"
 
 
@@ -156,15 +170,7 @@ def load_records(stage: StageConfig, seed: int) -> list:
         from parallel_r1 import task
 
         levels = tuple(cfg.task_levels or task.COLD_START_LEVELS)
-        rng = random.Random(f"sft-teacher-{seed}")
-        return [
-            data.SFTRecord(
-                prompt=data.build_prompt(p.question, template),
-                response=task.teacher_solution(p, rng=rng),
-                answer=str(p.answer),
-            )
-            for p in task.generate(cfg.limit or cfg.task_size, levels, "train", seed)
-        ]
+        return task.make_sft_records(cfg.limit or cfg.task_size, levels, seed, cfg.task_style, template)
     records = data.load_sft_records(cfg.source, template=template)
     return records[: cfg.limit] if cfg.limit else records
 
@@ -276,6 +282,7 @@ class SFTTrainer(StageTrainer):
         encode = lambda r: encode_record(self.tokenizer, r.prompt, r.response, self.cfg.max_length)  # noqa: E731
         self.train_examples = [encode(records[i]) for i in train_idx]
         self.eval_examples = [encode(records[i]) for i in eval_idx]
+        check_truncation(self.train_examples, stage)
         self.global_batch = self.cfg.batch_size * self.accelerator.num_processes
         num_batches = math.ceil(len(self.train_examples) / self.global_batch)
         self.steps_per_epoch = math.ceil(num_batches / self.cfg.grad_accum)

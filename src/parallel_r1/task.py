@@ -289,6 +289,15 @@ def teacher_solution(
     return main + block + SUMMARY_OPEN + summary + SUMMARY_CLOSE + final
 
 
+def teacher_examples(
+    n: int, levels: Sequence[int] = COLD_START_LEVELS, seed: int = 0, style: str = "parallel", verify_share: float = 0.5
+) -> list[tuple[ArithProblem, str]]:
+    """`n` train-split problems, each with a teacher solution of `style`; the same arguments give the
+    same list, so a parallel and a sequential recipe with one seed train on the same problems."""
+    rng = random.Random(f"sft-teacher-{seed}")
+    return [(p, teacher_solution(p, style, rng, verify_share)) for p in generate(n, levels, "train", seed)]
+
+
 def make_sft_records(
     n: int,
     levels: Sequence[int] = COLD_START_LEVELS,
@@ -297,15 +306,10 @@ def make_sft_records(
     template: str = PROMPT_TEMPLATE,
     verify_share: float = 0.5,
 ) -> list[SFTRecord]:
-    """Cold-start records: `n` train-split problems, each with a teacher solution of `style`."""
-    rng = random.Random(f"teacher-{seed}")
+    """Cold-start records of `teacher_examples`, prompted with `template`."""
     return [
-        SFTRecord(
-            prompt=build_prompt(p.question, template),
-            response=teacher_solution(p, style, rng, verify_share),
-            answer=str(p.answer),
-        )
-        for p in generate(n, levels, "train", seed)
+        SFTRecord(prompt=build_prompt(p.question, template), response=response, answer=str(p.answer))
+        for p, response in teacher_examples(n, levels, seed, style, verify_share)
     ]
 
 

@@ -119,6 +119,11 @@ class VLLMEngine:
         params = params or SamplingParams()
         encoded = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
         samples = [_Sample(i, j, ids) for i, ids in enumerate(encoded) for j in range(n)]
+        if params.open_block:
+            for s in samples:
+                s.add(self.tags.parallel_open, False)
+                s.blocks = 1
+                s.state = "paths" if params.variant == "unseen" else "main"
         # One seed per request, drawn in a fixed order: the same params.seed gives the same rollouts.
         rng = random.Random(params.seed)
         active = list(samples)
