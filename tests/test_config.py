@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from parallel_r1.config import (
-    TINY_RECIPE,
+    BASELINE_RECIPE,
+    DEFAULT_RECIPE,
     ConfigError,
     default_recipe,
     dump_recipe,
@@ -13,6 +14,7 @@ from parallel_r1.config import (
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+TINY_RECIPE = DEFAULT_RECIPE.read_text()
 
 
 def test_configs_folder_has_the_paper_recipes():
@@ -39,9 +41,12 @@ def test_paper_recipes_use_the_reference_settings():
     assert mid.kind == "mid_training" and mid.switch_step >= 1
 
 
-def test_tiny_yaml_is_the_embedded_default():
-    assert load_recipe(CONFIGS[0].parent / "tiny.yaml") == default_recipe()
-    assert (CONFIGS[0].parent / "tiny.yaml").read_text() == TINY_RECIPE
+def test_configs_tiny_recipes_are_the_packaged_defaults():
+    # The package carries the default recipes (a non-editable install has no configs/ folder); the
+    # configs/ entries must be those very files, not copies that drift.
+    for name, packaged in (("tiny.yaml", DEFAULT_RECIPE), ("tiny_sequential.yaml", BASELINE_RECIPE)):
+        assert (CONFIGS[0].parent / name).resolve() == packaged.resolve()
+    assert default_recipe() == load_recipe(CONFIGS[0].parent / "tiny.yaml")
 
 
 def test_unknown_key_names_file_line_section_and_suggestion():
@@ -62,6 +67,8 @@ def test_unknown_top_level_and_literal_typos():
 
 
 def test_wrong_types_and_ranges():
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.grpo\.reward: parallel_value must be >= correct_value"):
+        parse_recipe(TINY_RECIPE.replace("kind: parallel", "kind: parallel\n        parallel_value: 0.5", 1))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.lr: expected float, got 'fast'"):
         parse_recipe(TINY_RECIPE.replace("lr: 3.0e-3", "lr: fast"))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.sft\.batch_size: expected int"):

@@ -121,6 +121,34 @@ def test_pretrained_demo_shows_a_parallel_generation_even_before_the_model_opens
     assert "inserted &lt;Parallel&gt;" in page.read_text() or "inserted <Parallel>" in page.read_text()
 
 
+SMOKE = [
+    "--eval-problems", "2", "--eval-k", "1",
+    "--set", "stages.sft.max_steps=2", "--set", "stages.sft.data.task_size=16", "--set", "stages.sft.save_every=2",
+    "--set", "stages.rl_easy.max_steps=1", "--set", "stages.rl_easy.grpo.prompts_per_step=2",
+    "--set", "stages.rl_easy.grpo.mini_batch_size=2", "--set", "stages.rl_easy.grpo.n=2",
+    "--set", "stages.rl_easy.grpo.rollout.max_response_tokens=24",
+]  # fmt: skip
+
+
+def test_run_with_stages_trains_both_recipes_to_the_cut_and_resumes_without_retraining(tmp_path):
+    from parallel_r1.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--stages", "2", *SMOKE]) == 0
+    for label in ("parallel", "sequential"):
+        assert sorted(p.name for p in (run / label).glob("0*")) == ["00-sft", "01-rl_easy"]
+        assert sorted(p.name for p in (run / label / "eval").glob("*.json")) == ["00-sft.json", "01-rl_easy.json"]
+    assert json.loads((run / "run.json").read_text())["max_stages"] == 2
+    styles = [r["styles"] for r in json.loads((run / "run.json").read_text())["recipes"]]
+    assert styles == [{"sft": "parallel"}, {"sft": "sequential"}]
+    page = (run / "report.html").read_text()
+    assert '<tr data-recipe="sequential">' in page and '<tr data-recipe="parallel">' in page
+    metrics = (run / "parallel" / "01-rl_easy" / "metrics.jsonl").read_text()
+    assert main(["run", "--out", str(run), "--stages", "2", *SMOKE]) == 0
+    assert (run / "parallel" / "01-rl_easy" / "metrics.jsonl").read_text() == metrics
+    assert main(["run", "--out", str(tmp_path / "bad"), "--stages", "0"]) == 2
+
+
 def _check_evidence(run: Path, stages: list[str]) -> dict:
     """What the report of a `parallel-r1 run` must show: RL beating SFT on held-out problems for the
     parallel recipe, the parallel ratio at every stage, the baseline beside it, plots and rollouts."""
@@ -155,19 +183,10 @@ def test_shortened_default_run_shows_rl_beating_sft_beside_the_sequential_baseli
     8 minutes on 2 cores. It cannot be shorter: the tiny model needs its ~2000 SFT steps before its
     equations come out right (after 600 it solves 4 % of the held-out problems and RL gains nothing),
     and GRPO first lowers accuracy (0.18 -> 0.15 after 20 of the 60 steps) before it raises it."""
-    import yaml
-
     from parallel_r1.cli import main
-    from parallel_r1.config import load_recipe
 
-    paths = []
-    for spec in pipeline.default_specs():
-        recipe = recipe_to_dict(load_recipe(spec.path))
-        recipe["stages"] = recipe["stages"][:2]
-        paths.append(tmp_path / f"{spec.label}.yaml")
-        paths[-1].write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--config", str(paths[0]), "--baseline", str(paths[1])]) == 0
+    assert main(["run", "--out", str(run), "--stages", "2"]) == 0
     _check_evidence(run, ["sft", "rl_easy"])
 
 

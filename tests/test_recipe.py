@@ -70,7 +70,7 @@ stages:
       n: 4
       mini_batch_size: 1
       rollout: {{max_response_tokens: 24, max_path_tokens: 8}}
-      reward: {{kind: alternating, window: 2, parallel_steps: 1}}
+      reward: {{kind: alternating, window: 2, parallel_steps: 1, wrong_value: -0.5, parallel_value: 3.0}}
 """
 
 
@@ -91,6 +91,8 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     rollouts = read_jsonl(stage / "rollouts.jsonl")
     assert len(rollouts) == 2 * 2 * 3  # steps x prompts x n (the --set override)
     assert {"response", "reward", "answer", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
+    # the untrained model answers nothing right: every reward is the recipe's wrong_value
+    assert {(r["correct"], r["reward"]) for r in rollouts} == {(False, -0.5)}
     # `parallel-r1 analyze` and `view` read the stage folder as it is
     assert [r["response"] for r in read_rollouts([stage])] == [r["response"] for r in rollouts]
 

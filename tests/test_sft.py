@@ -125,7 +125,8 @@ def test_task_style_picks_the_teachers_solutions_on_the_same_problems():
     from parallel_r1.sft import load_records
 
     text = TINY_SFT.format(variant="seen")
-    stages = {s: parse_recipe(text.replace("prompt: question", f"task_style: {s}")).stages[0] for s in ("parallel", "sequential")}
+    styles = ("parallel", "sequential")
+    stages = {s: parse_recipe(text.replace("prompt: question", f"task_style: {s}")).stages[0] for s in styles}
     parallel, sequential = (load_records(stages[style], seed=3) for style in ("parallel", "sequential"))
     assert [r.prompt for r in parallel] == [r.prompt for r in sequential] and len(parallel) == 24
     assert all(parse(r.response).num_blocks == 1 for r in parallel)

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-baseline", action="store_true", help="train the parallel recipe only")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field of both recipes, e.g. --set stages.rl_hard.max_steps=10 (repeatable)")
+    run.add_argument("--stages", type=int, metavar="N",
+                     help="the first N stages of each recipe only (2: SFT and RL on easy problems, about 8 minutes)")
     run.add_argument("--eval-problems", type=int, help="held-out problems per level (default: 64)")
     run.add_argument("--eval-k", type=int, help="samples per held-out problem (default: 4)")
     run.add_argument("--model", default="tiny",
@@ -278,7 +280,7 @@ def _cmd_run(args) -> int:
         if args.eval_k:
             settings = replace(settings, k=args.eval_k)
         specs = default_specs(args.config, args.baseline, with_baseline=not args.no_baseline)
-        result = run_pipeline(args.out, specs, args.overrides, settings)
+        result = run_pipeline(args.out, specs, args.overrides, settings, max_stages=args.stages)
     except (ConfigError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2

@@ -21,6 +21,11 @@ from typing import Any, Literal
 import yaml
 
 Variant = Literal["seen", "unseen"]
+# The embedded default and its sequential baseline ship inside the package, so that `parallel-r1 run`
+# works from any install; configs/tiny.yaml and configs/tiny_sequential.yaml link to them.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "tiny.yaml"
+BASELINE_RECIPE = RECIPES / "tiny_sequential.yaml"
 
 
 class ConfigError(ValueError):
@@ -155,15 +160,28 @@ class RewardConfig:
     """The reward schedule (see `parallel_r1.rewards.RewardSchedule`)."""
 
     kind: Literal["accuracy", "parallel", "alternating", "mid_training"] = "accuracy"
-    """accuracy: +1/-1. parallel: 1.2 for a correct answer with a well-formed block. alternating: the
-    parallel reward on `parallel_steps` steps of every `window`. mid_training: parallel until
-    `switch_step`, accuracy after."""
+    """accuracy: correct_value / wrong_value. parallel: parallel_value for a correct answer with a
+    well-formed block. alternating: the parallel reward on `parallel_steps` steps of every `window`.
+    mid_training: parallel until `switch_step`, accuracy after."""
     window: int = 10
+    """alternating: steps per window."""
     parallel_steps: int = 2
+    """alternating: the last this many steps of each window use the parallel reward."""
     switch_step: int = 0
     """mid_training: the first step (counting from 0) that uses the accuracy reward alone."""
+    correct_value: float = 1.0
+    """Reward of a correct final answer."""
+    wrong_value: float = -1.0
+    """Reward of a wrong or missing final answer."""
+    parallel_value: float = 1.2
+    """Reward of a correct answer with a well-formed block while the parallel reward is on (the paper: 1.2)."""
+    verify_timeout_s: float = 5.0
+    """Seconds math-verify may spend on one answer before it counts as wrong."""
 
     def __post_init__(self) -> None:
+        _require(self.correct_value > self.wrong_value, "correct_value must be > wrong_value")
+        _require(self.parallel_value >= self.correct_value, "parallel_value must be >= correct_value")
+        _require(self.verify_timeout_s > 0, "verify_timeout_s must be > 0")
         _require(self.window >= 1, "window must be >= 1")
         _require(0 <= self.parallel_steps <= self.window, "parallel_steps must be in [0, window]")
         _require(self.switch_step >= 0, "switch_step must be >= 0")
@@ -454,7 +472,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def default_recipe() -> Recipe:
     """The embedded default: SFT then GRPO on the built-in task with the tiny model (configs/tiny.yaml)."""
-    return parse_recipe(TINY_RECIPE, "<default tiny recipe>")
+    return load_recipe(DEFAULT_RECIPE)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -509,99 +527,3 @@ def _list_index(items: list, part: str, assignment: str) -> int:
     names = [item.get("name") for item in items if isinstance(item, dict)]
     _require(part in names, f"--set {assignment!r}: no stage named {part!r} (stages: {', '.join(map(str, names))})")
     return names.index(part)
-
-
-TINY_RECIPE = """\
-# The embedded default recipe (`parallel-r1 run`, `parallel-r1 train`): the built-in arithmetic task
-# and a tiny Llama (about 0.5 M parameters) trained from scratch on a 2-core CPU.
-#   sft      cold start on the programmatic teacher's parallel solutions of easy problems (levels 1-2).
-#            The tiny model needs ~2000 steps before its equations come out right; it then solves
-#            about a quarter of the level-1 problems, and often copies a wrong path into its summary.
-#   rl_easy  GRPO with the parallel reward on the same levels, half of them level 1.
-#   rl_hard  GRPO on harder problems: two thirds level 2 (one more operation). A stage on one level
-#            alone trades the other level's accuracy for its own.
-# RL needs many prompts per step (with 8, a step's gradient is mostly noise and Adam walks the weights
-# away from the SFT solution) and several optimiser steps per batch of rollouts (mini-batches of 8
-# prompts: 4 updates a step; one update a step barely moves the policy in 60 steps).
-# The short "question" prompt keeps sequences small; evaluate such a model with the same prompt.
-# configs/tiny_sequential.yaml is the same budget without blocks.
-name: tiny
-seed: 0
-stages:
-  - name: sft
-    kind: sft
-    variant: seen
-    model:
-      name_or_path: tiny
-      tiny: {hidden_size: 128, num_layers: 2, num_heads: 4, intermediate_size: 336}
-    data:
-      source: task
-      task_size: 4000
-      task_levels: [1, 2]
-      prompt: question
-    lr: 3.0e-3
-    weight_decay: 0.01
-    adam_beta2: 0.98
-    lr_schedule: cosine
-    warmup_steps: 10
-    max_steps: 2000
-    save_every: 500
-    log_every: 100
-    sft:
-      batch_size: 32
-      max_length: 256
-  - name: rl_easy
-    kind: grpo
-    variant: seen
-    data:
-      source: task
-      task_size: 2000
-      task_levels: [1, 2]
-      prompt: question
-    lr: 2.0e-4
-    adam_beta2: 0.98
-    max_steps: 60
-    save_every: 20
-    log_every: 5
-    grpo:
-      prompts_per_step: 32
-      n: 8
-      mini_batch_size: 8
-      micro_batch_size: 64
-      rollout:
-        temperature: 1.0
-        max_response_tokens: 160
-        max_path_tokens: 64
-        max_blocks: 2
-        num_paths: 2
-        max_batch_size: 128
-      reward:
-        kind: parallel
-  - name: rl_hard
-    kind: grpo
-    variant: seen
-    data:
-      source: task
-      task_size: 2000
-      task_levels: [1, 2, 2]
-      prompt: question
-    lr: 2.0e-4
-    adam_beta2: 0.98
-    max_steps: 60
-    save_every: 20
-    log_every: 5
-    grpo:
-      prompts_per_step: 32
-      n: 8
-      mini_batch_size: 8
-      micro_batch_size: 64
-      rollout:
-        temperature: 1.0
-        max_response_tokens: 160
-        max_path_tokens: 64
-        max_blocks: 2
-        num_paths: 2
-        max_batch_size: 128
-      reward:
-        kind: parallel
-"""

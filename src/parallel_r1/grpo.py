@@ -34,7 +34,7 @@ from accelerate.utils import gather_object
 
 from parallel_r1.attention import response_logprobs
 from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
-from parallel_r1.config import GRPOConfig, LoggingConfig, StageConfig
+from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.format import TagIds
 from parallel_r1.metrics import JsonlWriter
 from parallel_r1.sft import (
@@ -254,35 +254,20 @@ def path_lengths(rollout) -> list[int]:
 class GRPOTrainer(StageTrainer):
     """Runs one GRPO stage into `output_dir`, resuming from its latest checkpoint if there is one."""
 
-    def __init__(
-        self,
-        stage: StageConfig,
-        output_dir: str | Path,
-        *,
-        init_model: str | Path,
-        seed: int = 0,
-        logging_config: LoggingConfig | None = None,
-        accelerator: Accelerator | None = None,
-    ):
+    kind = "grpo"
+
+    def __init__(self, stage: StageConfig, output_dir: str | Path, **kwargs):
         from parallel_r1.engine import ParallelEngine
         from parallel_r1.rewards import RewardSchedule
 
-        if stage.kind != "grpo":
-            raise ValueError(f"stage {stage.name!r} is a {stage.kind} stage, not grpo")
-        self.stage, self.cfg = stage, stage.grpo
-        self.output_dir = Path(output_dir)
-        self.seed = seed
-        self.logging_config = logging_config or LoggingConfig()
-        self.accelerator = acc = accelerator or Accelerator()
+        super().__init__(stage, output_dir, **kwargs)
+        self.cfg, acc, seed = stage.grpo, self.accelerator, self.seed
         self.total_steps = stage.max_steps
-        self.resume_from = latest_checkpoint(self.output_dir)
-        self.model, self.tokenizer = load_stage_model(stage, self.resume_from or init_model, seed)
-        self.tags = TagIds.from_tokenizer(self.tokenizer)
         self.ref_model = None
         self._vllm_stale = False
         if self.cfg.kl_coef > 0:
             # The reference is the stage's starting model, also when resuming from a checkpoint.
-            ref, _ = load_stage_model(stage, init_model, seed)
+            ref, _ = load_stage_model(stage, self.init_model, seed)
             self.ref_model = ref.to(acc.device).eval().requires_grad_(False)
 
         self.problems = load_stage_problems(stage, seed)
@@ -303,7 +288,7 @@ class GRPOTrainer(StageTrainer):
         self.scheduler = build_scheduler(self.optimizer, stage, self.total_steps)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         if self.cfg.rollout.backend == "vllm":
-            self.engine = self._vllm_engine(self.resume_from or init_model)
+            self.engine = self._vllm_engine(self.resume_from or self.init_model)
         else:
             self.engine = ParallelEngine(
                 acc.unwrap_model(self.model), self.tokenizer, max_batch_size=self.cfg.rollout.max_batch_size
@@ -392,7 +377,12 @@ class GRPOTrainer(StageTrainer):
         rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=self.sampling_params(step))
         sample_s = time.perf_counter() - started
         golds = [self.problems[mine[r.prompt_index]].answer for r in rollouts]
-        scores = score_batch([r.text for r in rollouts], golds, step, self.schedule)
+        reward = cfg.reward
+        scores = score_batch(
+            [x.text for x in rollouts], golds, step, self.schedule,
+            correct_value=reward.correct_value, wrong_value=reward.wrong_value,
+            parallel_value=reward.parallel_value, timeout_s=reward.verify_timeout_s,
+        )  # fmt: skip
         rewards_PG = torch.tensor([s.reward for s in scores], dtype=torch.float32).view(len(mine), cfg.n)
         adv_PG = group_advantages(rewards_PG, scale=cfg.advantage == "grpo")
         keep_P = informative_groups(rewards_PG) if cfg.filter_zero_variance else torch.ones(len(mine), dtype=torch.bool)

@@ -30,14 +30,11 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from parallel_r1.config import ConfigError, Recipe, StageConfig, load_recipe, override
+from parallel_r1.config import BASELINE_RECIPE, DEFAULT_RECIPE, ConfigError, Recipe, StageConfig, load_recipe, override
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = REPO_ROOT / "configs"
-DEFAULT_RECIPE = CONFIGS / "tiny.yaml"
-BASELINE_RECIPE = CONFIGS / "tiny_sequential.yaml"
 COLD_START_FILE = "parallel_gsm8k_sample.jsonl"
 HELDOUT = "heldout"
 
@@ -80,12 +77,9 @@ def default_run_dir() -> Path:
 
 
 def load_spec(spec: RecipeSpec, overrides: list[str]) -> Recipe:
-    """The recipe of `spec` with the overrides applied; a missing default file gets a clear hint."""
+    """The recipe of `spec` with the overrides applied."""
     if not spec.path.is_file():
-        raise ConfigError(
-            f"{spec.path}: no such recipe file (the default recipes live in the repository's configs/ folder: "
-            "run from a source checkout installed with `pip install -e .`, or pass --config)"
-        )
+        raise ConfigError(f"{spec.path}: no such recipe file (see configs/ for recipes, or leave --config out)")
     return override(load_recipe(spec.path), list(overrides))
 
 
@@ -213,8 +207,10 @@ def run_pipeline(
     specs: list[RecipeSpec] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     settings: EvalSettings | None = None,
+    max_stages: int | None = None,
 ) -> RunResult:
-    """Data, training, held-out evaluation after every stage, for each recipe; then the report."""
+    """Data, training, held-out evaluation after every stage, for each recipe; then the report.
+    `max_stages`: run the first stages of each recipe only (a shorter run that keeps the same steps)."""
     from parallel_r1.data import load_problems
     from parallel_r1.recipe import run_recipe, stage_dir
     from parallel_r1.report import write_report
@@ -224,6 +220,10 @@ def run_pipeline(
     specs = specs or default_specs()
     settings = settings or EvalSettings()
     recipes = [load_spec(spec, list(overrides)) for spec in specs]
+    if max_stages is not None:
+        if max_stages < 1:
+            raise ConfigError(f"--stages must be >= 1, got {max_stages}")
+        recipes = [replace(r, stages=r.stages[:max_stages]) for r in recipes]
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     info = {
@@ -232,6 +232,7 @@ def run_pipeline(
             {"label": s.label, "config": str(s.path), "styles": _task_styles(r)} for s, r in zip(specs, recipes)
         ],
         "overrides": list(overrides),
+        "max_stages": max_stages,
         "eval": asdict(settings),
         "threads": _threads(),
         "timings": {},

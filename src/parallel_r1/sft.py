@@ -223,9 +223,33 @@ def response_nll_sum(model, input_ids_BT, attention_mask_BT, loss_mask_BT, tags:
 
 
 class StageTrainer:
-    """What the SFT and GRPO trainers share: the checkpoints and the metrics log of one stage folder.
-    Subclasses set output_dir, state, stage, logging_config, accelerator, model, tokenizer, optimizer
-    and scheduler."""
+    """What the SFT and GRPO trainers share: the stage's model (from its latest checkpoint when there is
+    one, else `init_model`), its checkpoints and its metrics log. Subclasses set state, optimizer and
+    scheduler."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        stage: StageConfig,
+        output_dir: str | Path,
+        *,
+        init_model: str | Path,
+        seed: int = 0,
+        logging_config: LoggingConfig | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        if stage.kind != self.kind:
+            raise ValueError(f"stage {stage.name!r} is a {stage.kind} stage, not {self.kind}")
+        self.stage = stage
+        self.output_dir = Path(output_dir)
+        self.init_model = init_model
+        self.seed = seed
+        self.logging_config = logging_config or LoggingConfig()
+        self.accelerator = accelerator or Accelerator()
+        self.resume_from = latest_checkpoint(self.output_dir)
+        self.model, self.tokenizer = load_stage_model(stage, self.resume_from or init_model, seed)
+        self.tags = TagIds.from_tokenizer(self.tokenizer)
 
     def save(self) -> Path:
         return save_checkpoint(
@@ -255,27 +279,12 @@ class StageTrainer:
 class SFTTrainer(StageTrainer):
     """Runs one SFT stage into `output_dir`, resuming from its latest checkpoint if there is one."""
 
-    def __init__(
-        self,
-        stage: StageConfig,
-        output_dir: str | Path,
-        *,
-        init_model: str | Path,
-        seed: int = 0,
-        logging_config: LoggingConfig | None = None,
-        accelerator: Accelerator | None = None,
-    ):
-        if stage.kind != "sft":
-            raise ValueError(f"stage {stage.name!r} is a {stage.kind} stage, not sft")
-        self.stage, self.cfg = stage, stage.sft
-        self.output_dir = Path(output_dir)
-        self.seed = seed
-        self.logging_config = logging_config or LoggingConfig()
-        self.accelerator = accelerator or Accelerator()
-        resume = latest_checkpoint(self.output_dir)
-        self.resume_from = resume
-        self.model, self.tokenizer = load_stage_model(stage, resume or init_model, seed)
-        self.tags = TagIds.from_tokenizer(self.tokenizer)
+    kind = "sft"
+
+    def __init__(self, stage: StageConfig, output_dir: str | Path, **kwargs):
+        super().__init__(stage, output_dir, **kwargs)
+        self.cfg = stage.sft
+        resume, seed = self.resume_from, self.seed
 
         records = load_records(stage, seed)
         train_idx, eval_idx = split_eval(len(records), stage.data.eval_size, seed)
