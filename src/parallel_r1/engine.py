@@ -388,22 +388,35 @@ class ParallelEngine:
                 active = [active[b] for b in still]
 
     def _to_rollout(self, row: _Row) -> Rollout:
-        from parallel_r1.format import parse_ids
-
         tokens = row.response()
         ids = [t.id for t in tokens]
-        text_ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
-        return Rollout(
-            prompt_index=row.prompt_index,
-            sample_index=row.sample_index,
-            prompt_ids=list(row.prompt_ids),
-            response_ids=ids,
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-            sampled_mask=[t.sampled for t in tokens],
-            logprobs=[t.logprob for t in tokens],
-            finish_reason=row.finish_reason or "length",
-            structure=parse_ids(ids, self.tokenizer),
-        )
+        return make_rollout(
+            self.tokenizer, row.prompt_index, row.sample_index, row.prompt_ids, ids,
+            [t.sampled for t in tokens], [t.logprob for t in tokens], row.finish_reason,
+            ends_with_eos=bool(ids) and ids[-1] in self.eos_ids,
+        )  # fmt: skip
+
+
+def make_rollout(
+    tokenizer, prompt_index: int, sample_index: int, prompt_ids: list[int], response_ids: list[int],
+    sampled_mask: list[bool], logprobs: list[float], finish_reason: str | None, ends_with_eos: bool,
+) -> Rollout:  # fmt: skip
+    """The `Rollout` of a finished sample (both backends): its text leaves a final EOS out, its structure
+    comes from the token ids (a tag is a tag by id, not by its spelling)."""
+    from parallel_r1.format import parse_ids
+
+    text_ids = response_ids[:-1] if ends_with_eos else response_ids
+    return Rollout(
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        prompt_ids=list(prompt_ids),
+        response_ids=response_ids,
+        text=tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        sampled_mask=sampled_mask,
+        logprobs=logprobs,
+        finish_reason=finish_reason or "length",
+        structure=parse_ids(response_ids, tokenizer),
+    )
 
 
 def rollout_record(rollout: Rollout, prompt: str | None = None) -> dict:

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from parallel_r1.attention import response_logprobs
-from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
+from parallel_r1.checkpoint import TrainerState, load_checkpoint
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.format import TagIds
 from parallel_r1.metrics import JsonlWriter
@@ -44,7 +44,6 @@ from parallel_r1.sft import (
     clip_gradients,
     load_stage_model,
     make_progress,
-    mark_done,
     prompt_template,
 )
 
@@ -523,10 +522,7 @@ class GRPOTrainer(StageTrainer):
                 if stage.save_every and step % stage.save_every == 0:
                     self.save()
                     last_saved = step
-        final = self.save() if last_saved != self.state.step else latest_checkpoint(self.output_dir)
-        if main:
-            mark_done(self.output_dir, final)
-        acc.wait_for_everyone()
+        final = self.finish(last_saved)
         metrics.close()
         rollout_log.close()
         return final

@@ -263,6 +263,14 @@ class StageTrainer:
             keep_last=self.stage.keep_last,
         )
 
+    def finish(self, last_saved: int) -> Path:
+        """Save the last step unless it was just saved, mark the stage done, and wait for every process."""
+        final = self.save() if last_saved != self.state.step else latest_checkpoint(self.output_dir)
+        if self.accelerator.is_main_process:
+            mark_done(self.output_dir, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
     def open_metrics(self) -> MetricsLogger:
         lc = self.logging_config
         return MetricsLogger(
@@ -402,9 +410,6 @@ class SFTTrainer(StageTrainer):
                 if stage.save_every and step % stage.save_every == 0:
                     self.save()
                     last_saved = step
-        final = self.save() if last_saved != self.state.step else latest_checkpoint(self.output_dir)
-        if main:
-            mark_done(self.output_dir, final)
-        acc.wait_for_everyone()
+        final = self.finish(last_saved)
         metrics.close()
         return final

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parallel_r1.engine import Rollout, SamplingParams
-from parallel_r1.format import TagIds, parse_ids
+from parallel_r1.engine import Rollout, SamplingParams, make_rollout
+from parallel_r1.format import TagIds
 
 BAN_BIAS = -100.0  # vLLM's logit_bias is additive; -100 removes a token in practice
 
@@ -191,15 +191,7 @@ class VLLMEngine:
     def _to_rollout(self, s: _Sample, params: SamplingParams) -> Rollout:
         cut = params.max_response_tokens
         ids = s.response[:cut]
-        text_ids = ids[:-1] if s.finish_reason == "stop" and len(ids) == len(s.response) else ids
-        return Rollout(
-            prompt_index=s.prompt_index,
-            sample_index=s.sample_index,
-            prompt_ids=list(s.prompt_ids),
-            response_ids=ids,
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-            sampled_mask=s.sampled[:cut],
-            logprobs=s.logprobs[:cut],
-            finish_reason=s.finish_reason or "length",
-            structure=parse_ids(ids, self.tokenizer),
-        )
+        return make_rollout(
+            self.tokenizer, s.prompt_index, s.sample_index, s.prompt_ids, ids, s.sampled[:cut], s.logprobs[:cut],
+            s.finish_reason, ends_with_eos=s.finish_reason == "stop" and len(ids) == len(s.response),
+        )  # fmt: skip
