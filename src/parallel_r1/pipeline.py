@@ -389,7 +389,8 @@ def run_pretrained(
     console.rule(f"{model}: {problem.question[:80]}")
     console.print(shown["response"], markup=False, highlight=False)
     console.rule(
-        f"sample {shown['sample_index'] + 1} of {samples} ({how}): blocks {shown['num_blocks']}, "
+        f"sample {shown['sample_index'] + 1} of {samples}: blocks {shown['num_blocks']}, "
         f"answer {shown['pred']} (gold {problem.answer})"
     )
+    console.print(how[0].upper() + how[1:] + ".")
     return page
