@@ -1,5 +1,4 @@
 import json
-import os
 import re
 from pathlib import Path
 
@@ -177,26 +176,12 @@ def _check_evidence(run: Path, stages: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_shortened_default_run_shows_rl_beating_sft_beside_the_sequential_baseline(tmp_path):
-    """`parallel-r1 run` on the default recipes without their last stage (rl_hard): data, SFT, GRPO on
-    easy problems and held-out evaluation, for the parallel recipe and its sequential baseline; about
-    8 minutes on 2 cores. It cannot be shorter: the tiny model needs its ~2000 SFT steps before its
-    equations come out right (after 600 it solves 4 % of the held-out problems and RL gains nothing),
-    and GRPO first lowers accuracy (0.18 -> 0.15 after 20 of the 60 steps) before it raises it."""
-    from parallel_r1.cli import main
-
-    run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--stages", "2"]) == 0
-    _check_evidence(run, ["sft", "rl_easy"])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("PARALLEL_R1_E2E"),
-    reason="set PARALLEL_R1_E2E=1: the whole default run takes about 11 minutes on 2 idle cores",
-)
 def test_default_run_shows_rl_beating_sft_beside_the_sequential_baseline(tmp_path):
-    """`parallel-r1 run` exactly as the README runs it: every stage of both default recipes."""
+    """`parallel-r1 run` exactly as the README runs it (about 11 minutes on 2 cores). It cannot be shorter:
+    the tiny model needs its ~2000 SFT steps before its equations come out right (after 600 it solves 4 %
+    of the held-out problems and RL gains nothing), and the gain of the first RL stage alone depends on the
+    trajectory (+0.09, +0.03 and +0.01 in three runs whose float rounding differed), while
+    after both RL stages it was +0.09 to +0.11 in all three."""
     from parallel_r1.cli import main
 
     run = tmp_path / "run"
