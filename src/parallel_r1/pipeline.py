@@ -392,5 +392,5 @@ def run_pretrained(
         f"sample {shown['sample_index'] + 1} of {samples}: blocks {shown['num_blocks']}, "
         f"answer {shown['pred']} (gold {problem.answer})"
     )
-    console.print(how[0].upper() + how[1:] + ".")
+    console.print(f"({how})")
     return page
