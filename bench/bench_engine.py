@@ -82,7 +82,8 @@ def bench(model, tokenizer, prefix_len: int, path_len: int, paths: list[int], re
         t = timed(engine, prompt, runs, repeats)
         print(
             f"{n:>3} {t['forked']:>9.2f} {t['one']:>11.2f} {t['reencode']:>12.2f} {t['sequential']:>13.2f} "
-            f"{t['forked'] / t['one']:>11.2f} {t['reencode'] / t['forked']:>14.2f} {t['sequential'] / t['forked']:>11.2f}"
+            f"{t['forked'] / t['one']:>11.2f} {t['reencode'] / t['forked']:>14.2f} "
+            f"{t['sequential'] / t['forked']:>11.2f}"
         )
 
 

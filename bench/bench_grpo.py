@@ -68,10 +68,9 @@ def bench_trl(steps: int, workdir: Path) -> tuple[float, str]:
     from transformers import PrinterCallback, TrainerCallback
 
     from parallel_r1 import task
-    from parallel_r1.data import build_prompt
+    from parallel_r1.data import QUESTION_TEMPLATE, build_prompt
     from parallel_r1.models import load_model_and_tokenizer
     from parallel_r1.rewards import RewardSchedule, score_batch
-    from parallel_r1.sft import QUESTION_TEMPLATE
 
     model, tokenizer = load_model_and_tokenizer("tiny")
     problems = task.make_problems(256, task.RL_EASY_LEVELS, "train", 0)

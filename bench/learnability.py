@@ -83,7 +83,8 @@ def print_scores(scores: dict, step: int) -> None:
     for level, r in scores["levels"].items():
         eq = r["eq_true"] / max(1, r["eq_all"])
         print(
-            f"{level:>5}  {r['correct'] / r['n']:>8.0%}  {r['parallel'] / r['n']:>20.0%}  {eq:>14.0%}  {r['length'] / r['n']:>11.0f}"
+            f"{level:>5}  {r['correct'] / r['n']:>8.0%}  {r['parallel'] / r['n']:>20.0%}  {eq:>14.0%}  "
+            f"{r['length'] / r['n']:>11.0f}"
         )
 
 

@@ -19,7 +19,7 @@ from parallel_r1.checkpoint import (
     save_checkpoint,
 )
 from parallel_r1.metrics import read_jsonl
-from parallel_r1.sft import final_model
+from parallel_r1.trainer import final_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

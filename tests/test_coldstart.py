@@ -14,8 +14,9 @@ import pytest
 from parallel_r1.answers import is_correct
 from parallel_r1.coldstart import (
     TeacherConfig,
+    TeacherError,
     YieldReport,
-    chat_url,
+    api_base,
     generate,
     rejected_path,
     rejection_reason,
@@ -132,10 +133,10 @@ def test_rejection_reason():
     assert rejection_reason(good.replace("Final Answer: 5", "so five"), "5") == "no_answer"
 
 
-def test_chat_url():
-    assert chat_url("http://h:8000") == "http://h:8000/v1/chat/completions"
-    assert chat_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
-    assert chat_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+def test_api_base():
+    assert api_base("http://h:8000") == "http://h:8000/v1"
+    assert api_base("http://h:8000/v1/") == "http://h:8000/v1"
+    assert api_base("http://h/v1/chat/completions") == "http://h/v1"
 
 
 def _run_mixed(pairs, serve, tmp_path):
@@ -160,7 +161,7 @@ def _run_mixed(pairs, serve, tmp_path):
     script[q[5]] = [("sleep", 1.5, pairs[5][1]), pairs[5][1]]  # the first request times out
     script[q[6]] = [("status", 400)]  # not worth retrying
     stub = Stub(script, delay_s=0.05)
-    cfg = TeacherConfig(serve(stub), "teacher", timeout_s=0.75, retries=3, backoff_s=0.01, concurrency=3)
+    cfg = TeacherConfig(serve(stub), "teacher", timeout_s=0.75, retries=3, concurrency=3)
     out = tmp_path / "kept.jsonl"
     report = generate(problems, cfg, out)
 
@@ -179,7 +180,7 @@ def _run_mixed(pairs, serve, tmp_path):
     assert stub.requests[q[4]] == 3
     assert stub.requests[q[5]] == 2
     assert stub.requests[q[6]] == 1
-    assert stub.max_in_flight <= 3
+    assert stub.max_in_flight <= 3 + 1  # the server still sleeps on the request that timed out
     rejected = [json.loads(line) for line in rejected_path(out).read_text().splitlines()]
     assert sorted(r["id"] for r in rejected) == sorted(problems[i].id for i in (0, 1, 2))
 
@@ -257,6 +258,17 @@ def test_killed_run_resumes_without_duplicates_or_losses(serve, tmp_path):
     assert len(ids) == len(set(ids)) == 24
     assert set(ids) == {f"problems/{i}" for i in range(24)}
     assert ids[: len(first)] == [r["id"] for r in first]  # earlier lines are left as they were
+
+
+def test_a_server_that_is_down_is_an_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = TeacherConfig(f"http://127.0.0.1:{port}", "teacher", timeout_s=1, retries=0)
+    with pytest.raises(TeacherError, match="every request to the teacher failed"):
+        generate([p for p, _ in made_up_problems(2)], cfg, tmp_path / "out.jsonl")
 
 
 def test_yield_report_text():

@@ -34,7 +34,8 @@ def test_paper_recipes_use_the_reference_settings():
     dapo = s2.stages[-1]
     assert dapo.variant == "unseen" and dapo.lr == 1e-6
     g = dapo.grpo
-    assert (g.prompts_per_step, g.n, g.mini_batch_size, g.clip_low, g.clip_high, g.kl_coef) == (256, 8, 128, 0.2, 0.28, 0)
+    settings = (g.prompts_per_step, g.n, g.mini_batch_size, g.clip_low, g.clip_high, g.kl_coef)
+    assert settings == (256, 8, 128, 0.2, 0.28, 0)
     assert (g.reward.kind, g.reward.window, g.reward.parallel_steps) == ("alternating", 10, 2)
     assert g.rollout.max_response_tokens == 3000 and g.rollout.num_paths == 2
     mid = load_recipe(CONFIGS[0].parent / "mid_training.yaml").stages[-1].grpo.reward
@@ -109,3 +110,27 @@ def test_override_errors():
         override(recipe, ["stages.0.lr"])
     with pytest.raises(ConfigError, match="clip_low must be in"):
         override(recipe, ["stages.1.grpo.clip_low=1.5"])
+
+
+def test_sampling_and_reward_checks_live_where_the_values_are_used_and_name_the_line():
+    from parallel_r1.evaluate import EvalConfig
+    from parallel_r1.rollout import SAMPLING_FIELDS, SamplingParams, sampling_params
+
+    text = TINY_RECIPE.replace("        num_paths: 2\n", "        num_paths: 1\n", 1)
+    line = text.splitlines().index("      rollout:") + 1  # the section whose values do not go together
+    with pytest.raises(ConfigError, match=rf"my.yaml:{line}: stages\[1\]\.grpo\.rollout: num_paths must be >= 2"):
+        parse_recipe(text, "my.yaml")
+    with pytest.raises(ValueError, match="num_paths must be >= 2"):
+        EvalConfig(num_paths=1)
+    window_of_one = TINY_RECIPE.replace("        kind: parallel\n", "        kind: alternating\n        window: 1\n", 1)
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.grpo\.reward: .*parallel_steps"):
+        parse_recipe(window_of_one)
+
+    # One declaration: the recipe's rollout section, the eval config and the engine's params share the knobs.
+    def knobs(settings):
+        return {name: getattr(settings, name) for name in SAMPLING_FIELDS}
+
+    rollout = default_recipe().stages[1].grpo.rollout
+    params = sampling_params(rollout, variant="seen", seed=3)
+    assert knobs(params) == knobs(rollout) and (params.variant, params.seed) == ("seen", 3)
+    assert knobs(EvalConfig()) == knobs(SamplingParams())

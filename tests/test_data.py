@@ -93,7 +93,7 @@ def test_missing_field_error_names_file_row_and_field(tmp_path):
     with pytest.raises(ValueError) as err:
         load_problems(str(path))
     message = str(err.value)
-    assert str(path) in message and "line 2" in message and "'answer'" in message
+    assert f"{path}:2:" in message and "'answer'" in message
     assert "question, solution" in message  # the fields that are there
 
 
@@ -108,11 +108,11 @@ def test_missing_field_error_in_parquet(tmp_path):
 
 def test_empty_answer_and_bad_json_raise(tmp_path):
     empty = _write_jsonl(tmp_path / "empty.jsonl", [{"question": "q", "answer": "  "}])
-    with pytest.raises(ValueError, match=r"line 1: field 'answer' is empty"):
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: field 'answer' is empty"):
         load_problems(str(empty))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"broken.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
         load_problems(str(broken))
 
 
@@ -129,7 +129,10 @@ def test_unknown_source_and_file_type(tmp_path):
 
 HUB_ROWS = {
     "openai/gsm8k": [
-        {"question": "Natalia sold 48 clips, then half as many. Total?", "answer": "48 / 2 = 24\n48 + 24 = 72\n#### 72"},
+        {
+            "question": "Natalia sold 48 clips, then half as many. Total?",
+            "answer": "48 / 2 = 24\n48 + 24 = 72\n#### 72",
+        },
         {"question": "A big sum?", "answer": "#### 1,500"},
     ],
     "BytedTsinghua-SIA/DAPO-Math-17k": [
@@ -258,9 +261,9 @@ def test_sft_records_from_a_local_file(tmp_path):
     records = load_sft_records(str(path))
     assert records[0] == SFTRecord(build_prompt("3 + 4?"), rows[0]["response"], "7")
     assert records[1].answer is None
-    with pytest.raises(ValueError, match=r"cold.jsonl, line 1: no field 'my_prompt'"):
+    with pytest.raises(ValueError, match=r"cold.jsonl:1: no field 'my_prompt'"):
         load_sft_records(str(path), prompt_field="my_prompt")
-    with pytest.raises(ValueError, match=r"line 1: no field 'text'"):
+    with pytest.raises(ValueError, match=r"cold.jsonl:1: no field 'text'"):
         load_sft_records(str(path), response_field="text")
 
 

@@ -297,7 +297,7 @@ def test_generate_command_writes_jsonl_and_shows_paths(tiny_model, tiny_tokenize
     tiny_tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "rollouts.jsonl"
     argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "3 + 4 =", "--prompt", "5 + 6 =", "--n", "2"]
-    assert main([*argv, "--max-tokens", "24", "--num-paths", "3", "--jsonl", str(out)]) == 0
+    assert main([*argv, "--max-response-tokens", "24", "--num-paths", "3", "--jsonl", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt_index"], r["sample_index"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert records[2]["prompt"] == "5 + 6 ="
@@ -305,7 +305,7 @@ def test_generate_command_writes_jsonl_and_shows_paths(tiny_model, tiny_tokenize
         assert len(r["response_ids"]) == len(r["sampled_mask"]) == len(r["logprobs"]) <= 24
     assert "prompt 1 sample 1" in capsys.readouterr().out
     # --open-block: the untrained model's responses each begin with a forked block of three paths
-    assert main([*argv, "--max-tokens", "40", "--num-paths", "3", "--open-block", "--jsonl", str(out)]) == 0
+    assert main([*argv, "--max-response-tokens", "40", "--num-paths", "3", "--open-block", "--jsonl", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["response"].startswith("<Parallel><Path>") and r["paths_per_block"][0] == 3 for r in records)
     assert "block 1 path 3" in capsys.readouterr().out

@@ -63,7 +63,7 @@ def test_majority_vote_groups_equivalent_answers():
 def _record(pid, correct, pred, blocks=0, tokens=10, paths=(), answer="7"):
     return {
         "problem_id": pid,
-        "answer": answer,
+        "gold": answer,
         "pred": pred,
         "correct": correct,
         "well_formed": True,
@@ -184,7 +184,7 @@ def test_evaluate_benchmark_metrics_match_recomputation(seven_or_nine, tiny_toke
     by_problem = {}
     for r in records:
         by_problem.setdefault(r["problem_id"], []).append(r)
-        assert r["correct"] == is_correct(r["response"], r["answer"])
+        assert r["correct"] == is_correct(r["response"], r["gold"])
         assert r["num_blocks"] == parse(r["response"]).num_blocks
         assert r["pred"] == extract_answer(r["response"])
     correct = [[r["correct"] for r in g] for g in by_problem.values()]
@@ -197,7 +197,7 @@ def test_evaluate_benchmark_metrics_match_recomputation(seven_or_nine, tiny_toke
     maj = 0
     for group in by_problem.values():
         top = Counter(r["pred"] for r in group if r["pred"] is not None).most_common(1)
-        maj += bool(top) and top[0][0] == group[0]["answer"]
+        maj += bool(top) and top[0][0] == group[0]["gold"]
     assert result.maj_at_k == pytest.approx(maj / len(by_problem))
     assert result.parallel_ratio == pytest.approx(sum(r["num_blocks"] > 0 for r in records) / len(records))
     assert 0 < result.parallel_ratio < 1
@@ -212,9 +212,9 @@ def test_evaluate_benchmark_metrics_match_recomputation(seven_or_nine, tiny_toke
 
 
 def _params(cfg):
-    from parallel_r1.evaluate import sampling_params
+    from parallel_r1.rollout import sampling_params
 
-    return sampling_params(cfg)
+    return sampling_params(cfg, variant=cfg.variant, seed=cfg.seed)
 
 
 def test_run_eval_writes_results_and_samples_for_two_models(tmp_path, seven_or_nine, tiny_tokenizer):
@@ -292,5 +292,5 @@ def test_run_eval_on_real_benchmark_files(shared_data, tmp_path, tiny_model, tin
     ]
     samples = [json.loads(line) for line in (tmp_path / "r.samples.jsonl").read_text().splitlines()]
     gold = {json.loads(line)["answer"] for line in (shared_data / "aime25.jsonl").read_text().splitlines()[:2]}
-    assert {s["answer"] for s in samples if s["benchmark"] == "aime25"} == gold
+    assert {s["gold"] for s in samples if s["benchmark"] == "aime25"} == gold
     assert all(s["response_tokens"] <= 24 for s in samples)

@@ -9,7 +9,7 @@ from parallel_r1.config import parse_recipe
 from parallel_r1.metrics import read_jsonl
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.recipe import run_recipe
-from parallel_r1.sft import final_model
+from parallel_r1.trainer import final_model
 
 MODEL = "{name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}"
 
@@ -43,7 +43,8 @@ def test_stages_chain_and_finished_stages_are_skipped(tmp_path):
         assert torch.allclose(first[name], second[name], atol=1e-6), name
     init, _ = load_model_and_tokenizer("tiny", tiny_kwargs=recipe.stages[0].model.tiny.__dict__)
     init_weights = init.state_dict()
-    assert not torch.allclose(init_weights["model.layers.0.mlp.up_proj.weight"], second["model.layers.0.mlp.up_proj.weight"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(init_weights[name], second[name])
     assert (tmp_path / "recipe.yaml").is_file()
 
     metrics = (tmp_path / "01-second" / "metrics.jsonl").read_text()
@@ -90,7 +91,7 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     assert len(rows[0]["data_indices"]) == 2 and not set(rows[0]["data_indices"]) & set(rows[1]["data_indices"])
     rollouts = read_jsonl(stage / "rollouts.jsonl")
     assert len(rollouts) == 2 * 2 * 3  # steps x prompts x n (the --set override)
-    assert {"response", "reward", "answer", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
+    assert {"response", "reward", "pred", "gold", "question", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
     # the untrained model answers nothing right: every reward is the recipe's wrong_value
     assert {(r["correct"], r["reward"]) for r in rollouts} == {(False, -0.5)}
     # `parallel-r1 analyze` and `view` read the stage folder as it is

@@ -44,18 +44,22 @@ def test_parallel_bonus(correct, num_blocks, well_formed, expected):
 
 
 # (response, gold, parallel active) -> (reward, correct, well_formed, num_blocks)
+# While the parallel reward is on, a response failing the strict format check scores -1 even when its
+# answer is right (the reference's format gate, `format_error_value`).
 CASES = [
     (WELL_FORMED, "7", True, 1.2, True, True, 1),
     (WELL_FORMED, "7", False, 1.0, True, True, 1),
     (TWO_BLOCKS, "7", True, 1.2, True, True, 2),
-    (ONE_PATH, "7", True, 1.0, True, False, 1),
+    (ONE_PATH, "7", True, -1.0, True, False, 1),
     (ONE_PATH, "7", False, 1.0, True, False, 1),
-    (NO_SUMMARY, "7", True, 1.0, True, False, 1),
-    (UNCLOSED, "7", True, 1.0, True, False, 0),
-    (GOOD_BLOCK_THEN_BROKEN, "7", True, 1.0, True, False, 2),
+    (NO_SUMMARY, "7", True, -1.0, True, False, 1),
+    (NO_SUMMARY, "7", False, 1.0, True, False, 1),
+    (UNCLOSED, "7", True, -1.0, True, False, 0),
+    (GOOD_BLOCK_THEN_BROKEN, "7", True, -1.0, True, False, 2),
     (PLAIN, "7", True, 1.0, True, True, 0),
     (PLAIN, "7", False, 1.0, True, True, 0),
-    (STRAY_TAG, "7", True, 1.0, True, False, 0),
+    (STRAY_TAG, "7", True, -1.0, True, False, 0),
+    (STRAY_TAG, "7", False, 1.0, True, False, 0),
     (WELL_FORMED, "8", True, -1.0, False, True, 1),
     (WELL_FORMED, "8", False, -1.0, False, True, 1),
     (ONE_PATH, "8", True, -1.0, False, False, 1),
@@ -74,7 +78,9 @@ def test_score_response(response, gold, active, reward, correct, well_formed, nu
     assert b.num_blocks == num_blocks
     assert b.parallel_active is active
     assert b.accuracy == (1.0 if correct else -1.0)
-    assert b.reward == pytest.approx(b.accuracy + b.parallel_bonus)
+    assert b.reward == pytest.approx(b.accuracy + b.parallel_bonus + b.format_penalty)
+    assert b.format_penalty <= 0.0
+    assert (b.format_penalty < 0) == (active and not well_formed and correct)
 
 
 def test_score_response_reports_the_answer():
@@ -87,8 +93,39 @@ def test_reward_values_are_settings():
     assert score_response(WELL_FORMED, "7", True, **values).reward == 3.0
     assert score_response(WELL_FORMED, "7", True, **values).parallel_bonus == 1.0
     assert score_response(WELL_FORMED, "7", False, **values).reward == 2.0
-    assert score_response(ONE_PATH, "7", True, **values).reward == 2.0
+    assert score_response(ONE_PATH, "7", True, **values).reward == -1.0
+    assert score_response(ONE_PATH, "7", False, **values).reward == 2.0
     assert score_response(WELL_FORMED, "8", True, **values).reward == -0.5
+
+
+@pytest.mark.parametrize("response", [ONE_PATH, NO_SUMMARY, UNCLOSED, GOOD_BLOCK_THEN_BROKEN, STRAY_TAG])
+def test_format_error_value_is_a_setting(response):
+    # the default reproduces the reference: -1 while the parallel reward is on, correct answer or not
+    assert score_response(response, "7", True).reward == -1.0
+    assert score_response(response, "8", True).reward == -1.0
+    # a milder penalty caps the reward; a wrong answer keeps its own, lower value
+    assert score_response(response, "7", True, format_error_value=0.0).reward == 0.0
+    assert score_response(response, "7", True, format_error_value=0.0).format_penalty == -1.0
+    assert score_response(response, "8", True, format_error_value=0.0).reward == -1.0
+    assert score_response(response, "8", True, format_error_value=0.0).format_penalty == 0.0
+    # None: no penalty, the bonus is only withheld
+    off = score_response(response, "7", True, format_error_value=None)
+    assert (off.reward, off.format_penalty, off.parallel_bonus) == (1.0, 0.0, 0.0)
+    # steps without the parallel reward never penalise the format
+    assert score_response(response, "7", False).reward == 1.0
+
+
+def test_format_error_value_reaches_score_batch():
+    schedule = RewardSchedule("parallel")
+    assert score_batch([ONE_PATH], ["7"], 0, schedule)[0].reward == -1.0
+    assert score_batch([ONE_PATH], ["7"], 0, schedule, format_error_value=None)[0].reward == 1.0
+    assert score_batch([ONE_PATH], ["7"], 0, schedule, format_error_value=-0.5)[0].reward == -0.5
+
+
+def test_hedged_answers_score_as_wrong():
+    for answer in ("7 or 8", "8 or 7", "7, 8", "\\boxed{7} \\boxed{8}", "either 7 or 8"):
+        b = score_response(f"3 + 4 = 7.\nFinal Answer: {answer}", "7", parallel_active=False)
+        assert (b.correct, b.reward) == (False, -1.0), answer
 
 
 def _active_steps(schedule: RewardSchedule, n: int) -> list[int]:
@@ -153,7 +190,7 @@ def test_score_batch_follows_the_schedule():
     golds = ["7", "7", "7", "8"]
     on = score_batch(responses, golds, step=9, schedule=schedule)
     off = score_batch(responses, golds, step=10, schedule=schedule)
-    assert [b.reward for b in on] == pytest.approx([1.2, 1.0, 1.0, -1.0])
+    assert [b.reward for b in on] == pytest.approx([1.2, -1.0, 1.0, -1.0])
     assert [b.reward for b in off] == pytest.approx([1.0, 1.0, 1.0, -1.0])
     assert all(b.parallel_active for b in on) and not any(b.parallel_active for b in off)
     assert all(isinstance(b, RewardBreakdown) for b in on)

@@ -8,7 +8,9 @@ from parallel_r1.sft import Example, SFTTrainer, collate, encode_record, epoch_b
 
 
 def test_encode_record_tokenizes_prompt_then_canonical_response_and_eos(tiny_tokenizer):
-    response = "3 + 4 = 7\n<Parallel>\n<Path>3 + 4 = 7</Path>\n<Path>4 + 3 = 7</Path>\n</Parallel>\n<Summary>7</Summary>"
+    response = (
+        "3 + 4 = 7\n<Parallel>\n<Path>3 + 4 = 7</Path>\n<Path>4 + 3 = 7</Path>\n</Parallel>\n<Summary>7</Summary>"
+    )
     example = encode_record(tiny_tokenizer, "Question: Tom has 3 apples.\n", response, max_length=512)
     prompt_ids = tiny_tokenizer("Question: Tom has 3 apples.\n")["input_ids"]
     response_ids = tiny_tokenizer(canonicalize(response), add_special_tokens=False)["input_ids"]
@@ -29,7 +31,12 @@ def test_collate_left_pads_and_masks_only_response_tokens():
 def _batch(tiny_tokenizer):
     examples = [
         encode_record(tiny_tokenizer, "Question: Tom has 3 apples.\n", "3 + 4 = 7\nFinal Answer: 7", 256),
-        encode_record(tiny_tokenizer, "Amy reads 12 pages.\n", "<Parallel><Path>12</Path><Path>12</Path></Parallel><Summary>12</Summary>", 256),
+        encode_record(
+            tiny_tokenizer,
+            "Amy reads 12 pages.\n",
+            "<Parallel><Path>12</Path><Path>12</Path></Parallel><Summary>12</Summary>",
+            256,
+        ),
     ]
     return examples, collate(examples, tiny_tokenizer.pad_token_id)
 

@@ -152,3 +152,61 @@ def test_filters_in_a_real_browser(tmp_path):
     assert len(visible("#group=step%201")) == 2
     dom = _dump_dom(page.as_uri(), tmp_path / "profile")
     assert dom.count('<div class="path">') == 3 + 3  # two block responses with three path columns each
+
+
+GRPO_STAGE = """
+name: view
+logging: {progress: false}
+stages:
+  - name: rl_easy
+    kind: grpo
+    variant: unseen
+    model: {name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}
+    data: {source: task, task_size: 8, prompt: question}
+    max_steps: 2
+    grpo:
+      prompts_per_step: 2
+      n: 2
+      mini_batch_size: 2
+      rollout: {max_response_tokens: 16, max_path_tokens: 6}
+"""
+
+
+def test_view_of_a_real_grpo_stage_shows_prediction_gold_and_question(tmp_path):
+    """`parallel-r1 view runs/<run>/NN-<grpo stage>`: the model's answer as pred, the problem's as gold."""
+    from html import escape
+
+    from parallel_r1.answers import extract_answer
+    from parallel_r1.cli import main
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.grpo import load_stage_problems
+    from parallel_r1.metrics import read_jsonl
+    from parallel_r1.recipe import run_recipe
+
+    recipe = parse_recipe(GRPO_STAGE)
+    run_recipe(recipe, tmp_path / "run")
+    stage = tmp_path / "run" / "00-rl_easy"
+    page = tmp_path / "page.html"
+    assert main(["view", str(stage), "--out", str(page)]) == 0
+
+    records = read_jsonl(stage / "rollouts.jsonl")
+    cards = page.read_text().split('<article class="sample"')[1:]
+    assert len(cards) == len(records) == 2 * 2 * 2  # steps x prompts x n
+    problems = {p.id: p for p in load_stage_problems(recipe.stages[0], recipe.seed)}
+    for card, record in zip(cards, records):
+        problem = problems[record["problem_id"]]
+        assert (record["gold"], record["question"]) == (problem.answer, problem.question)
+        assert record["pred"] == extract_answer(record["response"])
+        assert f"pred <b>{escape(str(record['pred']))}</b>" in card
+        assert f"gold <b>{escape(problem.answer)}</b>" in card
+        assert escape(problem.question) in card
+
+
+def test_records_in_older_names_are_shown_the_same(tmp_path):
+    """GRPO logs once held the gold in "gold" and the prediction in "answer"; eval samples the other way."""
+    old_grpo = {"step": 1, "response": BLOCK, "gold": "7", "answer": "8", "correct": False}
+    old_eval = {"model": "m", "response": BLOCK, "answer": "7", "pred": "8", "correct": False}
+    for record in (old_grpo, old_eval):
+        (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
+        page = write_viewer([tmp_path / "r.jsonl"], tmp_path / "page.html").read_text()
+        assert "pred <b>8</b>" in page and "gold <b>7</b>" in page

@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from parallel_r1.engine import SamplingParams
 from parallel_r1.format import TagIds
+from parallel_r1.rollout import SamplingParams
 from parallel_r1.vllm_backend import Completion, Request, VLLMEngine
 
 
@@ -118,11 +118,11 @@ needs_vllm = pytest.mark.skipif(
 @pytest.mark.gpu
 @needs_vllm
 def test_vllm_generates_parsable_blocks(tiny_model, tiny_tokenizer, tmp_path):
-    from parallel_r1.engine import ParallelEngine
+    from parallel_r1.engine import make_engine
 
     tiny_model.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
-    engine = ParallelEngine(str(tmp_path), tiny_tokenizer, backend="vllm")
+    engine = make_engine("vllm", str(tmp_path), tiny_tokenizer)
     params = SamplingParams(seed=0, max_response_tokens=96, max_path_tokens=16, num_paths=3)
     rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads"], n=4, params=params)
     assert len(rollouts) == 8
@@ -132,3 +132,27 @@ def test_vllm_generates_parsable_blocks(tiny_model, tiny_tokenizer, tmp_path):
             if block.closed:
                 assert len(block.paths) == 3
                 assert all(p.token_span.end - p.token_span.start <= 16 for p in block.paths)
+
+
+def test_load_weights_reaches_the_engines_model_and_drops_the_prefix_cache(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    loaded, resets = [], []
+    model = SimpleNamespace(load_weights=lambda named: loaded.extend(named))
+    worker = SimpleNamespace(worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+    llm = SimpleNamespace(
+        llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker)),
+        reset_prefix_cache=lambda: resets.append(True),
+    )
+    engine = VLLMEngine(llm, tiny_tokenizer)
+    weight = torch.ones(2)
+    engine.load_weights({"lm_head.weight": weight}.items())
+    assert loaded == [("lm_head.weight", weight)] and resets == [True]
+
+
+def test_make_engine_knows_two_backends(tiny_model, tiny_tokenizer):
+    from parallel_r1.engine import ParallelEngine, make_engine
+
+    assert isinstance(make_engine("hf", tiny_model, tiny_tokenizer, max_batch_size=4), ParallelEngine)
+    with pytest.raises(ValueError, match="backend must be one of hf, vllm"):
+        make_engine("tpu", tiny_model, tiny_tokenizer)

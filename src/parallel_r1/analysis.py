@@ -16,7 +16,6 @@ from the GRPO trainer's rollout logs (one JSON object a line with "step" and "re
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,8 +23,8 @@ from pathlib import Path
 
 from parallel_r1.answers import extract_answer, verify
 from parallel_r1.format import parse
-
-logger = logging.getLogger(__name__)
+from parallel_r1.metrics import atomic_write_text, iter_jsonl
+from parallel_r1.rollout import upgrade_record
 
 POSITION_BINS = 10
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -38,10 +37,11 @@ _ANSWER_MARKER = re.compile(r"final\s+answer\s*:|\\boxed\s*\{|the\s+answer\s+is"
 
 
 def read_rollouts(paths: Iterable[str | Path]) -> list[dict]:
-    """Records with a "response" from JSONL files, run directories (every *.jsonl below them whose records
-    have a "response") and `eval` result JSON files (their samples file). Each record gets "_source", the
-    file it came from. A line cut short at the very end of a file (a run killed mid-write) is skipped;
-    any other bad line is an error naming file and line."""
+    """Rollout records (`rollout.RolloutRecord`) from JSONL files, run directories (every *.jsonl below them
+    whose records have a "response") and `eval` result JSON files (their samples file). Each record gets
+    "_source", the file it came from; records of older files get today's names (`rollout.upgrade_record`).
+    A line cut short at the very end of a file (a run killed mid-write) is skipped; any other bad line is
+    an error naming file and line."""
     records: list[dict] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -55,7 +55,7 @@ def read_rollouts(paths: Iterable[str | Path]) -> list[dict]:
         else:
             raise FileNotFoundError(f"{path}: no such file or directory")
         for f in files:
-            records.extend(_read_jsonl(f))
+            records.extend(_read_records(f))
     return records
 
 
@@ -80,23 +80,12 @@ def _is_rollout_file(path: Path) -> bool:
     return False
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+def _read_records(path: Path) -> list[dict]:
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                logger.warning("%s:%d: skipping a line cut short (%s)", path, n, e)
-                continue
-            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+    for n, record in iter_jsonl(path, allow_cut_last_line=True):
         if not isinstance(record, dict) or not isinstance(record.get("response"), str):
             raise ValueError(f"{path}:{n}: a record needs a string field 'response'")
-        record["_source"] = str(path)
-        records.append(record)
+        records.append({**upgrade_record(record), "_source": str(path)})
     return records
 
 
@@ -322,6 +311,6 @@ def run_analysis(inputs: Sequence[str | Path], out_dir: str | Path) -> list[Grou
     out_dir.mkdir(parents=True, exist_ok=True)
     by_step = any(r.get("step") is not None for r in records)
     payload = {"grouped_by": "step" if by_step else "checkpoint", "groups": [asdict(s) for s in summaries]}
-    (out_dir / "summary.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "summary.json", json.dumps(payload, indent=2) + "\n")
     plot_summaries(summaries, out_dir / "strategy.png", "training step" if by_step else "checkpoint")
     return summaries

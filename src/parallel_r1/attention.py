@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 from parallel_r1.format import TagIds
 
@@ -161,8 +162,6 @@ def build_block_mask(
     The BlockMask stores 128 x 128 tiles, skipping fully masked ones, so memory grows with the number
     of tiles rather than with T * T.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     _check_variant(variant)
     real = _real_mask(input_ids, attention_mask)
     block_id, path_id, _, _ = _structure(input_ids, tags, real)

@@ -1,12 +1,13 @@
-"""Cold-start data: ask a teacher model (any OpenAI-compatible /v1/chat/completions endpoint) to solve
-easy problems in the parallel-thinking format, and keep only what passes the strict format check and
-the answer check (SPEC section 4).
+"""Cold-start data: ask a teacher model (any OpenAI-compatible chat-completions server) to solve easy
+problems in the parallel-thinking format, and keep only what passes the strict format check and the answer
+check (docs/evaluation.md, `parallel-r1 data generate`).
 
-A bounded pool of threads sends the requests; timeouts, connection errors, 429 and 5xx replies are
-retried with exponential backoff. The main thread checks each reply and appends one JSON line per kept
-output with a single O_APPEND write, so a run that is killed loses at most the replies in flight. A rerun
-skips every id already in the output file or in its ``.rejected.jsonl`` side file (delete that file to
-give rejected problems another try); problems whose request failed are tried again.
+The requests go through the `openai` client (`pip install parallel-r1[teacher]`), which handles timeouts,
+retries with backoff (timeouts, connection errors, 429 and 5xx) and the API key header. A bounded pool of
+threads sends them. The main thread checks each reply and appends one JSON line per kept output with a
+single O_APPEND write, so a run that is killed loses at most the replies in flight. A rerun skips every
+id already in the output file or in its ``.rejected.jsonl`` side file (delete that file to give rejected
+problems another try); problems whose request failed are tried again.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.progress import Progress
+
 from parallel_r1.answers import extract_answer, verify
+from parallel_r1.data import build_prompt, load_problems
 from parallel_r1.format import parse
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ class TeacherConfig:
     temperature: float = 0.7
     max_tokens: int = 4096
     timeout_s: float = 60.0
-    retries: int = 3  # extra attempts after the first, on timeouts, connection errors, 429 and 5xx
-    backoff_s: float = 1.0  # wait before retry i (0-based): backoff_s * 2**i
+    retries: int = 3  # extra attempts after the first (the client's backoff), on timeouts, connection errors, 429, 5xx
     concurrency: int = 8
     require_block: bool = True  # an output without any <Parallel> block teaches nothing about the format
 
@@ -68,63 +68,50 @@ class YieldReport:
 
 
 class TeacherError(RuntimeError):
-    """A request that failed; `transient` ones are worth retrying."""
-
-    def __init__(self, message: str, transient: bool):
-        super().__init__(message)
-        self.transient = transient
+    """A request that failed after the client's retries."""
 
 
-def chat_url(url: str) -> str:
-    url = url.rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url
-    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+def api_base(url: str) -> str:
+    """The client's base URL (ending in /v1) for a server URL, a .../v1 URL or a full chat-completions URL."""
+    url = url.rstrip("/").removesuffix("/chat/completions")
+    return url if url.endswith("/v1") else url + "/v1"
 
 
-def _post(cfg: TeacherConfig, prompt: str) -> str:
-    body = {
-        "model": cfg.model,
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": cfg.temperature,
-        "max_tokens": cfg.max_tokens,
-    }
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(API_KEY_ENV):
-        headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
-    request = urllib.request.Request(chat_url(cfg.url), json.dumps(body).encode(), headers, method="POST")
+def teacher_client(cfg: TeacherConfig):
+    """An `openai.OpenAI` client for the teacher's server; the key comes from $PARALLEL_R1_TEACHER_API_KEY
+    (local servers usually need none)."""
     try:
-        with urllib.request.urlopen(request, timeout=cfg.timeout_s) as reply:
-            payload = json.loads(reply.read())
-    except urllib.error.HTTPError as e:
-        transient = e.code == 429 or e.code >= 500
-        raise TeacherError(f"HTTP {e.code} from {request.full_url}", transient) from e
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        raise TeacherError(f"{request.full_url}: {getattr(e, 'reason', e)}", transient=True) from e
-    except json.JSONDecodeError as e:
-        raise TeacherError(f"{request.full_url}: the reply is not JSON: {e}", transient=True) from e
+        import openai
+    except ImportError as e:
+        raise ImportError("the teacher client needs the openai package: pip install 'parallel-r1[teacher]'") from e
+    return openai.OpenAI(
+        base_url=api_base(cfg.url),
+        api_key=os.environ.get(API_KEY_ENV) or "none",
+        timeout=cfg.timeout_s,
+        max_retries=cfg.retries,
+    )
+
+
+def ask_teacher(client, cfg: TeacherConfig, prompt: str) -> str:
+    """The teacher's reply to `prompt` (the client retries transient failures up to cfg.retries times)."""
+    import openai
+
+    where = api_base(cfg.url)
     try:
-        content = payload["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError) as e:
-        raise TeacherError(f"{request.full_url}: no choices[0].message.content in the reply", False) from e
+        reply = client.chat.completions.create(
+            model=cfg.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+        )
+    except openai.APIStatusError as e:
+        raise TeacherError(f"HTTP {e.status_code} from {where}") from e
+    except openai.APIConnectionError as e:  # timeouts included
+        raise TeacherError(f"{where}: {e}") from e
+    content = reply.choices[0].message.content if reply.choices else None
     if not isinstance(content, str):
-        raise TeacherError(f"{request.full_url}: choices[0].message.content is not a string", False)
+        raise TeacherError(f"{where}: the reply has no choices[0].message.content text")
     return content
-
-
-def ask_teacher(cfg: TeacherConfig, prompt: str) -> str:
-    """The teacher's reply to `prompt`, after up to cfg.retries retries of transient failures."""
-    attempt = 0
-    while True:
-        try:
-            return _post(cfg, prompt)
-        except TeacherError as e:
-            if not e.transient or attempt >= cfg.retries:
-                raise
-            wait = cfg.backoff_s * 2**attempt
-            attempt += 1
-            logger.debug("%s; retry %d/%d in %.2f s", e, attempt, cfg.retries, wait)
-            time.sleep(wait)
 
 
 def rejection_reason(response: str, gold: str, require_block: bool = True) -> str | None:
@@ -184,11 +171,8 @@ def _append(path: Path, record: dict) -> None:
 
 
 def generate(problems: Sequence, cfg: TeacherConfig, out: str | Path) -> YieldReport:
-    """Ask the teacher about every problem not done yet, append kept outputs to `out`, report the yield."""
-    from rich.progress import Progress
-
-    from parallel_r1.data import build_prompt
-
+    """Ask the teacher about every problem not done yet, append kept outputs to `out`, report the yield.
+    Raises TeacherError when every request failed (a server that is down or a wrong URL)."""
     out, rejects = Path(out), rejected_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in (out, rejects):
@@ -196,9 +180,14 @@ def generate(problems: Sequence, cfg: TeacherConfig, out: str | Path) -> YieldRe
     done = done_ids(out) | done_ids(rejects)
     todo = [p for p in problems if p.id not in done]
     report = YieldReport(skipped=len(problems) - len(todo))
-    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool, Progress(transient=True) as progress:
+    failure = None
+    with (
+        teacher_client(cfg) as client,
+        ThreadPoolExecutor(max_workers=cfg.concurrency) as pool,
+        Progress(transient=True) as progress,
+    ):
         task = progress.add_task("teacher", total=len(todo))
-        futures = {pool.submit(ask_teacher, cfg, build_prompt(p.question)): p for p in todo}
+        futures = {pool.submit(ask_teacher, client, cfg, build_prompt(p.question)): p for p in todo}
         try:
             for future in as_completed(futures):
                 problem = futures[future]
@@ -209,6 +198,7 @@ def generate(problems: Sequence, cfg: TeacherConfig, out: str | Path) -> YieldRe
                 except TeacherError as e:
                     logger.warning("problem %s: %s", problem.id, e)
                     report.rejected["request_failed"] += 1
+                    failure = e
                     continue
                 reason = rejection_reason(response, problem.answer, cfg.require_block)
                 if reason is not None:
@@ -229,6 +219,8 @@ def generate(problems: Sequence, cfg: TeacherConfig, out: str | Path) -> YieldRe
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    if report.tried and report.rejected["request_failed"] == report.tried:
+        raise TeacherError(f"every request to the teacher failed, the last one with: {failure}")
     return report
 
 
@@ -236,6 +228,4 @@ def run_generate(
     cfg: TeacherConfig, dataset: str, out: str | Path, limit: int | None = None, split: str | None = None
 ) -> YieldReport:
     """`generate` over `data.load_problems(dataset, split, limit)`."""
-    from parallel_r1.data import load_problems
-
     return generate(load_problems(dataset, split=split, limit=limit), cfg, out)

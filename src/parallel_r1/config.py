@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
+from parallel_r1.rewards import RewardSchedule
+from parallel_r1.rollout import SamplingSettings
+
 Variant = Literal["seen", "unseen"]
 # The embedded default and its sequential baseline ship inside the package, so that `parallel-r1 run`
 # works from any install; configs/tiny.yaml and configs/tiny_sequential.yaml link to them.
@@ -79,6 +82,9 @@ class DataConfig:
     """Dataset split; empty for the dataset's training split."""
     limit: int | None = None
     """Use at most this many examples (the first ones); empty for all."""
+    task: Literal["arith", "search"] = "arith"
+    """For source "task": which built-in task ("arith": a chain of operations on one quantity;
+    "search": find the candidate that reaches a target, where independent tries pay off)."""
     task_size: int = 2000
     """For source "task": how many problems (or SFT records) to generate."""
     task_levels: list[int] | None = None
@@ -122,36 +128,24 @@ class SFTConfig:
 
 
 @dataclass
-class RolloutConfig:
-    """How the engine samples responses during GRPO (see `parallel_r1.engine.SamplingParams`)."""
+class RolloutConfig(SamplingSettings):
+    """How the engine samples responses during GRPO. The sampling keys (temperature, top_p, top_k,
+    max_response_tokens, max_path_tokens, max_blocks, num_paths) and their checks are those of
+    `parallel_r1.rollout.SamplingSettings`; the variant is the stage's."""
 
     backend: Literal["hf", "vllm"] = "hf"
     """"hf": the built-in engine (shares the trained model; sampling log-probs are exact, so they serve
     as the old log-probs). "vllm": the vLLM backend on GPU (old log-probs are recomputed)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 turns top-k off."""
-    max_response_tokens: int = 3000
-    """Cap on a whole response, paths included."""
-    max_path_tokens: int = 4096
-    """Cap on one path; a path cut short gets a closing tag that is not trained on."""
-    max_blocks: int = 4
-    """Parallel blocks allowed per response."""
-    num_paths: int = 2
-    """Paths forked at each <Parallel>."""
     max_batch_size: int = 64
     """Sequences the engine decodes at once (hf backend)."""
     vllm_gpu_memory_utilization: float = 0.3
     """vllm backend: share of the GPU memory vLLM may take (it runs next to the trained model)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        # The trainer scores tokens under softmax(logits / temperature): greedy decoding has no such policy.
         _require(self.temperature > 0, "temperature must be > 0")
-        _require(0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _require(self.top_k >= 0, "top_k must be >= 0")
-        for name in ("max_response_tokens", "max_path_tokens", "max_blocks", "num_paths", "max_batch_size"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        _require(self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)")
+        _require(self.max_batch_size >= 1, "max_batch_size must be >= 1")
         _require(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be in (0, 1)")
 
 
@@ -177,15 +171,24 @@ class RewardConfig:
     """Reward of a correct answer with a well-formed block while the parallel reward is on (the paper: 1.2)."""
     verify_timeout_s: float = 5.0
     """Seconds math-verify may spend on one answer before it counts as wrong."""
+    format_error_value: float | None = -1.0
+    """While the parallel reward is on, the most a response failing the strict format check can score,
+    even with a correct answer (the reference's format gate: -1). Empty (null): no penalty, the bonus is
+    only withheld."""
 
     def __post_init__(self) -> None:
         _require(self.correct_value > self.wrong_value, "correct_value must be > wrong_value")
         _require(self.parallel_value >= self.correct_value, "parallel_value must be >= correct_value")
         _require(self.verify_timeout_s > 0, "verify_timeout_s must be > 0")
-        _require(self.window >= 1, "window must be >= 1")
-        _require(0 <= self.parallel_steps <= self.window, "parallel_steps must be in [0, window]")
-        _require(self.switch_step >= 0, "switch_step must be >= 0")
-        _require(self.kind != "mid_training" or self.switch_step >= 1, "mid_training needs switch_step >= 1")
+        _require(
+            self.format_error_value is None or self.format_error_value < self.correct_value,
+            "format_error_value must be < correct_value (or empty: no format penalty)",
+        )
+        self.schedule()  # the schedule checks kind, window, parallel_steps and switch_step
+
+    def schedule(self) -> RewardSchedule:
+        """Which steps use the parallel reward."""
+        return RewardSchedule(self.kind, self.window, self.parallel_steps, self.switch_step)
 
 
 @dataclass
@@ -225,7 +228,8 @@ class GRPOConfig:
         _require(self.n >= 2, "n must be >= 2 (advantages are relative to the group)")
         _require(
             self.prompts_per_step % self.mini_batch_size == 0,
-            f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_size ({self.mini_batch_size})",
+            f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+            f"mini_batch_size ({self.mini_batch_size})",
         )
         _require(0 <= self.clip_low < 1, "clip_low must be in [0, 1)")
         _require(self.clip_high >= 0, "clip_high must be >= 0")
@@ -428,7 +432,7 @@ class _Builder:
             raise self.error(path, f"{_where(path)}: missing required key(s) {', '.join(missing)}")
         try:
             return cls(**kwargs)
-        except ConfigError as exc:
+        except ValueError as exc:  # ConfigError, or the checks of a class shared with the code (SamplingSettings)
             raise self.error(path, f"{_where(path)}: {exc}") from None
 
 

@@ -11,9 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+
+import datasets
+import pyarrow.parquet as pq
+
+from parallel_r1.metrics import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +134,20 @@ Problem: {question}
 """
 
 
+QUESTION_TEMPLATE = "Problem: {question}\n"
+
+# The templates by the names a recipe's `data.prompt` and `parallel-r1 eval --template` take.
+PROMPT_TEMPLATES = {"parallel": PROMPT_TEMPLATE, "sequential": SEQUENTIAL_TEMPLATE, "question": QUESTION_TEMPLATE}
+
+
+def prompt_template(name: str) -> str:
+    """The template named `name`: "parallel" (asks for blocks), "sequential" (does not) or "question" (the
+    question alone, a short prompt for tiny models trained from scratch)."""
+    if name not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
+    return PROMPT_TEMPLATES[name]
+
+
 def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     """The prompt for `question`: `template` with its ``{question}`` placeholder filled in."""
     if "{question}" not in template:
@@ -199,29 +219,20 @@ def _local_files(path: Path, split: str | None) -> list[Path]:
 def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location for error messages, row) for every row of one local file."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield f"{path}, row {i}", row
         return
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-        for i, row in enumerate(rows, start=1):
+    text = path.read_text(encoding="utf-8") if path.suffix == ".json" else ""
+    if text.lstrip().startswith("["):  # a .json file holding one array of rows
+        for i, row in enumerate(json.loads(text), start=1):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}, row {i}", row
         return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    for n, row in iter_jsonl(path):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-        yield f"{path}, line {n}", row
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield f"{path}:{n}", row
 
 
 def _local_rows(source: str, split: str | None) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -234,8 +245,6 @@ def _local_rows(source: str, split: str | None) -> Iterator[tuple[str, str, dict
 def _load_hub(
     name: str, split: str | None, limit: int | None, question_field: str | None, answer_field: str | None
 ) -> list[Problem]:
-    import datasets
-
     spec = BENCHMARKS[name]
     split = split or spec.split
     question_path, answer_path = question_field or spec.question, answer_field or spec.answer

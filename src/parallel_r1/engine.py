@@ -14,6 +14,9 @@ everything that rule lets a token see, and positions are explicit, so the logits
 
 The prefix's keys/values are shared by the paths with no copy and no recompute, the N paths of a block
 decode in one forward pass, and the summary attends to the paths' own cached keys/values.
+
+`make_engine(backend, ...)` is the one way to get an engine: this one ("hf") or the vLLM one
+(`vllm_backend.VLLMEngine`); the settings and the `Rollout` both return live in `rollout.py`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+from transformers import DynamicCache
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from parallel_r1.format import TagIds
-
-if TYPE_CHECKING:
-    from parallel_r1.format import ParsedResponse
+from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
+from parallel_r1.vllm_backend import VLLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -36,51 +43,6 @@ MAIN_STREAM = -1  # the stream id of the main thread / summary; paths are stream
 
 # Ban-table rows: which tags each decoding state may not sample.
 BAN_NONE, BAN_MAIN, BAN_MAIN_CAPPED, BAN_PATH, BAN_SUMMARY, BAN_PARALLEL = range(6)
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_response_tokens: int = 512  # all response tokens incl. every path's tokens and inserted tags
-    max_path_tokens: int = 128  # per path, its <Path> and </Path> included
-    max_blocks: int = 4  # blocks per response; at the cap, <Parallel> is banned
-    num_paths: int = 2  # N paths forked per block (Unseen)
-    variant: str = "unseen"  # "unseen" (structured) | "seen" (causal)
-    # Begin every response with an inserted (not sampled, not trained on) <Parallel>: a prefill that shows
-    # the format on a model that has not learned yet to open blocks by itself. Counts towards max_blocks.
-    open_block: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (self.max_response_tokens >= 1, "max_response_tokens must be >= 1"),
-            (self.max_path_tokens >= 3, "max_path_tokens must be >= 3 (<Path>, one token, </Path>)"),
-            (self.max_blocks >= 0, "max_blocks must be >= 0"),
-            (self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)"),
-            (self.variant in ("unseen", "seen"), f"variant must be 'unseen' or 'seen', got {self.variant!r}"),
-            (not self.open_block or self.max_blocks >= 1, "open_block needs max_blocks >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {message}")
-
-
-@dataclass
-class Rollout:
-    prompt_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    response_ids: list[int]  # canonical sequential layout (paths one after another)
-    text: str  # decoded response, tags kept
-    sampled_mask: list[bool]  # per response token: sampled by the model (True) or inserted (False)
-    logprobs: list[float]  # per response token: log p under softmax(logits / T), full vocab; 0.0 if inserted
-    finish_reason: str  # "stop" (EOS) | "length" (response cap)
-    structure: ParsedResponse  # format.parse_ids(response_ids, tokenizer), token spans filled
 
 
 @dataclass
@@ -259,8 +221,6 @@ def sample_tokens(
     Returns (tokens [M], logprobs [M]); the log-prob is under softmax(logits / T) of the full vocabulary,
     before banning, top-k and top-p (T = 1 for greedy decoding, temperature 0).
     """
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
     logits = logits.float()
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature
@@ -280,18 +240,10 @@ def sample_tokens(
 class ParallelEngine:
     """Generate rollouts in the parallel-thinking format (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 64, backend: str = "hf"):
-        if backend not in ("hf", "vllm"):
-            raise ValueError(f"ParallelEngine: backend must be 'hf' or 'vllm', got {backend!r}")
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
-        self.backend = backend
         self.tags = TagIds.from_tokenizer(tokenizer)
-        if backend == "vllm":
-            from parallel_r1.vllm_backend import VLLMEngine
-
-            self._vllm = VLLMEngine(model, tokenizer)
-            return
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None:
@@ -310,8 +262,6 @@ class ParallelEngine:
     def generate(self, prompts, n: int = 1, params: SamplingParams | None = None) -> list[Rollout]:
         """len(prompts) * n rollouts, grouped by prompt (prompt 0's n samples first)."""
         params = params or SamplingParams()
-        if self.backend == "vllm":
-            return self._vllm.generate(prompts, n=n, params=params)
         prompt_ids = self.encode_prompts(prompts)
         generator = None
         if params.temperature > 0:
@@ -334,8 +284,6 @@ class ParallelEngine:
 
     def _decode(self, rows: list[_Row], params: SamplingParams, generator: torch.Generator | None) -> None:
         """Run rows to completion, sharing one cache; finished rows leave the batch."""
-        from transformers import DynamicCache
-
         device, dtype = self.model.device, self.model.dtype
         vocab = self.model.get_output_embeddings().weight.shape[0]
         bans = ban_table(self.tags, vocab, device)
@@ -397,54 +345,31 @@ class ParallelEngine:
         )  # fmt: skip
 
 
-def make_rollout(
-    tokenizer, prompt_index: int, sample_index: int, prompt_ids: list[int], response_ids: list[int],
-    sampled_mask: list[bool], logprobs: list[float], finish_reason: str | None, ends_with_eos: bool,
-) -> Rollout:  # fmt: skip
-    """The `Rollout` of a finished sample (both backends): its text leaves a final EOS out, its structure
-    comes from the token ids (a tag is a tag by id, not by its spelling)."""
-    from parallel_r1.format import parse_ids
-
-    text_ids = response_ids[:-1] if ends_with_eos else response_ids
-    return Rollout(
-        prompt_index=prompt_index,
-        sample_index=sample_index,
-        prompt_ids=list(prompt_ids),
-        response_ids=response_ids,
-        text=tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-        sampled_mask=sampled_mask,
-        logprobs=logprobs,
-        finish_reason=finish_reason or "length",
-        structure=parse_ids(response_ids, tokenizer),
-    )
+BACKENDS = ("hf", "vllm")
 
 
-def rollout_record(rollout: Rollout, prompt: str | None = None) -> dict:
-    """A JSON-ready dict of one rollout (what `parallel-r1 generate --jsonl` writes; the viewer reads it)."""
-    structure = rollout.structure
-    return {
-        "prompt_index": rollout.prompt_index,
-        "sample_index": rollout.sample_index,
-        "prompt": prompt,
-        "response": rollout.text,
-        "finish_reason": rollout.finish_reason,
-        "num_blocks": structure.num_blocks,
-        "paths_per_block": structure.paths_per_block,
-        "well_formed": structure.well_formed,
-        "prompt_ids": rollout.prompt_ids,
-        "response_ids": rollout.response_ids,
-        "sampled_mask": rollout.sampled_mask,
-        "logprobs": rollout.logprobs,
-    }
+def make_engine(
+    backend: str, model, tokenizer=None, *, max_batch_size: int = 64, colocate: bool = False, **vllm_kwargs
+):
+    """The rollout engine of `backend`; both have `generate(prompts, n, params) -> list[Rollout]`.
+
+    "hf": `ParallelEngine` on an in-memory model (`max_batch_size` rows decoded together). "vllm":
+    `vllm_backend.VLLMEngine` on a model directory, Hub id or `vllm.LLM` (vLLM loads its own copy of the
+    weights; the tokenizer defaults to the model's own; `vllm_kwargs` go to `vllm.LLM`). `colocate`: a
+    vLLM engine in this process next to a model being trained (`VLLMEngine.colocated`; `load_weights`
+    then copies the trained weights into it).
+    """
+    if backend == "hf":
+        return ParallelEngine(model, tokenizer, max_batch_size=max_batch_size)
+    if backend == "vllm":
+        if colocate:
+            return VLLMEngine.colocated(model, tokenizer, **vllm_kwargs)
+        return VLLMEngine(model, tokenizer, **vllm_kwargs)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
 def render_rollout(rollout: Rollout):
     """A rich renderable of one rollout: main text, each block's paths side by side, then its summary."""
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
     structure = rollout.structure
     text = structure.text
     parts, cursor = [], 0

@@ -18,6 +18,16 @@ from dataclasses import asdict, dataclass, field
 from math import comb
 from pathlib import Path
 
+from rich.progress import Progress
+
+from parallel_r1.answers import verify
+from parallel_r1.data import PROMPT_TEMPLATE, build_prompt, load_problems
+from parallel_r1.engine import make_engine
+from parallel_r1.metrics import atomic_write_text
+from parallel_r1.models import load_model_and_tokenizer
+from parallel_r1.rewards import score_response
+from parallel_r1.rollout import SamplingSettings, rollout_record, sampling_params, upgrade_record
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "gsm8k")
@@ -67,8 +77,6 @@ def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool
     of the winning group, or None when no answer was extracted at all.
     """
     if same is None:
-        from parallel_r1.answers import verify
-
         same = verify
     groups: list[list[str]] = []
     for answer in answers:
@@ -91,16 +99,11 @@ def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingSettings):
+    """How to sample: the sampling knobs of `rollout.SamplingSettings`, and these."""
+
     k: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     seed: int = 0
-    max_response_tokens: int = 3000
-    max_path_tokens: int = 1024
-    max_blocks: int = 4
-    num_paths: int = 2
     variant: str = "unseen"
     max_batch_size: int = 64
     verify_timeout_s: float = 5.0
@@ -127,41 +130,26 @@ class BenchmarkResult:
 
 
 def sample_record(rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0) -> dict:
-    """Score one rollout; the record holds what the metrics, the viewer and the analysis need."""
-    from parallel_r1.rewards import score_response
-
+    """Score one rollout: its `rollout.RolloutRecord`, which holds what the metrics, the viewer and the
+    analysis need."""
     score = score_response(rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s)
-    path_tokens = [
-        p.token_span.end - p.token_span.start
-        for block in rollout.structure.blocks
-        for p in block.paths
-        if p.token_span is not None
-    ]
-    return {
-        "model": model_name,
-        "benchmark": benchmark,
-        "problem_id": problem.id,
-        "sample_index": rollout.sample_index,
-        "question": problem.question,
-        "response": rollout.text,
-        "answer": problem.answer,
-        "pred": score.answer,
-        "reward": score.reward,
-        "correct": bool(score.correct),
-        "well_formed": bool(score.well_formed),
-        "num_blocks": score.num_blocks,
-        "response_tokens": len(rollout.response_ids),
-        "path_tokens": path_tokens,
-        "finish_reason": rollout.finish_reason,
-    }
+    return rollout_record(
+        rollout,
+        question=problem.question,
+        gold=problem.answer,
+        score=score,
+        model=model_name,
+        benchmark=benchmark,
+        problem_id=problem.id,
+    )
 
 
 def summarize(
     records: Sequence[dict], k: int, model_name: str, benchmark: str, seconds: float, timeout_s: float = 5.0
 ) -> BenchmarkResult:
-    """Aggregate the per-sample records of one model on one benchmark (k records per problem)."""
-    from parallel_r1.answers import verify
-
+    """Aggregate the per-sample records (`rollout.RolloutRecord`) of one model on one benchmark (k records
+    per problem); records in the names of older files are read too (`rollout.upgrade_record`)."""
+    records = [upgrade_record(r) for r in records]
     by_problem: dict[str, list[dict]] = {}
     for r in records:
         by_problem.setdefault(str(r["problem_id"]), []).append(r)
@@ -181,7 +169,7 @@ def summarize(
     maj = 0
     for group in by_problem.values():
         winner = majority_vote([r["pred"] for r in group], same)
-        maj += winner is not None and verify(winner, group[0]["answer"], timeout_s)
+        maj += winner is not None and verify(winner, group[0]["gold"], timeout_s)
     n = max(1, len(records))
     paths = [t for r in records for t in r["path_tokens"]]
     total_tokens = sum(r["response_tokens"] for r in records)
@@ -204,36 +192,16 @@ def summarize(
     )
 
 
-def sampling_params(cfg: EvalConfig):
-    from parallel_r1.engine import SamplingParams
-
-    return SamplingParams(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        seed=cfg.seed,
-        max_response_tokens=cfg.max_response_tokens,
-        max_path_tokens=cfg.max_path_tokens,
-        max_blocks=cfg.max_blocks,
-        num_paths=cfg.num_paths,
-        variant=cfg.variant,
-    )
-
-
 def evaluate_benchmark(
     engine, problems: Sequence, cfg: EvalConfig, model_name: str, benchmark: str
 ) -> tuple[BenchmarkResult, list[dict]]:
-    """Sample cfg.k responses per problem with `engine` (a `ParallelEngine`), score and aggregate them.
+    """Sample cfg.k responses per problem with `engine` (`engine.make_engine`), score and aggregate them.
 
     Problems go to the engine in chunks of about max_batch_size rollouts, so the progress bar moves;
     each chunk gets its own seed (cfg.seed + chunk index) so that results do not depend on chunking luck.
     """
-    from rich.progress import Progress
-
-    from parallel_r1.data import PROMPT_TEMPLATE, build_prompt
-
     template = cfg.template or PROMPT_TEMPLATE
-    params = sampling_params(cfg)
+    params = sampling_params(cfg, variant=cfg.variant)
     per_call = max(1, cfg.max_batch_size // cfg.k)
     records: list[dict] = []
     seconds = 0.0
@@ -292,17 +260,13 @@ def run_eval(
     out: str | Path | None = None,
 ) -> list[BenchmarkResult]:
     """Evaluate each model on each benchmark; write `out` (JSON) and `out` with .samples.jsonl."""
-    from parallel_r1.data import load_problems
-    from parallel_r1.engine import ParallelEngine
-    from parallel_r1.models import load_model_and_tokenizer
-
     sources = [resolve_benchmark(b, data_dir) for b in benchmarks]
     problem_sets = {label: load_problems(source, limit=limit) for label, source in sources}
     results: list[BenchmarkResult] = []
     samples: list[dict] = []
     for model_name in models:
         model, tokenizer = load_model_and_tokenizer(model_name)
-        engine = ParallelEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
+        engine = make_engine("hf", model, tokenizer, max_batch_size=cfg.max_batch_size)
         for label, problems in problem_sets.items():
             result, records = evaluate_benchmark(engine, problems, cfg, model_name, label)
             results.append(result)
@@ -321,8 +285,12 @@ def samples_path(out: str | Path) -> Path:
 def write_results(out: str | Path, results: Sequence[BenchmarkResult], samples: Sequence[dict], cfg: EvalConfig):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from parallel_r1.answers import checker_info
+
     payload = {"config": asdict(cfg), "results": [asdict(r) for r in results], "samples": samples_path(out).name}
-    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    # Which answer checker produced the scores, so that results of different checkers are not compared unknowingly.
+    payload["checker"] = checker_info(cfg.verify_timeout_s)
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
     with samples_path(out).open("w", encoding="utf-8") as f:
         for record in samples:
             f.write(json.dumps(record) + "\n")

@@ -36,7 +36,7 @@ class TagIds:
     summary_close: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "TagIds":
+    def from_tokenizer(cls, tokenizer) -> TagIds:
         ids = []
         for tag in TAGS:
             encoded = tokenizer.encode(tag, add_special_tokens=False)
@@ -83,7 +83,7 @@ def add_parallel_tokens(tokenizer, model=None) -> TagIds:
 # Parsing, strict validation, rendering
 # --------------------------------------------------------------------------------------------------
 
-# What the strict check (SPEC section 4) can find wrong. Each error carries the character offset
+# What the strict check (docs/design.md, "The format") can find wrong. Each error carries the character offset
 # where the problem is: the offending tag or the first character of the offending text.
 ERROR_KINDS = (
     "stray_close",  # a closing tag with nothing open to close: </Path> in main text, </Summary> with no <Summary>
@@ -407,7 +407,7 @@ def parse(text: str, lenient: bool = False) -> ParsedResponse:
 
 
 def validate(text: str) -> list[FormatError]:
-    """The strict format check of SPEC section 4; an empty list means the response is well formed."""
+    """The strict format check (docs/design.md, "The format"); an empty list means the response is well formed."""
     return parse(text).errors
 
 

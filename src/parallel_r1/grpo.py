@@ -1,4 +1,4 @@
-"""GRPO with parallel-thinking rewards (SPEC section 5): sample groups, score, normalise, clip, update.
+"""GRPO with parallel-thinking rewards (docs/training.md): sample groups, score, normalise, clip, update.
 
 One training step:
 
@@ -32,20 +32,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from parallel_r1 import data, task
 from parallel_r1.attention import response_logprobs
-from parallel_r1.checkpoint import TrainerState, load_checkpoint
 from parallel_r1.config import GRPOConfig, StageConfig
+from parallel_r1.data import build_prompt, prompt_template
+from parallel_r1.engine import make_engine
 from parallel_r1.format import TagIds
-from parallel_r1.metrics import JsonlWriter
-from parallel_r1.sft import (
-    StageTrainer,
-    build_optimizer,
-    build_scheduler,
-    clip_gradients,
-    load_stage_model,
-    make_progress,
-    prompt_template,
-)
+from parallel_r1.models import PRESETS, save_model
+from parallel_r1.rewards import score_batch
+from parallel_r1.rollout import Rollout, rollout_record, sampling_params
+from parallel_r1.trainer import StageTrainer, clip_gradients, load_stage_model
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +88,9 @@ def token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: float
     """Token-level aggregation: sum of values over masked tokens / num_tokens (default: mask.sum()).
     Passing the whole mini-batch's token count lets micro-batches add up to the mini-batch mean."""
     total = (values_BT * mask_BT).sum()
-    denominator = mask_BT.sum() if num_tokens is None else values_BT.new_tensor(float(num_tokens))
-    return total / denominator.clamp(min=1.0)
+    if num_tokens is None:
+        return total / mask_BT.sum().clamp(min=1.0)
+    return total * (1.0 / max(float(num_tokens), 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,10 +107,10 @@ class RolloutBatch:
     old_logp_BT: torch.Tensor  # the engine's sampling log-probs on response tokens, 0 elsewhere
     adv_B: torch.Tensor
 
-    def to(self, device) -> "RolloutBatch":
+    def to(self, device) -> RolloutBatch:
         return RolloutBatch(*(t.to(device) for t in vars(self).values()))
 
-    def rows(self, index: list[int]) -> "RolloutBatch":
+    def rows(self, index: list[int]) -> RolloutBatch:
         idx = torch.tensor(index, dtype=torch.long)
         return RolloutBatch(*(t[idx.to(t.device)] for t in vars(self).values()))
 
@@ -178,8 +175,6 @@ def policy_update(
     model.train()
     rows = batch.input_ids_BT.shape[0]
     starts = list(range(0, rows, cfg.micro_batch_size))
-    # DDP averages gradients over processes; the token mean wants their sum.
-    scale = accelerator.num_processes / max(num_tokens, 1.0)
     sums = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
     for k, start in enumerate(starts):
         mb = batch.rows(list(range(start, min(start + cfg.micro_batch_size, rows))))
@@ -210,10 +205,11 @@ def policy_update(
                 kl_BT = kl_k3(logp_BT, ref_logp_BT)
                 per_token_BT = per_token_BT + cfg.kl_coef * kl_BT
                 sums["kl"] += (kl_BT.detach() * mb.loss_mask_BT).sum().item()
-            loss_sum = (per_token_BT * mb.loss_mask_BT).sum()
-            accelerator.backward(loss_sum * scale)
+            loss = token_mean(per_token_BT, mb.loss_mask_BT, num_tokens)
+            # DDP averages gradients over processes; the token mean wants their sum.
+            accelerator.backward(loss * accelerator.num_processes)
         mask = mb.loss_mask_BT
-        sums["loss"] += loss_sum.item()
+        sums["loss"] += (per_token_BT.detach() * mask).sum().item()
         sums["clipped"] += (clipped_BT.float() * mask).sum().item()
         sums["entropy"] += (entropy_BT.detach() * mask).sum().item()
         sums["tokens"] += mask.sum().item()
@@ -229,39 +225,22 @@ def policy_update(
 
 def load_stage_problems(stage: StageConfig, seed: int) -> list:
     """The stage's RL problems (`data.Problem`): the built-in task or `data.load_problems`."""
-    from parallel_r1 import data
-
     cfg = stage.data
     if cfg.source == "task":
-        from parallel_r1 import task
-
-        levels = tuple(cfg.task_levels or task.RL_EASY_LEVELS)
-        return task.make_problems(cfg.limit or cfg.task_size, levels, "train", seed)
+        levels = cfg.task_levels or task.task_module(cfg.task).RL_EASY_LEVELS
+        return task.make_problems(cfg.limit or cfg.task_size, levels, "train", seed, cfg.task)
     return data.load_problems(cfg.source, split=cfg.split, limit=cfg.limit)
-
-
-def path_lengths(rollout) -> list[int]:
-    """Token lengths of every path of a rollout (from the engine's parsed structure)."""
-    return [
-        p.token_span.end - p.token_span.start
-        for b in rollout.structure.blocks
-        for p in b.paths
-        if p.token_span is not None
-    ]
 
 
 class GRPOTrainer(StageTrainer):
     """Runs one GRPO stage into `output_dir`, resuming from its latest checkpoint if there is one."""
 
     kind = "grpo"
+    logs_rollouts = True
 
     def __init__(self, stage: StageConfig, output_dir: str | Path, **kwargs):
-        from parallel_r1.engine import ParallelEngine
-        from parallel_r1.rewards import RewardSchedule
-
         super().__init__(stage, output_dir, **kwargs)
         self.cfg, acc, seed = stage.grpo, self.accelerator, self.seed
-        self.total_steps = stage.max_steps
         self.ref_model = None
         self._vllm_stale = False
         if self.cfg.kl_coef > 0:
@@ -273,60 +252,35 @@ class GRPOTrainer(StageTrainer):
         if not self.problems:
             raise ValueError(f"stage {stage.name!r}: data source {stage.data.source!r} gave no problems")
         template = prompt_template(stage.data.prompt)
-        from parallel_r1.data import build_prompt
-
         self.prompts = [build_prompt(p.question, template) for p in self.problems]
-        r = self.cfg.reward
-        self.schedule = RewardSchedule(
-            r.kind, window=r.window, parallel_steps=r.parallel_steps, switch_step=r.switch_step
-        )
+        self.schedule = self.cfg.reward.schedule()
         mode = self.cfg.old_logprobs
         self.use_engine_logprobs = mode == "engine" or (mode == "auto" and self.cfg.rollout.backend == "hf")
 
-        self.optimizer = build_optimizer(self.model, stage)
-        self.scheduler = build_scheduler(self.optimizer, stage, self.total_steps)
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        if self.cfg.rollout.backend == "vllm":
-            self.engine = self._vllm_engine(self.resume_from or self.init_model)
-        else:
-            self.engine = ParallelEngine(
-                acc.unwrap_model(self.model), self.tokenizer, max_batch_size=self.cfg.rollout.max_batch_size
-            )
-        self.state = TrainerState(data_seed=seed)
-        if self.resume_from is not None:
-            self.state = load_checkpoint(
-                self.resume_from, accelerator=acc, optimizer=self.optimizer, scheduler=self.scheduler
-            )
-            log.info("resuming %s from %s (step %d)", stage.name, self.resume_from.name, self.state.step)
+        self.prepare(stage.max_steps)
+        self.engine = self._make_engine()
+        self.resume()
 
-    def _vllm_engine(self, source: str | Path):
-        """A vLLM engine on this process's GPU, next to the trained model; `push_weights` keeps it current."""
-        import os
-
-        from parallel_r1.models import PRESETS, save_model
-        from parallel_r1.vllm_backend import VLLMEngine
-
-        acc = self.accelerator
+    def _make_engine(self):
+        """The rollout engine. hf: on the trained model itself. vllm: an engine in this process, on this
+        process's GPU next to the trained model, loaded from the stage's starting folder; `train_step`
+        loads the trained weights into it before sampling."""
+        rollout, acc = self.cfg.rollout, self.accelerator
+        if rollout.backend == "hf":
+            model = acc.unwrap_model(self.model)
+            return make_engine("hf", model, self.tokenizer, max_batch_size=rollout.max_batch_size)
+        source = self.resume_from or self.init_model
         if str(source) in PRESETS:
             source = save_model(acc.unwrap_model(self.model), self.tokenizer, self.output_dir / "rollout_init")
-        # In-process engine: its model object is reachable, so weights can be loaded into it each step.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        extra = {"distributed_executor_backend": "external_launcher"} if acc.num_processes > 1 else {}
-        engine = VLLMEngine(
+        return make_engine(
+            "vllm",
             str(source),
             self.tokenizer,
-            gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization,
+            colocate=True,
+            num_processes=acc.num_processes,
+            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
             dtype=self.stage.model.dtype,
-            **extra,
         )
-        return engine
-
-    def push_weights(self) -> None:
-        """Copy the trained weights into the vLLM engine (colocated, in-process vLLM)."""
-        llm = self.engine.llm
-        worker_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        worker_model.load_weights(self.accelerator.get_state_dict(self.model).items())
-        llm.reset_prefix_cache()
 
     # Data order: epoch e visits the problems in a permutation drawn from (data_seed, e).
     def _order(self, epoch: int) -> list[int]:
@@ -346,79 +300,79 @@ class GRPOTrainer(StageTrainer):
         return chosen
 
     def sampling_params(self, step: int):
-        from parallel_r1.engine import SamplingParams
+        acc = self.accelerator
+        # A seed per (step, process): a resumed run samples exactly what the first one would have.
+        seed = (self.seed * 1_000_003 + step) * acc.num_processes + acc.process_index
+        return sampling_params(self.cfg.rollout, variant=self.stage.variant, seed=seed)
 
-        r, acc = self.cfg.rollout, self.accelerator
-        return SamplingParams(
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            # A seed per (step, process): a resumed run samples exactly what the first one would have.
-            seed=(self.seed * 1_000_003 + step) * acc.num_processes + acc.process_index,
-            max_response_tokens=r.max_response_tokens,
-            max_path_tokens=r.max_path_tokens,
-            max_blocks=r.max_blocks,
-            num_paths=r.num_paths,
-            variant=self.stage.variant,
-        )
+    def step(self) -> tuple[dict, list[dict]]:
+        return self.train_step(self.state.step, self._next_prompts())
+
+    def describe(self, metrics: dict) -> str:
+        return f"reward {metrics['reward']:.2f} acc {metrics['accuracy']:.2f} par {metrics['parallel_ratio']:.2f}"
 
     def train_step(self, step: int, problem_indices: list[int]) -> tuple[dict, list[dict]]:
         """Run training step `step` (0-based) on the given problems; return (metrics, rollout records)."""
-        from parallel_r1.rewards import score_batch
-
         acc, cfg = self.accelerator, self.cfg
         started = time.perf_counter()
-        # Each process samples and scores whole groups: prompts i, i + P, ... of the step.
+        # Sample: each process samples whole groups, prompts i, i + P, ... of the step.
         mine = problem_indices[acc.process_index :: acc.num_processes]
         if cfg.rollout.backend == "vllm" and self._vllm_stale:
-            self.push_weights()
-        local_slots = list(range(acc.process_index, len(problem_indices), acc.num_processes))
+            self.engine.load_weights(acc.get_state_dict(self.model).items())
         rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=self.sampling_params(step))
         sample_s = time.perf_counter() - started
+
+        # Score with the schedule's reward at this step.
         golds = [self.problems[mine[r.prompt_index]].answer for r in rollouts]
         reward = cfg.reward
         scores = score_batch(
             [x.text for x in rollouts], golds, step, self.schedule,
             correct_value=reward.correct_value, wrong_value=reward.wrong_value,
             parallel_value=reward.parallel_value, timeout_s=reward.verify_timeout_s,
+            format_error_value=reward.format_error_value,
         )  # fmt: skip
+
+        # Advantages relative to the group; groups whose rewards are all equal carry no signal.
         rewards_PG = torch.tensor([s.reward for s in scores], dtype=torch.float32).view(len(mine), cfg.n)
         adv_PG = group_advantages(rewards_PG, scale=cfg.advantage == "grpo")
         keep_P = informative_groups(rewards_PG) if cfg.filter_zero_variance else torch.ones(len(mine), dtype=torch.bool)
 
+        # Batch: training tensors and old log-probs. Dropped groups' rows stay, with their loss mask zeroed:
+        # they serve as stand-in rows for a process left without data.
         batch = collate_rollouts(rollouts, adv_PG.flatten().tolist(), self.tokenizer.pad_token_id)
         if not self.use_engine_logprobs:
-            batch.old_logp_BT = recompute_logprobs(
-                acc.unwrap_model(self.model),
-                batch.to(acc.device),
-                self.tags,
-                self.stage.variant,
-                cfg.rollout.temperature,
-                cfg.micro_batch_size,
-            ).cpu()
-        # Dropped groups still serve as stand-in rows (loss mask zeroed) for a process left without data.
-        drop_rows = (~keep_P).repeat_interleave(cfg.n)
-        batch.loss_mask_BT[drop_rows] = 0.0
+            model, variant = acc.unwrap_model(self.model), self.stage.variant
+            old_logp_BT = recompute_logprobs(
+                model, batch.to(acc.device), self.tags, variant, cfg.rollout.temperature, cfg.micro_batch_size
+            )
+            batch.old_logp_BT = old_logp_BT.cpu()
+        batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
 
+        # Update: `ppo_epochs` passes, one optimiser step per mini-batch of prompts.
+        sums, updates = self._update(batch, keep_P, len(problem_indices))
+        elapsed = time.perf_counter() - started
+
+        records = self._rollout_records(step, mine, rollouts, scores, adv_PG.flatten().tolist())
+        metrics = self._step_metrics(step, records, sums, updates, keep_P, rollouts, sample_s, elapsed)
+        return {**metrics, "data_indices": problem_indices}, records
+
+    def _update(self, batch: RolloutBatch, keep_P: torch.Tensor, num_prompts: int) -> tuple[dict[str, float], int]:
+        """`ppo_epochs` passes over the step's batch, one optimiser step per mini-batch of prompts; then the
+        schedule's step. Returns the summed `policy_update` statistics and the number of optimiser steps."""
+        acc, cfg = self.accelerator, self.cfg
         sums: dict[str, float] = {}
         updates = 0
-        num_mini = cfg.prompts_per_step // cfg.mini_batch_size
         for _ in range(cfg.ppo_epochs):
-            for m in range(num_mini):
-                lo, hi = m * cfg.mini_batch_size, (m + 1) * cfg.mini_batch_size
-                groups = [g for g, slot in enumerate(local_slots) if lo <= slot < hi]
-                rows = [g * cfg.n + j for g in groups if keep_P[g] for j in range(cfg.n)]
-                local_tokens = batch.loss_mask_BT[rows].sum().item() if rows else 0.0
-                num_tokens = acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item()
+            for m in range(cfg.prompts_per_step // cfg.mini_batch_size):
+                rows, num_tokens = self._minibatch_rows(m, num_prompts, batch, keep_P)
                 if num_tokens == 0:
                     continue
-                if not rows:
-                    rows = [groups[0] * cfg.n] if groups else [0]
+                minibatch = batch.rows(rows).to(acc.device)
                 out = policy_update(
                     acc,
                     self.model,
                     self.optimizer,
-                    batch.rows(rows).to(acc.device),
+                    minibatch,
                     cfg,
                     self.tags,
                     self.stage.variant,
@@ -434,32 +388,58 @@ class GRPOTrainer(StageTrainer):
             # Steps whose groups were all dropped make no optimiser step, yet the schedule still advances.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
-        elapsed = time.perf_counter() - started
+        return sums, updates
 
-        records = [
-            {
-                "step": step + 1,
-                "problem_index": mine[r.prompt_index],
-                "problem_id": self.problems[mine[r.prompt_index]].id,
-                "sample_index": r.sample_index,
-                "gold": golds[k],
-                "response": r.text,
-                "reward": s.reward,
-                "accuracy": s.accuracy,
-                "parallel_bonus": s.parallel_bonus,
-                "correct": s.correct,
-                "answer": s.answer,
-                "well_formed": s.well_formed,
-                "num_blocks": s.num_blocks,
-                "paths_per_block": r.structure.paths_per_block,
-                "response_tokens": len(r.response_ids),
-                "path_tokens": path_lengths(r),
-                "finish_reason": r.finish_reason,
-                "advantage": adv_PG.flatten()[k].item(),
-            }
-            for k, (r, s) in enumerate(zip(rollouts, scores))
-        ]
-        records = gather_object(records) if acc.num_processes > 1 else records
+    def _minibatch_rows(
+        self, m: int, num_prompts: int, batch: RolloutBatch, keep_P: torch.Tensor
+    ) -> tuple[list[int], float]:
+        """(this process's rows of mini-batch `m`, the mini-batch's trained-on tokens over all processes).
+
+        Mini-batch m is the step's prompts [m * mini_batch_size, (m + 1) * mini_batch_size); this process
+        holds prompts process_index, process_index + P, ... as its groups 0, 1, ... Every process joins the
+        token all-reduce, and the backward pass whenever some process has tokens: a process without kept
+        rows of its own runs one stand-in row whose loss mask is zero (a dropped group's row, or row 0).
+        """
+        acc, cfg = self.accelerator, self.cfg
+        local_slots = range(acc.process_index, num_prompts, acc.num_processes)
+        lo, hi = m * cfg.mini_batch_size, (m + 1) * cfg.mini_batch_size
+        groups = [g for g, slot in enumerate(local_slots) if lo <= slot < hi]
+        rows = [g * cfg.n + j for g in groups if keep_P[g] for j in range(cfg.n)]
+        local_tokens = batch.loss_mask_BT[rows].sum().item() if rows else 0.0
+        num_tokens = acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item()
+        if not rows:
+            rows = [groups[0] * cfg.n] if groups else [0]
+        return rows, num_tokens
+
+    def _rollout_records(
+        self, step: int, mine: list[int], rollouts: list[Rollout], scores: list, advantages: list[float]
+    ) -> list[dict]:
+        """The step's rollout records (`rollout.RolloutRecord`), every process's, in process order."""
+        records = []
+        for r, s, advantage in zip(rollouts, scores, advantages):
+            index = mine[r.prompt_index]
+            problem = self.problems[index]
+            context = {"step": step + 1, "problem_index": index, "problem_id": problem.id}
+            scored = {"accuracy": s.accuracy, "parallel_bonus": s.parallel_bonus, "advantage": advantage}
+            records.append(
+                rollout_record(r, question=problem.question, gold=problem.answer, score=s, **context, **scored)
+            )
+        return gather_object(records) if self.accelerator.num_processes > 1 else records
+
+    def _step_metrics(
+        self,
+        step: int,
+        records: list[dict],
+        sums: dict[str, float],
+        updates: int,
+        keep_P: torch.Tensor,
+        rollouts: list[Rollout],
+        sample_s: float,
+        elapsed: float,
+    ) -> dict:
+        """The step's metrics: rollout statistics over every process's records, loss statistics per
+        trained-on token over every process."""
+        acc = self.accelerator
         totals = torch.tensor(
             [sums.get(k, 0.0) for k in ("loss", "clipped", "entropy", "kl", "tokens")]
             + [float(keep_P.sum()), float(sum(len(r.response_ids) for r in rollouts))],
@@ -467,7 +447,10 @@ class GRPOTrainer(StageTrainer):
         )
         loss, clipped, entropy, kl, tokens, kept, generated = acc.reduce(totals, "sum").tolist()
         paths = [n for rec in records for n in rec["path_tokens"]]
-        mean = lambda key: sum(float(rec[key]) for rec in records) / len(records)  # noqa: E731
+
+        def mean(key: str) -> float:
+            return sum(float(rec[key]) for rec in records) / len(records)
+
         metrics = {
             "reward": mean("reward"),
             "reward_accuracy": mean("accuracy"),
@@ -488,41 +471,12 @@ class GRPOTrainer(StageTrainer):
             "grad_norm": sums.get("grad_norm", 0.0) / max(updates, 1),
             "lr": self.scheduler.get_last_lr()[0],
             "trained_tokens": tokens,
+            "generated_tokens": generated,
             "tokens_per_s": generated / elapsed,
             "sample_s": sample_s,
             "step_s": elapsed,
             "epoch": self.state.epoch,
-            "data_indices": problem_indices,
         }
         if self.ref_model is not None:
             metrics["kl"] = kl / max(tokens, 1.0)
-        return metrics, records
-
-    def train(self) -> Path:
-        """Train to `max_steps`, checkpointing on the way; returns the final model folder."""
-        acc, stage, lc = self.accelerator, self.stage, self.logging_config
-        main = acc.is_main_process
-        metrics = self.open_metrics()
-        rollout_log = JsonlWriter(self.output_dir / "rollouts.jsonl", self.state.step, enabled=main)
-        progress, task = make_progress(self.total_steps, self.state.step, f"grpo {stage.name}", main and lc.progress)
-        last_saved = self.state.step if self.resume_from is not None else -1
-        with progress:
-            while self.state.step < self.total_steps:
-                indices = self._next_prompts()
-                record, rollouts = self.train_step(self.state.step, indices)
-                self.state.step += 1
-                step = self.state.step
-                metrics.log(step, record)
-                for rollout in rollouts:
-                    rollout_log.write(rollout)
-                info = f"reward {record['reward']:.2f} acc {record['accuracy']:.2f} par {record['parallel_ratio']:.2f}"
-                progress.update(task, completed=step, info=info)
-                if step % stage.log_every == 0 and not lc.progress:
-                    log.info("grpo %s step %d/%d %s", stage.name, step, self.total_steps, info)
-                if stage.save_every and step % stage.save_every == 0:
-                    self.save()
-                    last_saved = step
-        final = self.finish(last_saved)
-        metrics.close()
-        rollout_log.close()
-        return final
+        return metrics

@@ -25,6 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from parallel_r1.format import add_parallel_tokens
+from parallel_r1.task import tokenizer_corpus
+from parallel_r1.tiny import build_model, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,6 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def build_tiny(tiny_kwargs: Mapping[str, Any] | None = None, corpus_size: int = 2000, seed: int = 0):
     """The tiny preset: a BPE tokenizer trained on the task's corpus and a fresh `tiny.build_model`."""
-    from parallel_r1.task import tokenizer_corpus
-    from parallel_r1.tiny import build_model, build_tokenizer
-
     tokenizer = build_tokenizer(tokenizer_corpus(corpus_size, seed=seed), vocab_size=TINY_VOCAB_SIZE)
     model = build_model(tokenizer, **{"seed": seed, **dict(tiny_kwargs or {})})
     return model, tokenizer
@@ -127,7 +126,13 @@ def load_model_and_tokenizer(
     else:
         if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
             raise FileNotFoundError(f"model directory {name} does not exist")
-        model, tokenizer = _from_pretrained(Path(name).expanduser() if name.startswith("~") else name, dtype)
+        try:
+            model, tokenizer = _from_pretrained(Path(name).expanduser() if name.startswith("~") else name, dtype)
+        except OSError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(
+                f"{name}: not a preset ({', '.join(PRESETS)}), a model folder or a Hub id that loads ({reason})"
+            ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_parallel_tokens(tokenizer, model)

@@ -30,13 +30,36 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from parallel_r1.config import BASELINE_RECIPE, DEFAULT_RECIPE, ConfigError, Recipe, StageConfig, load_recipe, override
+import torch
+from rich.console import Console
+
+from parallel_r1 import task as builtin_task
+from parallel_r1.config import (
+    BASELINE_RECIPE,
+    DEFAULT_RECIPE,
+    ConfigError,
+    Recipe,
+    RolloutConfig,
+    StageConfig,
+    load_recipe,
+    override,
+    recipe_from_dict,
+)
+from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
+from parallel_r1.engine import make_engine
+from parallel_r1.evaluate import EvalConfig, evaluate_benchmark, sample_record, write_results
+from parallel_r1.metrics import atomic_write_text
+from parallel_r1.models import load_model_and_tokenizer
+from parallel_r1.recipe import run_recipe, stage_dir
+from parallel_r1.report import write_report
+from parallel_r1.rollout import SAMPLING_FIELDS, SamplingParams
+from parallel_r1.trainer import final_model, stage_is_done
+from parallel_r1.viewer import render_html
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-COLD_START_FILE = "parallel_gsm8k_sample.jsonl"
 HELDOUT = "heldout"
+
 
 @dataclass
 class RecipeSpec:
@@ -51,7 +74,8 @@ class EvalSettings:
     """The held-out evaluation run after every stage (sampling caps come from the recipe's GRPO stage)."""
 
     problems_per_level: int = 64
-    levels: tuple[int, ...] = (1, 2)
+    levels: tuple[int, ...] | None = None  # empty: the task's EVAL_LEVELS
+    task: str | None = None  # empty: the built-in task the recipes train on
     k: int = 4
     temperature: float = 1.0
     seed: int = 0
@@ -83,39 +107,46 @@ def load_spec(spec: RecipeSpec, overrides: list[str]) -> Recipe:
     return override(load_recipe(spec.path), list(overrides))
 
 
+def recipe_task(recipe: Recipe) -> str:
+    """The built-in task a recipe trains on (the first stage that uses one), "arith" when none does."""
+    return next((s.data.task for s in recipe.stages if s.data.source == "task"), "arith")
+
+
+def resolve_settings(settings: EvalSettings, recipe: Recipe) -> EvalSettings:
+    """`settings` with its empty task and levels filled in from the recipe's built-in task."""
+    name = settings.task or recipe_task(recipe)
+    return replace(settings, task=name, levels=tuple(settings.levels or builtin_task.task_module(name).EVAL_LEVELS))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data generation.
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_sft_data(stage: StageConfig, seed: int, path: Path) -> Path:
     """The teacher's solutions for a task SFT stage, in its `data.task_style`, as {id, question, response,
     answer} rows: the same records the trainer would generate itself, written where one can read them."""
-    from parallel_r1 import task
-
-    levels = tuple(stage.data.task_levels or task.COLD_START_LEVELS)
-    examples = task.teacher_examples(stage.data.limit or stage.data.task_size, levels, seed, stage.data.task_style)
+    cfg = stage.data
+    examples = builtin_task.teacher_examples(cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, cfg.task)
     rows = [{"id": p.id, "question": p.question, "response": r, "answer": str(p.answer)} for p, r in examples]
     return _write_jsonl(path, rows)
 
 
-def write_heldout(settings: EvalSettings, path: Path) -> Path:
-    """Problems of the task's held-out split, `problems_per_level` of each evaluated level."""
-    from parallel_r1 import task
-
-    rows = [
-        {"id": p.id, "question": p.question, "answer": p.answer}
-        for level in settings.levels
-        for p in task.make_eval_problems(settings.problems_per_level, (level,), settings.seed)
-    ]
-    return _write_jsonl(path, rows)
+def write_problems(settings: EvalSettings, path: Path, problems: list[Problem] | None = None) -> list[Problem]:
+    """Write `problems` (default: `problems_per_level` held-out problems of each evaluated level of the
+    settings' task) to `path` as JSONL and return them as read back."""
+    if problems is None:
+        problems = [
+            p
+            for level in settings.levels
+            for p in builtin_task.make_eval_problems(settings.problems_per_level, (level,), settings.seed, settings.task)
+        ]
+    _write_jsonl(path, [{"id": p.id, "question": p.question, "answer": p.answer} for p in problems])
+    return load_problems(str(path))
 
 
 def materialize_data(recipe: Recipe, spec: RecipeSpec, data_dir: Path) -> Recipe:
@@ -138,40 +169,32 @@ def materialize_data(recipe: Recipe, spec: RecipeSpec, data_dir: Path) -> Recipe
 # Evaluation.
 
 
-def eval_sampling(recipe: Recipe, stage: StageConfig, settings: EvalSettings):
-    """`evaluate.EvalConfig` for the held-out evaluation: the caps of the recipe's last GRPO stage, the
-    stage's variant, and the prompt the recipe trained with."""
-    from parallel_r1.config import RolloutConfig
-    from parallel_r1.evaluate import EvalConfig
-    from parallel_r1.sft import prompt_template
-
+def eval_config(recipe: Recipe, variant: str, settings: EvalSettings, **changes) -> EvalConfig:
+    """`evaluate.EvalConfig` for a held-out evaluation: the caps of the recipe's last GRPO stage, `variant`,
+    the prompt the recipe trained with, and `changes` (e.g. max_blocks=0) on top."""
     grpo = [s for s in recipe.stages if s.kind == "grpo"]
     rollout = grpo[-1].grpo.rollout if grpo else RolloutConfig()
-    return EvalConfig(
-        k=settings.k,
-        temperature=settings.temperature,
-        seed=settings.seed,
-        max_response_tokens=rollout.max_response_tokens,
-        max_path_tokens=rollout.max_path_tokens,
-        max_blocks=rollout.max_blocks,
-        num_paths=rollout.num_paths,
-        variant=stage.variant,
-        max_batch_size=settings.batch_size,
-        template=prompt_template(recipe.stages[-1].data.prompt),
-    )
+    knobs = {name: getattr(rollout, name) for name in SAMPLING_FIELDS}
+    values = {
+        **knobs,
+        "temperature": settings.temperature,
+        "k": settings.k,
+        "seed": settings.seed,
+        "variant": variant,
+        "max_batch_size": settings.batch_size,
+        "template": prompt_template(recipe.stages[-1].data.prompt),
+    }
+    return EvalConfig(**{**values, **changes})
 
 
-def evaluate_stage(model_dir: Path, recipe: Recipe, stage: StageConfig, problems: list, settings: EvalSettings,
-                   name: str, out: Path) -> dict:
-    """Sample k responses per held-out problem with the stage's final model; write `evaluate` results."""
-    from parallel_r1.engine import ParallelEngine
-    from parallel_r1.evaluate import evaluate_benchmark, write_results
-    from parallel_r1.models import load_model_and_tokenizer
-
+def evaluate_model(model_dir: Path, recipe: Recipe, problems: list[Problem], settings: EvalSettings, name: str,
+                   out: Path, benchmark: str = HELDOUT, variant: str | None = None, **changes) -> dict:
+    """Sample k responses per problem with the model in `model_dir`; write `evaluate` results to `out`.
+    `variant` defaults to the recipe's last stage's; `changes` go to `eval_config`."""
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    engine = ParallelEngine(model, tokenizer, max_batch_size=settings.batch_size)
-    config = eval_sampling(recipe, stage, settings)
-    result, records = evaluate_benchmark(engine, problems, config, name, HELDOUT)
+    engine = make_engine("hf", model, tokenizer, max_batch_size=settings.batch_size)
+    config = eval_config(recipe, variant or recipe.stages[-1].variant, settings, **changes)
+    result, records = evaluate_benchmark(engine, problems, config, name, benchmark)
     write_results(out, [result], records, config)
     return asdict(result)
 
@@ -182,8 +205,6 @@ def evaluate_stage(model_dir: Path, recipe: Recipe, stage: StageConfig, problems
 
 def _stage_timings(recipe_dir: Path, recipe: Recipe, label: str, started: float, done_before: set[int]) -> dict[str, float]:
     """Seconds each stage took in this invocation, from the times their DONE files were written."""
-    from parallel_r1.recipe import stage_dir
-
     out, previous = {}, started
     for i, stage in enumerate(recipe.stages):
         done = stage_dir(recipe_dir, i, stage) / "DONE"
@@ -197,9 +218,7 @@ def _stage_timings(recipe_dir: Path, recipe: Recipe, label: str, started: float,
 
 
 def _save_run_info(run_dir: Path, info: dict) -> None:
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(run_dir / "run.json")
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
 def run_pipeline(
@@ -211,15 +230,10 @@ def run_pipeline(
 ) -> RunResult:
     """Data, training, held-out evaluation after every stage, for each recipe; then the report.
     `max_stages`: run the first stages of each recipe only (a shorter run that keeps the same steps)."""
-    from parallel_r1.data import load_problems
-    from parallel_r1.recipe import run_recipe, stage_dir
-    from parallel_r1.report import write_report
-    from parallel_r1.sft import final_model, stage_is_done
-
     run_dir = Path(run_dir or default_run_dir())
     specs = specs or default_specs()
-    settings = settings or EvalSettings()
     recipes = [load_spec(spec, list(overrides)) for spec in specs]
+    settings = resolve_settings(settings or EvalSettings(), recipes[0])
     if max_stages is not None:
         if max_stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {max_stages}")
@@ -234,7 +248,7 @@ def run_pipeline(
         "overrides": list(overrides),
         "max_stages": max_stages,
         "eval": asdict(settings),
-        "threads": _threads(),
+        "threads": torch.get_num_threads(),
         "timings": {},
     }
     timings = info["timings"]
@@ -242,7 +256,7 @@ def run_pipeline(
 
     t0 = time.time()
     data_dir = run_dir / "data"
-    heldout = load_problems(str(write_heldout(settings, data_dir / f"{HELDOUT}.jsonl")))
+    heldout = write_problems(settings, data_dir / f"{HELDOUT}.jsonl")
     recipes = [materialize_data(recipe, spec, data_dir) for recipe, spec in zip(recipes, specs)]
     timings["data"] = round(time.time() - t0, 1)
     _save_run_info(run_dir, info)
@@ -260,7 +274,8 @@ def run_pipeline(
             out = recipe_dir / "eval" / f"{folder.name}.json"
             if out.is_file():
                 continue
-            result = evaluate_stage(final_model(folder), recipe, stage, heldout, settings, f"{spec.label}/{stage.name}", out)
+            name = f"{spec.label}/{stage.name}"
+            result = evaluate_model(final_model(folder), recipe, heldout, settings, name, out, variant=stage.variant)
             log.info(
                 "%s after %s: held-out accuracy %.3f, parallel ratio %.2f",
                 spec.label, stage.name, result["mean_at_k"], result["parallel_ratio"],
@@ -280,37 +295,12 @@ def _task_styles(recipe: Recipe) -> dict[str, str]:
     return {s.name: s.data.task_style for s in recipe.stages if s.kind == "sft" and s.data.source == "task"}
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 # ---------------------------------------------------------------------------------------------------
 # A real pretrained model.
 
 
-def find_cold_start(path: str | Path | None = None) -> Path:
-    """The cold-start JSONL: `path`, else ../shared/data's sample when present, else a clear error."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such cold-start file")
-        return path
-    candidates = [Path("..") / "shared" / "data" / COLD_START_FILE, REPO_ROOT.parent / "shared" / "data" / COLD_START_FILE]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no cold-start data: pass --data <file.jsonl> (rows with question, response, answer in the parallel "
-        f"format), e.g. {COLD_START_FILE} from the project's shared data folder"
-    )
-
-
 def pretrained_recipe(model: str, data: Path, steps: int, max_length: int) -> Recipe:
-    """A single SFT stage on real cold-start data with the project's parallel prompt."""
-    from parallel_r1.config import recipe_from_dict
-
+    """A single SFT stage on cold-start data with the project's parallel prompt."""
     return recipe_from_dict(
         {
             "name": f"{model}-coldstart",
@@ -341,32 +331,35 @@ def run_pretrained(
     max_length: int = 640,
     max_new_tokens: int = 320,
     samples: int = 4,
+    task_name: str = "search",
 ) -> Path:
     """A few SFT steps of a pretrained preset on cold-start data, then `samples` generations for a
     problem it did not train on; the first one with a well-formed block is shown on the console.
 
+    The cold-start data is `data` (a JSONL of question/response/answer rows in the parallel format, e.g.
+    real teacher outputs from `parallel-r1 data generate`), by default the built-in `task_name`'s teacher
+    solutions, written to `<run>/data/coldstart.jsonl`; the problem shown is then one of its held-out ones.
     A few steps rarely teach a model to open a block by itself. When no sample does, the samples are
     drawn again with an inserted `<Parallel>` (`SamplingParams.open_block`) and the Unseen engine, so
     that the page shows the paths the model writes; the console says which of the two it shows.
     Returns the viewer page of the generations (`<run>/generation.html`; records in generation.jsonl).
     """
-    from rich.console import Console
-
-    from parallel_r1.data import build_prompt, load_problems
-    from parallel_r1.engine import ParallelEngine, SamplingParams
-    from parallel_r1.evaluate import sample_record
-    from parallel_r1.models import load_model_and_tokenizer
-    from parallel_r1.recipe import run_recipe
-    from parallel_r1.viewer import render_html
-
-    data_path = find_cold_start(data)
     run_dir = Path(run_dir or default_run_dir())
+    if data is None:
+        data_path = run_dir / "data" / "coldstart.jsonl"
+        examples = builtin_task.teacher_examples(64, None, 0, "parallel", task_name)
+        _write_jsonl(data_path, [{"question": p.question, "response": r, "answer": str(p.answer)} for p, r in examples])
+        problem = builtin_task.make_eval_problems(1, builtin_task.task_module(task_name).EVAL_LEVELS[-1:], 0, task_name)[0]
+    else:
+        data_path = Path(data)
+        if not data_path.is_file():
+            raise FileNotFoundError(f"{data_path}: no such cold-start file")
+        # The file's last row: the few SFT steps (batches from the start of a shuffled epoch) rarely see it.
+        problem = load_problems(str(data_path))[-1]
     recipe = pretrained_recipe(model, data_path, steps, max_length)
     final = run_recipe(recipe, run_dir)
-    # The file's last row: the few SFT steps (batches from the start of a shuffled epoch) rarely see it.
-    problem = load_problems(str(data_path))[-1]
     model_obj, tokenizer = load_model_and_tokenizer(final)
-    engine = ParallelEngine(model_obj, tokenizer, max_batch_size=samples)
+    engine = make_engine("hf", model_obj, tokenizer, max_batch_size=samples)
     params = SamplingParams(
         temperature=0.7, seed=0, max_response_tokens=max_new_tokens, max_path_tokens=max_new_tokens // 3, variant="seen"
     )

@@ -15,7 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from parallel_r1.config import Recipe, StageConfig, dump_recipe, parse_recipe
+from parallel_r1.grpo import GRPOTrainer
+from parallel_r1.metrics import atomic_write_text
+from parallel_r1.sft import SFTTrainer
+from parallel_r1.trainer import final_model, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +35,11 @@ def _record_recipe(recipe: Recipe, run_dir: Path) -> None:
     text = dump_recipe(recipe)
     if path.is_file() and parse_recipe(path.read_text(), str(path)) != recipe:
         log.warning("%s holds a different recipe than this run's; resuming with the new one", path)
-    tmp = path.with_name("recipe.yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path) -> Path:
     """Run (or resume) every stage of `recipe` in `run_dir`; return the last stage's final model folder."""
-    from accelerate import Accelerator
-
-    from parallel_r1.grpo import GRPOTrainer
-    from parallel_r1.sft import SFTTrainer, final_model, stage_is_done
-
     run_dir = Path(run_dir)
     accelerator = Accelerator()
     if accelerator.is_main_process:

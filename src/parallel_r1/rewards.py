@@ -2,17 +2,24 @@
 
 With the default values a response scores:
 
-    wrong answer                                        -1.0
-    correct, no block (or any format error)              1.0
-    correct, >= 1 block, strictly well formed            1.2   (only on steps where the schedule enables it)
+                                                     parallel reward off    parallel reward on
+    wrong answer                                            -1.0                  -1.0
+    correct, strictly well formed, no block                  1.0                   1.0
+    correct, strictly well formed, >= 1 block                1.0                   1.2
+    correct, fails the strict format check                   1.0                  -1.0  (format_error_value)
+
+The last row is the reference implementation's format gate: on the steps where the parallel reward is on,
+a response whose structure fails the strict check of `parallel_r1.format` scores `format_error_value`
+(at most; a wrong answer keeps its own lower value), even with a correct answer. `format_error_value=None`
+turns the penalty off (an ill-formed response then only loses the bonus).
 
 Every function is pure; `score_response` returns the components so that trainers can log them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .answers import extract_answer, verify
 from .format import parse
@@ -30,6 +37,7 @@ class RewardBreakdown:
     num_blocks: int  # closed <Parallel> blocks
     answer: str | None  # the extracted final answer
     parallel_active: bool  # whether the schedule enabled the parallel reward on this step
+    format_penalty: float = 0.0  # <= 0: what the format gate took away; reward = accuracy + bonus + penalty
 
 
 def accuracy_reward(correct: bool, correct_value: float = 1.0, wrong_value: float = -1.0) -> float:
@@ -102,11 +110,14 @@ def score_response(
     wrong_value: float = -1.0,
     parallel_value: float = 1.2,
     timeout_s: float = 5.0,
+    format_error_value: float | None = -1.0,
 ) -> RewardBreakdown:
     """Score one response against the ground truth `gold`.
 
     `parallel_value` is the total for a correct, well-formed parallel response; the bonus is its excess
-    over `correct_value`. The format check runs whether or not the bonus is active, for logging.
+    over `correct_value`. While `parallel_active`, a response failing the strict format check scores at
+    most `format_error_value` (None: no penalty, the bonus is only withheld). The format check runs
+    whether or not the parallel reward is active, for logging.
     """
     answer = extract_answer(response)
     correct = answer is not None and verify(answer, gold, timeout_s)
@@ -115,8 +126,11 @@ def score_response(
     bonus = 0.0
     if parallel_active:
         bonus = parallel_bonus(correct, parsed.num_blocks, parsed.well_formed, parallel_value - correct_value)
+    reward = accuracy + bonus
+    if parallel_active and not parsed.well_formed and format_error_value is not None:
+        reward = min(reward, format_error_value)  # the format gate
     return RewardBreakdown(
-        reward=accuracy + bonus,
+        reward=reward,
         accuracy=accuracy,
         parallel_bonus=bonus,
         correct=correct,
@@ -124,11 +138,12 @@ def score_response(
         num_blocks=parsed.num_blocks,
         answer=answer,
         parallel_active=parallel_active,
+        format_penalty=reward - (accuracy + bonus),
     )
 
 
 def score_batch(
-    responses: Sequence[str], golds: Sequence[str], step: int, schedule: RewardSchedule, **values: float
+    responses: Sequence[str], golds: Sequence[str], step: int, schedule: RewardSchedule, **values: float | None
 ) -> list[RewardBreakdown]:
     """Score responses[i] against golds[i] at training step `step`; `values` go to `score_response`."""
     if len(responses) != len(golds):

@@ -9,7 +9,7 @@ Batches are length-bucketed and the data order is a pure function of (seed, epoc
 continues with the very next batch. The loss is the mean over all response tokens of an optimiser step
 (gradient accumulation and processes included), not a mean of per-batch means.
 
-This module also holds what both trainers share: the accelerator, model loading, optimiser and schedule.
+What both trainers share (model loading, optimiser, schedule, checkpoints, the loop) is in `trainer.py`.
 """
 
 from __future__ import annotations
@@ -19,99 +19,21 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
+from parallel_r1 import data, task
 from parallel_r1.attention import response_logprobs
-from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from parallel_r1.config import LoggingConfig, StageConfig
+from parallel_r1.config import StageConfig
+from parallel_r1.data import prompt_template
 from parallel_r1.format import TagIds, canonicalize
-from parallel_r1.metrics import MetricsLogger
+
+# final_model and stage_is_done live in trainer.py; pipeline.py still imports them from here.
+from parallel_r1.trainer import StageTrainer, clip_gradients, final_model, stage_is_done  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-DONE_FILE = "DONE"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shared by both trainers.
-
-
-def load_stage_model(stage: StageConfig, source: str | Path, seed: int):
-    """(model, tokenizer) for `stage` from `source`: a preset, a model folder or a checkpoint folder."""
-    from parallel_r1.models import TINY, load_model_and_tokenizer
-
-    tiny_kwargs = asdict(stage.model.tiny) if str(source) == TINY else None
-    model, tokenizer = load_model_and_tokenizer(source, dtype=stage.model.dtype, tiny_kwargs=tiny_kwargs, seed=seed)
-    if model.config._attn_implementation != stage.model.attn_implementation:
-        model.set_attn_implementation(stage.model.attn_implementation)
-    return model, tokenizer
-
-
-def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=stage.lr,
-        betas=(stage.adam_beta1, stage.adam_beta2),
-        weight_decay=stage.weight_decay,
-    )
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    name = "constant_with_warmup" if stage.lr_schedule == "constant" else stage.lr_schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=stage.warmup_steps, num_training_steps=total_steps)
-
-
-def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
-    """Clip to `max_norm` (0: no clipping) and return the norm before clipping."""
-    limit = max_norm if max_norm > 0 else float("inf")
-    return float(accelerator.clip_grad_norm_(model.parameters(), limit))
-
-
-def stage_is_done(directory: str | Path) -> bool:
-    return (Path(directory) / DONE_FILE).is_file()
-
-
-def final_model(directory: str | Path) -> Path:
-    """The model folder a finished stage hands to the next one (its last checkpoint)."""
-    directory = Path(directory)
-    if not stage_is_done(directory):
-        raise FileNotFoundError(f"stage folder {directory} has no finished run ({DONE_FILE} is missing)")
-    return directory / (directory / DONE_FILE).read_text().strip()
-
-
-def mark_done(directory: Path, checkpoint: Path) -> None:
-    tmp = directory / (DONE_FILE + ".tmp")
-    tmp.write_text(checkpoint.name + "\n")
-    tmp.replace(directory / DONE_FILE)
-
-
-def make_progress(total: int, completed: int, description: str, enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-    )
-    task = progress.add_task(description, total=total, completed=completed, info="")
-    return progress, task
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,29 +70,12 @@ def check_truncation(examples: list[Example], stage: StageConfig) -> None:
         log.warning("%s cuts the response of %d of %d records short (no EOS to learn)", where, cut - empty, n)
 
 
-QUESTION_TEMPLATE = "Problem: {question}\n"
-
-
-def prompt_template(name: str) -> str:
-    """The template string of a `data.prompt` setting."""
-    from parallel_r1 import data
-
-    return {"parallel": data.PROMPT_TEMPLATE, "sequential": data.SEQUENTIAL_TEMPLATE, "question": QUESTION_TEMPLATE}[
-        name
-    ]
-
-
 def load_records(stage: StageConfig, seed: int) -> list:
     """The stage's SFT records (`data.SFTRecord`), from the built-in task or `data.load_sft_records`."""
-    from parallel_r1 import data
-
     cfg = stage.data
     template = prompt_template(cfg.prompt)
     if cfg.source == "task":
-        from parallel_r1 import task
-
-        levels = tuple(cfg.task_levels or task.COLD_START_LEVELS)
-        return task.make_sft_records(cfg.limit or cfg.task_size, levels, seed, cfg.task_style, template)
+        return task.make_sft_records(cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, template, cfg.task)
     records = data.load_sft_records(cfg.source, template=template)
     return records[: cfg.limit] if cfg.limit else records
 
@@ -222,68 +127,6 @@ def response_nll_sum(model, input_ids_BT, attention_mask_BT, loss_mask_BT, tags:
 # The trainer.
 
 
-class StageTrainer:
-    """What the SFT and GRPO trainers share: the stage's model (from its latest checkpoint when there is
-    one, else `init_model`), its checkpoints and its metrics log. Subclasses set state, optimizer and
-    scheduler."""
-
-    kind = ""
-
-    def __init__(
-        self,
-        stage: StageConfig,
-        output_dir: str | Path,
-        *,
-        init_model: str | Path,
-        seed: int = 0,
-        logging_config: LoggingConfig | None = None,
-        accelerator: Accelerator | None = None,
-    ):
-        if stage.kind != self.kind:
-            raise ValueError(f"stage {stage.name!r} is a {stage.kind} stage, not {self.kind}")
-        self.stage = stage
-        self.output_dir = Path(output_dir)
-        self.init_model = init_model
-        self.seed = seed
-        self.logging_config = logging_config or LoggingConfig()
-        self.accelerator = accelerator or Accelerator()
-        self.resume_from = latest_checkpoint(self.output_dir)
-        self.model, self.tokenizer = load_stage_model(stage, self.resume_from or init_model, seed)
-        self.tags = TagIds.from_tokenizer(self.tokenizer)
-
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
-            self.state,
-            accelerator=self.accelerator,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            keep_last=self.stage.keep_last,
-        )
-
-    def finish(self, last_saved: int) -> Path:
-        """Save the last step unless it was just saved, mark the stage done, and wait for every process."""
-        final = self.save() if last_saved != self.state.step else latest_checkpoint(self.output_dir)
-        if self.accelerator.is_main_process:
-            mark_done(self.output_dir, final)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def open_metrics(self) -> MetricsLogger:
-        lc = self.logging_config
-        return MetricsLogger(
-            self.output_dir,
-            resume_step=self.state.step,
-            tensorboard=lc.tensorboard,
-            wandb=lc.wandb,
-            wandb_project=lc.wandb_project,
-            run_name=f"{self.output_dir.parent.name}/{self.stage.name}",
-            enabled=self.accelerator.is_main_process,
-        )
-
-
 class SFTTrainer(StageTrainer):
     """Runs one SFT stage into `output_dir`, resuming from its latest checkpoint if there is one."""
 
@@ -291,9 +134,7 @@ class SFTTrainer(StageTrainer):
 
     def __init__(self, stage: StageConfig, output_dir: str | Path, **kwargs):
         super().__init__(stage, output_dir, **kwargs)
-        self.cfg = stage.sft
-        resume, seed = self.resume_from, self.seed
-
+        self.cfg, seed = stage.sft, self.seed
         records = load_records(stage, seed)
         train_idx, eval_idx = split_eval(len(records), stage.data.eval_size, seed)
         encode = lambda r: encode_record(self.tokenizer, r.prompt, r.response, self.cfg.max_length)  # noqa: E731
@@ -303,18 +144,8 @@ class SFTTrainer(StageTrainer):
         self.global_batch = self.cfg.batch_size * self.accelerator.num_processes
         num_batches = math.ceil(len(self.train_examples) / self.global_batch)
         self.steps_per_epoch = math.ceil(num_batches / self.cfg.grad_accum)
-        self.total_steps = stage.max_steps or self.cfg.epochs * self.steps_per_epoch
-
-        self.optimizer = build_optimizer(self.model, stage)
-        self.scheduler = build_scheduler(self.optimizer, stage, self.total_steps)
-        # The scheduler is stepped by hand once per optimiser step, so it is not handed to `prepare`.
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.state = TrainerState(data_seed=seed)
-        if resume is not None:
-            self.state = load_checkpoint(
-                resume, accelerator=self.accelerator, optimizer=self.optimizer, scheduler=self.scheduler
-            )
-            log.info("resuming %s from %s (step %d)", stage.name, resume.name, self.state.step)
+        self.prepare(stage.max_steps or self.cfg.epochs * self.steps_per_epoch)
+        self.resume()
 
     def _batches(self, epoch: int) -> list[list[int]]:
         lengths = [len(e.input_ids) for e in self.train_examples]
@@ -379,37 +210,20 @@ class SFTTrainer(StageTrainer):
         self.model.train()
         return (total[0] / total[1].clamp(min=1)).item()
 
-    def train(self) -> Path:
-        """Train to `total_steps`, checkpointing on the way; returns the final model folder."""
-        acc, stage, lc = self.accelerator, self.stage, self.logging_config
-        main = acc.is_main_process
-        metrics = self.open_metrics()
-        progress, task = make_progress(self.total_steps, self.state.step, f"sft {stage.name}", main and lc.progress)
-        last_saved = self.state.step if self.resume_from is not None else -1
-        with progress:
-            while self.state.step < self.total_steps:
-                start = time.perf_counter()
-                batches = self._next_step_batches()
-                record = self.train_step(batches)
-                self.state.step += 1
-                step = self.state.step
-                record.update(
-                    lr=self.scheduler.get_last_lr()[0],
-                    epoch=self.state.epoch,
-                    tokens_per_s=record["tokens"] / (time.perf_counter() - start),
-                    data_indices=[i for b in batches for i in b],
-                )
-                if self.eval_examples and (
-                    (stage.eval_every and step % stage.eval_every == 0) or step == self.total_steps
-                ):
-                    record["eval_loss"] = self.evaluate()
-                metrics.log(step, record)
-                progress.update(task, completed=step, info=f"loss {record['loss']:.3f}")
-                if step % stage.log_every == 0 and not lc.progress:
-                    log.info("sft %s step %d/%d loss %.4f", stage.name, step, self.total_steps, record["loss"])
-                if stage.save_every and step % stage.save_every == 0:
-                    self.save()
-                    last_saved = step
-        final = self.finish(last_saved)
-        metrics.close()
-        return final
+    def step(self) -> tuple[dict, list[dict]]:
+        start = time.perf_counter()
+        batches = self._next_step_batches()
+        metrics = self.train_step(batches)
+        metrics.update(
+            lr=self.scheduler.get_last_lr()[0],
+            epoch=self.state.epoch,
+            tokens_per_s=metrics["tokens"] / (time.perf_counter() - start),
+            data_indices=[i for b in batches for i in b],
+        )
+        step, every = self.state.step + 1, self.stage.eval_every
+        if self.eval_examples and ((every and step % every == 0) or step == self.total_steps):
+            metrics["eval_loss"] = self.evaluate()
+        return metrics, []
+
+    def describe(self, metrics: dict) -> str:
+        return f"loss {metrics['loss']:.4f}"

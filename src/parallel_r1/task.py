@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from parallel_r1.data import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, Problem, SFTRecord, build_prompt
+from parallel_r1 import search_task
 from parallel_r1.format import PARALLEL_CLOSE, PARALLEL_OPEN, PATH_CLOSE, PATH_OPEN, SUMMARY_CLOSE, SUMMARY_OPEN
 
 SOURCE = "arith"
@@ -64,8 +67,10 @@ LEVELS: dict[int, Level] = {
 COLD_START_LEVELS = (1, 2)
 RL_EASY_LEVELS = (1, 2)
 RL_HARD_LEVELS = (2, 3)
+EVAL_LEVELS = (1, 2)
 
 Step = tuple[str, int]
+_NUMBER_RE = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -185,20 +190,17 @@ def generate(
 
 
 def make_problems(
-    n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0
+    n: int, levels: Sequence[int] | None = None, split: str = "train", seed: int = 0, task: str = "arith"
 ) -> list[Problem]:
-    """`n` distinct `Problem`s (source "arith", answer the integer as a string)."""
-    return [p.to_problem() for p in generate(n, levels, split, seed)]
+    """`n` distinct `Problem`s of the built-in `task` (answer the integer as a string); empty `levels`:
+    the task's cold-start levels."""
+    module = task_module(task)
+    return [p.to_problem() for p in module.generate(n, tuple(levels or module.COLD_START_LEVELS), split, seed)]
 
 
-def make_rl_problems(n: int, levels: Sequence[int] = RL_HARD_LEVELS, seed: int = 1) -> list[Problem]:
-    """Training prompts for GRPO (train split)."""
-    return make_problems(n, levels, "train", seed)
-
-
-def make_eval_problems(n: int, levels: Sequence[int] = tuple(LEVELS), seed: int = 0) -> list[Problem]:
+def make_eval_problems(n: int, levels: Sequence[int] = tuple(LEVELS), seed: int = 0, task: str = "arith") -> list[Problem]:
     """Held-out problems: never the same computation as any training problem."""
-    return make_problems(n, levels, "eval", seed)
+    return make_problems(n, levels, "eval", seed, task)
 
 
 def _equation(x: int, op: str, n: int) -> str:
@@ -290,35 +292,57 @@ def teacher_solution(
 
 
 def teacher_examples(
-    n: int, levels: Sequence[int] = COLD_START_LEVELS, seed: int = 0, style: str = "parallel", verify_share: float = 0.5
-) -> list[tuple[ArithProblem, str]]:
-    """`n` train-split problems, each with a teacher solution of `style`; the same arguments give the
-    same list, so a parallel and a sequential recipe with one seed train on the same problems."""
+    n: int, levels: Sequence[int] | None = None, seed: int = 0, style: str = "parallel", task: str = "arith"
+) -> list:
+    """`n` train-split problems of `task`, each with a teacher solution of `style`; the same arguments
+    give the same list, so a parallel and a sequential recipe with one seed train on the same problems."""
+    module = task_module(task)
     rng = random.Random(f"sft-teacher-{seed}")
-    return [(p, teacher_solution(p, style, rng, verify_share)) for p in generate(n, levels, "train", seed)]
+    problems = module.generate(n, tuple(levels or module.COLD_START_LEVELS), "train", seed)
+    return [(p, module.teacher_solution(p, style, rng)) for p in problems]
 
 
 def make_sft_records(
     n: int,
-    levels: Sequence[int] = COLD_START_LEVELS,
+    levels: Sequence[int] | None = None,
     seed: int = 0,
     style: str = "parallel",
     template: str = PROMPT_TEMPLATE,
-    verify_share: float = 0.5,
+    task: str = "arith",
 ) -> list[SFTRecord]:
     """Cold-start records of `teacher_examples`, prompted with `template`."""
     return [
         SFTRecord(prompt=build_prompt(p.question, template), response=response, answer=str(p.answer))
-        for p, response in teacher_examples(n, levels, seed, style, verify_share)
+        for p, response in teacher_examples(n, levels, seed, style, task)
     ]
 
 
+def path_hits(path: str, gold: str) -> bool:
+    """Whether a path of a solution reaches the right answer (its last number is the gold)."""
+    numbers = _NUMBER_RE.findall(path)
+    return bool(numbers) and numbers[-1] == str(gold).strip()
+
+
+TASKS = ("arith", "search")
+
+
+def task_module(name: str):
+    """The module of the built-in task `name`: its `generate`, `teacher_solution`, `path_hits`, levels."""
+    if name == "arith":
+        return sys.modules[__name__]
+    if name == "search":
+        return search_task
+    raise ValueError(f"unknown built-in task {name!r}; tasks are {list(TASKS)}")
+
+
 def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
-    """Texts for `tiny.build_tokenizer`: questions and solutions of every level in both styles, and the
-    project's prompt templates (repeated, so their words become single tokens)."""
+    """Texts for `tiny.build_tokenizer`: questions and solutions of every level of every built-in task in
+    both styles, and the project's prompt templates (repeated, so their words become single tokens)."""
     rng = random.Random(f"corpus-{seed}")
     texts = [build_prompt("", template) for template in (PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE)] * max(1, n // 20)
-    for p in generate(n, tuple(LEVELS), "train", seed):
-        texts.append(p.question)
-        texts.append(teacher_solution(p, rng.choice(("parallel", "sequential")), rng))
+    for name in TASKS:
+        module = task_module(name)
+        for p in module.generate(n, tuple(module.LEVELS), "train", seed):
+            texts.append(p.question)
+            texts.append(module.teacher_solution(p, rng.choice(("parallel", "sequential")), rng))
     return texts

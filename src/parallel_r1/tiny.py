@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -45,8 +46,6 @@ def build_model(
     seed: int = 0,
 ) -> LlamaForCausalLM:
     """A freshly initialised Llama sized for a CPU (about 3.4 M parameters at the defaults)."""
-    import torch
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

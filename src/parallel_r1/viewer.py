@@ -16,8 +16,12 @@ from pathlib import Path
 
 from parallel_r1.analysis import group_key, read_rollouts
 from parallel_r1.format import TAGS, parse
+from parallel_r1.metrics import atomic_write_text
+from parallel_r1.rollout import upgrade_record
 
 DEFAULT_LIMIT = 2000
+# The page loads nothing and runs only its own inline script.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 _TAG_HTML = re.compile("|".join(re.escape(html.escape(t)) for t in TAGS))
 
 CSS = """
@@ -62,7 +66,8 @@ JS = """
     var c = controls.correct.value, b = controls.blocks.value, g = controls.group.value;
     var q = controls.q.value.toLowerCase(), shown = 0;
     cards.forEach(function(card){
-      var ok = (c === 'all' || (c === 'yes' && card.dataset.correct === '1') || (c === 'no' && card.dataset.correct === '0'))
+      var ok = (c === 'all' || (c === 'yes' && card.dataset.correct === '1')
+                || (c === 'no' && card.dataset.correct === '0'))
         && (b === 'all' || (b === 'yes') === (card.dataset.blocks !== '0'))
         && (g === 'all' || card.dataset.group === g)
         && (!q || card.textContent.toLowerCase().indexOf(q) >= 0);
@@ -140,6 +145,8 @@ def _group_label(record: dict) -> str:
 
 
 def render_card(record: dict) -> str:
+    """One sample (a `rollout.RolloutRecord`) as an HTML card."""
+    record = upgrade_record(record)
     response = record["response"]
     num_blocks = record.get("num_blocks")
     if num_blocks is None:
@@ -155,8 +162,9 @@ def render_card(record: dict) -> str:
         meta.append(f'<span class="badge {"ok" if correct else "bad"}">{"correct" if correct else "incorrect"}</span>')
     if record.get("reward") is not None:
         meta.append(f"reward <b>{html.escape(str(record['reward']))}</b>")
-    meta.append(f"pred <b>{html.escape(str(record.get('pred')))}</b>")
-    meta.append(f"gold <b>{html.escape(str(record.get('answer')))}</b>")
+    if "pred" in record or "gold" in record:  # records of `generate` have neither
+        meta.append(f"pred <b>{html.escape(str(record.get('pred')))}</b>")
+        meta.append(f"gold <b>{html.escape(str(record.get('gold')))}</b>")
     meta.append(f'<span class="badge">{int(num_blocks)} block(s)</span>')
     question = record.get("question") or record.get("prompt")
     question_html = ""
@@ -177,7 +185,7 @@ def render_html(records: Sequence[dict], title: str = "parallel-r1 rollouts", to
     note = f" of {total}" if total is not None and total > len(records) else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <style>{CSS}</style></head>
 <body><header class="top"><h1>{html.escape(title)}</h1>
 <label>answer <select id="f-correct"><option value="all">all</option><option value="yes">correct</option>
@@ -199,5 +207,5 @@ def write_viewer(inputs: Sequence[str | Path], out: str | Path, limit: int | Non
     title = "parallel-r1: " + ", ".join(Path(p).name for p in inputs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(shown, title, total=len(records)), encoding="utf-8")
+    atomic_write_text(out, render_html(shown, title, total=len(records)))
     return out

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parallel_r1.engine import Rollout, SamplingParams, make_rollout
 from parallel_r1.format import TagIds
+from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
 
 BAN_BIAS = -100.0  # vLLM's logit_bias is additive; -100 removes a token in practice
 
@@ -84,6 +84,25 @@ class VLLMEngine:
         self.llm = model
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
         self.tags = TagIds.from_tokenizer(self.tokenizer)
+
+    @classmethod
+    def colocated(cls, model_dir: str | os.PathLike, tokenizer, *, num_processes: int = 1, **llm_kwargs):
+        """An engine in this process, next to a model being trained, whose weights `load_weights` replaces.
+
+        vLLM's engine core runs in-process (not in a worker process), so its model object can be reached;
+        with several processes each one holds its own engine (vLLM's "external_launcher").
+        """
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if num_processes > 1:
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        return cls(str(model_dir), tokenizer, **llm_kwargs)
+
+    def load_weights(self, named_tensors) -> None:
+        """Replace the engine's weights by `named_tensors` ((name, tensor) pairs, e.g. a state dict's items)
+        and drop the prefix cache computed with the old ones. Needs a `colocated` engine."""
+        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        model.load_weights(named_tensors)
+        self.llm.reset_prefix_cache()
 
     def run(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         """Send one batch of requests to vLLM (the only vLLM-specific step)."""

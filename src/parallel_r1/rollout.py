@@ -1,0 +1,222 @@
+"""What both rollout backends share: the sampling settings, the `Rollout` they return, and the JSON record of
+a sampled response that GRPO, `parallel-r1 eval` and `parallel-r1 generate` write.
+
+* `SamplingSettings` declares the sampling knobs once (defaults, help text and value checks). A recipe's
+  `grpo.rollout` (`config.RolloutConfig`) and `evaluate.EvalConfig` extend it, so their YAML keys and CLI
+  flags are these field names; `SamplingParams` adds what one engine call needs (variant, seed, open_block),
+  and `sampling_params(settings, ...)` is the one way to build it from any of them.
+* `Rollout` is one sampled response at token level (`make_rollout` builds it for both backends).
+* `RolloutRecord` is one sampled response as a JSON object (`rollout_record` builds it): a line of a GRPO
+  stage's `rollouts.jsonl`, of an eval's `.samples.jsonl` and of `generate --jsonl`; the viewer, the
+  analysis and the report read it. The model's answer is `pred`, the ground truth `gold`, the problem
+  text `question`, in every file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from parallel_r1.attention import VARIANTS
+from parallel_r1.format import ParsedResponse, parse_ids
+
+
+def _knob(default: Any, text: str) -> Any:
+    """A field with its help text (the CLI's --help shows it)."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class SamplingSettings:
+    """The sampling knobs, declared once: a recipe's `grpo.rollout`, `evaluate.EvalConfig` and the
+    `generate`/`eval` flags (`--max-response-tokens`, ...) all take these names, defaults and checks."""
+
+    temperature: float = _knob(1.0, "softmax temperature; 0 samples greedily")
+    top_p: float = _knob(1.0, "nucleus sampling mass (1 turns it off)")
+    top_k: int = _knob(0, "sample among the k most likely tokens (0 turns it off)")
+    max_response_tokens: int = _knob(3000, "cap on a whole response, every path's tokens and inserted tags included")
+    max_path_tokens: int = _knob(
+        1024, "cap on one path, its <Path> and </Path> included; a path cut short gets a closing tag not trained on"
+    )
+    max_blocks: int = _knob(4, "parallel blocks allowed per response; at the cap <Parallel> is banned")
+    num_paths: int = _knob(2, "paths forked at each <Parallel> (Unseen decoding)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (self.max_response_tokens >= 1, "max_response_tokens must be >= 1"),
+            (self.max_path_tokens >= 3, "max_path_tokens must be >= 3 (<Path>, one token, </Path>)"),
+            (self.max_blocks >= 0, "max_blocks must be >= 0"),
+            (self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class SamplingParams(SamplingSettings):
+    """Everything one `generate` call of an engine needs."""
+
+    variant: str = "unseen"  # "unseen" (structured) | "seen" (causal)
+    seed: int | None = None
+    # Begin every response with an inserted (not sampled, not trained on) <Parallel>: a prefill that shows
+    # the format on a model that has not learned yet to open blocks by itself. Counts towards max_blocks.
+    open_block: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be 'unseen' or 'seen', got {self.variant!r}")
+        if self.open_block and self.max_blocks < 1:
+            raise ValueError("open_block needs max_blocks >= 1")
+
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+
+
+def sampling_params(settings: SamplingSettings, **kwargs: Any) -> SamplingParams:
+    """The `SamplingParams` of `settings` (a `RolloutConfig`, an `EvalConfig`, ...), with `kwargs` (variant,
+    seed, open_block, or any knob to change) on top."""
+    values = {name: getattr(settings, name) for name in SAMPLING_FIELDS}
+    return SamplingParams(**{**values, **kwargs})
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # canonical sequential layout (paths one after another)
+    text: str  # decoded response, tags kept
+    sampled_mask: list[bool]  # per response token: sampled by the model (True) or inserted (False)
+    logprobs: list[float]  # per response token: log p under softmax(logits / T), full vocab; 0.0 if inserted
+    finish_reason: str  # "stop" (EOS) | "length" (response cap)
+    structure: ParsedResponse  # format.parse_ids(response_ids, tokenizer), token spans filled
+
+
+def make_rollout(
+    tokenizer, prompt_index: int, sample_index: int, prompt_ids: list[int], response_ids: list[int],
+    sampled_mask: list[bool], logprobs: list[float], finish_reason: str | None, ends_with_eos: bool,
+) -> Rollout:  # fmt: skip
+    """The `Rollout` of a finished sample (both backends): its text leaves a final EOS out, its structure
+    comes from the token ids (a tag is a tag by id, not by its spelling)."""
+    text_ids = response_ids[:-1] if ends_with_eos else response_ids
+    return Rollout(
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        prompt_ids=list(prompt_ids),
+        response_ids=response_ids,
+        text=tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        sampled_mask=sampled_mask,
+        logprobs=logprobs,
+        finish_reason=finish_reason or "length",
+        structure=parse_ids(response_ids, tokenizer),
+    )
+
+
+def path_lengths(rollout: Rollout) -> list[int]:
+    """Token lengths of every path of a rollout, its <Path> and </Path> included."""
+    return [
+        p.token_span.end - p.token_span.start
+        for b in rollout.structure.blocks
+        for p in b.paths
+        if p.token_span is not None
+    ]
+
+
+class RolloutRecord(TypedDict, total=False):
+    """One sampled response as a JSON object. Which keys a file has depends on who wrote it."""
+
+    # Where it comes from: GRPO writes step, problem_index, advantage; eval writes model, benchmark;
+    # generate writes prompt_index and the token-level keys at the end.
+    step: int  # GRPO: the training step, from 1
+    model: str  # eval: the model (checkpoint) evaluated
+    benchmark: str  # eval: the benchmark name
+    problem_index: int  # GRPO: index into the stage's problems
+    problem_id: str
+    prompt_index: int
+    sample_index: int  # which of the n samples of its prompt
+    question: str  # the problem text (GRPO, eval)
+    prompt: str  # the whole prompt (generate)
+    response: str  # the decoded response, tags kept
+    # Scoring, where there is a ground truth (GRPO, eval).
+    gold: str  # the ground-truth answer
+    pred: str | None  # the model's final answer (`answers.extract_answer`), None when it gave none
+    correct: bool
+    reward: float
+    accuracy: float  # GRPO: the accuracy part of the reward
+    parallel_bonus: float  # GRPO: the parallel part of the reward
+    advantage: float  # GRPO
+    # Structure and length.
+    well_formed: bool  # the strict format check found no error
+    num_blocks: int
+    paths_per_block: list[int]
+    response_tokens: int
+    path_tokens: list[int]  # per path, its <Path> and </Path> included
+    finish_reason: str  # "stop" | "length"
+    # Token level (generate --jsonl).
+    prompt_ids: list[int]
+    response_ids: list[int]
+    sampled_mask: list[bool]
+    logprobs: list[float]
+
+
+def rollout_record(
+    rollout: Rollout,
+    *,
+    question: str | None = None,
+    prompt: str | None = None,
+    gold: str | None = None,
+    score=None,
+    token_ids: bool = False,
+    **context: Any,
+) -> RolloutRecord:
+    """The record of `rollout`. `context` (step, model, problem_id, ...) comes first; `score` (a
+    `rewards.RewardBreakdown`) adds pred, correct and the reward; `token_ids` adds the token-level keys."""
+    structure = rollout.structure
+    record: dict[str, Any] = dict(context)
+    record["sample_index"] = rollout.sample_index
+    if question is not None:
+        record["question"] = question
+    if prompt is not None:
+        record["prompt"] = prompt
+    record["response"] = rollout.text
+    if gold is not None:
+        record["gold"] = gold
+    if score is not None:
+        record.update(pred=score.answer, correct=bool(score.correct), reward=score.reward)
+    record.update(
+        well_formed=bool(score.well_formed if score is not None else structure.well_formed),
+        num_blocks=score.num_blocks if score is not None else structure.num_blocks,
+        paths_per_block=structure.paths_per_block,
+        response_tokens=len(rollout.response_ids),
+        path_tokens=path_lengths(rollout),
+        finish_reason=rollout.finish_reason,
+    )
+    if token_ids:
+        record.update(
+            prompt_ids=rollout.prompt_ids,
+            response_ids=rollout.response_ids,
+            sampled_mask=rollout.sampled_mask,
+            logprobs=rollout.logprobs,
+        )
+    return record  # type: ignore[return-value]
+
+
+def upgrade_record(record: dict) -> dict:
+    """A record from before `pred` and `gold` were named the same everywhere, in today's names: GRPO logs
+    held the gold in "gold" and the prediction in "answer", eval samples the gold in "answer" and the
+    prediction in "pred". Today's records come back unchanged."""
+    if "answer" not in record:
+        return record
+    record = dict(record)
+    answer = record.pop("answer")
+    if "pred" in record:
+        record.setdefault("gold", answer)
+    else:
+        record["pred"] = answer
+    return record

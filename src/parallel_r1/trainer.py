@@ -1,0 +1,230 @@
+"""What the SFT and GRPO trainers share: the stage's model, optimiser and schedule, checkpoints, the metrics
+log, the training loop, and the DONE file that marks a finished stage.
+
+A trainer (`sft.SFTTrainer`, `grpo.GRPOTrainer`) is a `StageTrainer` that
+
+1. calls `StageTrainer.__init__` (the model, from the stage's latest checkpoint when there is one), builds
+   its data, then calls `prepare(total_steps)` (optimiser, schedule, accelerator) and `resume()` (the
+   checkpoint's optimiser, schedule, RNG and data position);
+2. implements `step()`: one training step, returning its metrics and any rollout records to log, and
+   `describe(metrics)`: the short text the progress bar and the console show.
+
+`train()` then runs the steps to `total_steps`, logging and checkpointing on the way, and marks the stage
+done. A stage folder whose DONE file exists is finished; the file names its final checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import get_scheduler
+
+from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel_r1.config import LoggingConfig, StageConfig
+from parallel_r1.format import TagIds
+from parallel_r1.metrics import JsonlWriter, MetricsLogger, atomic_write_text
+from parallel_r1.models import TINY, load_model_and_tokenizer
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "DONE"
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DONE protocol.
+
+
+def stage_is_done(directory: str | Path) -> bool:
+    return (Path(directory) / DONE_FILE).is_file()
+
+
+def final_model(directory: str | Path) -> Path:
+    """The model folder a finished stage hands to the next one (its last checkpoint)."""
+    directory = Path(directory)
+    if not stage_is_done(directory):
+        raise FileNotFoundError(f"stage folder {directory} has no finished run ({DONE_FILE} is missing)")
+    return directory / (directory / DONE_FILE).read_text().strip()
+
+
+def mark_done(directory: Path, checkpoint: Path) -> None:
+    atomic_write_text(directory / DONE_FILE, checkpoint.name + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders.
+
+
+def load_stage_model(stage: StageConfig, source: str | Path, seed: int):
+    """(model, tokenizer) for `stage` from `source`: a preset, a model folder or a checkpoint folder."""
+    tiny_kwargs = asdict(stage.model.tiny) if str(source) == TINY else None
+    model, tokenizer = load_model_and_tokenizer(source, dtype=stage.model.dtype, tiny_kwargs=tiny_kwargs, seed=seed)
+    if model.config._attn_implementation != stage.model.attn_implementation:
+        model.set_attn_implementation(stage.model.attn_implementation)
+    return model, tokenizer
+
+
+def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=stage.lr,
+        betas=(stage.adam_beta1, stage.adam_beta2),
+        weight_decay=stage.weight_decay,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps: int):
+    name = "constant_with_warmup" if stage.lr_schedule == "constant" else stage.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=stage.warmup_steps, num_training_steps=total_steps)
+
+
+def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
+    """Clip to `max_norm` (0: no clipping) and return the norm before clipping."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    return float(accelerator.clip_grad_norm_(model.parameters(), limit))
+
+
+def make_progress(total: int, completed: int, description: str, enabled: bool):
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+    )
+    task = progress.add_task(description, total=total, completed=completed, info="")
+    return progress, task
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer base.
+
+
+class StageTrainer:
+    """Runs one stage of kind `kind` into `output_dir`, resuming from its latest checkpoint if there is one
+    (the module docstring says what a subclass provides)."""
+
+    kind = ""
+    logs_rollouts = False  # whether step() returns rollout records (written to rollouts.jsonl)
+
+    def __init__(
+        self,
+        stage: StageConfig,
+        output_dir: str | Path,
+        *,
+        init_model: str | Path,
+        seed: int = 0,
+        logging_config: LoggingConfig | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        if stage.kind != self.kind:
+            raise ValueError(f"stage {stage.name!r} is a {stage.kind} stage, not {self.kind}")
+        self.stage = stage
+        self.output_dir = Path(output_dir)
+        self.init_model = init_model
+        self.seed = seed
+        self.logging_config = logging_config or LoggingConfig()
+        self.accelerator = accelerator or Accelerator()
+        self.resume_from = latest_checkpoint(self.output_dir)
+        self.model, self.tokenizer = load_stage_model(stage, self.resume_from or init_model, seed)
+        self.tags = TagIds.from_tokenizer(self.tokenizer)
+
+    def prepare(self, total_steps: int) -> None:
+        """The optimiser and a schedule over `total_steps`; model and optimiser handed to the accelerator."""
+        self.total_steps = total_steps
+        self.optimizer = build_optimizer(self.model, self.stage)
+        self.scheduler = build_scheduler(self.optimizer, self.stage, total_steps)
+        # The scheduler is stepped by hand once per optimiser step, so it is not handed to `prepare`.
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def resume(self) -> None:
+        """Restore the latest checkpoint's optimiser, schedule, RNG and data position; else start at step 0."""
+        self.state = TrainerState(data_seed=self.seed)
+        if self.resume_from is not None:
+            self.state = load_checkpoint(
+                self.resume_from, accelerator=self.accelerator, optimizer=self.optimizer, scheduler=self.scheduler
+            )
+            log.info("resuming %s from %s (step %d)", self.stage.name, self.resume_from.name, self.state.step)
+
+    def step(self) -> tuple[dict, list[dict]]:
+        """Run training step `self.state.step` (0-based); return (metrics, rollout records)."""
+        raise NotImplementedError
+
+    def describe(self, metrics: dict) -> str:
+        """A short summary of a step's metrics for the progress bar."""
+        raise NotImplementedError
+
+    def train(self) -> Path:
+        """Train to `total_steps`, checkpointing on the way; returns the final model folder."""
+        acc, stage, lc = self.accelerator, self.stage, self.logging_config
+        main = acc.is_main_process
+        metrics_log = self.open_metrics()
+        rollout_log = JsonlWriter(self.output_dir / ROLLOUTS_FILE, self.state.step, enabled=main and self.logs_rollouts)
+        description = f"{self.kind} {stage.name}"
+        progress, task = make_progress(self.total_steps, self.state.step, description, main and lc.progress)
+        last_saved = self.state.step if self.resume_from is not None else -1
+        with progress:
+            while self.state.step < self.total_steps:
+                metrics, rollouts = self.step()
+                self.state.step += 1
+                step = self.state.step
+                metrics_log.log(step, metrics)
+                for record in rollouts:
+                    rollout_log.write(record)
+                info = self.describe(metrics)
+                progress.update(task, completed=step, info=info)
+                if step % stage.log_every == 0 and not lc.progress:
+                    log.info("%s step %d/%d %s", description, step, self.total_steps, info)
+                if stage.save_every and step % stage.save_every == 0:
+                    self.save()
+                    last_saved = step
+        final = self.finish(last_saved)
+        metrics_log.close()
+        rollout_log.close()
+        return final
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.output_dir,
+            self.state,
+            accelerator=self.accelerator,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            keep_last=self.stage.keep_last,
+        )
+
+    def finish(self, last_saved: int) -> Path:
+        """Save the last step unless it was just saved, mark the stage done, and wait for every process."""
+        final = self.save() if last_saved != self.state.step else latest_checkpoint(self.output_dir)
+        if self.accelerator.is_main_process:
+            mark_done(self.output_dir, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def open_metrics(self) -> MetricsLogger:
+        lc = self.logging_config
+        return MetricsLogger(
+            self.output_dir,
+            resume_step=self.state.step,
+            tensorboard=lc.tensorboard,
+            wandb=lc.wandb,
+            wandb_project=lc.wandb_project,
+            run_name=f"{self.output_dir.parent.name}/{self.stage.name}",
+            enabled=self.accelerator.is_main_process,
+        )

@@ -1,0 +1,83 @@
+"""The built-in search task: generator, split, both teacher styles, the per-path check."""
+
+import random
+
+import pytest
+
+from parallel_r1 import search_task, task
+from parallel_r1.answers import is_correct
+from parallel_r1.format import parse
+
+
+def test_every_problem_has_exactly_one_candidate_that_reaches_the_target():
+    for level in search_task.LEVELS:
+        for p in search_task.generate(50, (level,), "train", seed=3):
+            reaching = [c for c in p.candidates if search_task.value(c, p.factor, p.offset) == p.target]
+            assert reaching == [p.answer]
+            assert len(set(p.candidates)) == search_task.LEVELS[level].num_candidates
+            assert p.target > 0
+            assert f"={p.target}." in p.question and all(str(c) in p.question for c in p.candidates)
+
+
+def test_generation_is_deterministic_and_distinct():
+    a = search_task.generate(200, (2, 3), "train", seed=1)
+    assert [p.id for p in a] == [p.id for p in search_task.generate(200, (2, 3), "train", seed=1)]
+    assert [p.id for p in a] != [p.id for p in search_task.generate(200, (2, 3), "train", seed=2)]
+    assert len({p.id for p in a}) == 200
+
+
+def test_train_problems_never_try_the_computation_that_solves_a_heldout_problem():
+    heldout = search_task.generate(300, (2, 3, 4), "eval", seed=0)
+    solved = {p.key for p in heldout}
+    assert all(search_task.split_of(k) == "eval" for k in solved)
+    for seed in (0, 1):
+        for p in search_task.generate(2000, (1, 2, 3, 4), "train", seed=seed):
+            tried = {search_task.computation_key(p.factor, p.offset, c) for c in p.candidates}
+            assert not tried & solved
+
+
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+def test_teacher_solutions_are_well_formed_and_right(style):
+    rng = random.Random(0)
+    for level in search_task.LEVELS:
+        for p in search_task.generate(40, (level,), "train", seed=level):
+            text = search_task.teacher_solution(p, style, rng)
+            parsed = parse(text)
+            assert parsed.well_formed, (text, parsed.errors)
+            assert is_correct(text, str(p.answer))
+            assert (parsed.num_blocks > 0) == (style == "parallel")
+            assert text.count(" yes") == 1  # exactly the right candidate checks out
+
+
+def test_both_styles_try_the_same_candidates_in_the_same_order():
+    for p in search_task.generate(60, (3, 4, 5), "train", seed=9):
+        parallel = search_task.teacher_solution(p, "parallel", random.Random(p.id))
+        sequential = search_task.teacher_solution(p, "sequential", random.Random(p.id))
+        tried_seq = [line.split("*")[0] for line in sequential.splitlines() if "*" in line]
+        tried_par = [line.split("*")[0].split(">")[-1] for line in parallel.split("<Path>")[1:]]
+        # The sequential teacher stops at the hit; the parallel one finishes the hit's block (and may re-try
+        # a ruled-out candidate to give its last block a second path).
+        order = list(dict.fromkeys(tried_par))
+        assert order[: len(tried_seq)] == tried_seq
+        assert len(order) - len(tried_seq) <= 1
+        assert tried_seq[-1] == str(p.answer)
+
+
+def test_path_hits_needs_the_right_candidate_and_its_yes():
+    p = search_task.SearchProblem(3, (4, 9, 2, 7), answer=7, factor=3, offset=10)
+    right = search_task.try_lines(7, 3, 10, p.target)
+    wrong = search_task.try_lines(4, 3, 10, p.target)
+    assert right.endswith(" yes") and wrong.endswith(" no")
+    assert search_task.path_hits(right, "7")
+    assert not search_task.path_hits(wrong, "7")
+    assert not search_task.path_hits(right.replace(" yes", " no"), "7")
+
+
+def test_task_registry_dispatches_both_tasks():
+    assert task.task_module("search") is search_task
+    problems = task.make_problems(12, None, "train", 0, "search")
+    assert all(p.source == "search" and p.id.startswith("search-L") for p in problems)
+    records = task.make_sft_records(6, None, 0, "sequential", task="search")
+    assert all("<Parallel>" not in r.response for r in records)
+    with pytest.raises(ValueError, match="unknown built-in task"):
+        task.task_module("sudoku")
