@@ -187,8 +187,14 @@ def test_unknown_variant_and_unsupported_backend_raise():
 
 def make_model(tokenizer, arch: str, backend: str):
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attn_implementation=backend,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation=backend,
     )
     torch.manual_seed(0)
     if arch == "llama":

@@ -41,8 +41,13 @@ def test_checkpoint_round_trip(tmp_path, tiny_model, tiny_tokenizer):
     optimizer, scheduler = _optimised(tiny_model)
     state = TrainerState(step=3, epoch=1, index=5, data_seed=7, extra={"best": 1.5})
     path = save_checkpoint(
-        tmp_path, state, accelerator=accelerator, model=tiny_model, tokenizer=tiny_tokenizer,
-        optimizer=optimizer, scheduler=scheduler,
+        tmp_path,
+        state,
+        accelerator=accelerator,
+        model=tiny_model,
+        tokenizer=tiny_tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
     )
     expected_draw = torch.rand(4)
     assert path.name == "checkpoint-000003" and latest_checkpoint(tmp_path) == path
@@ -76,8 +81,14 @@ def test_keep_last_and_unfinished_checkpoints_are_ignored(tmp_path, tiny_model, 
     optimizer, scheduler = _optimised(tiny_model)
     for step in (2, 4, 6):
         save_checkpoint(
-            tmp_path, TrainerState(step=step), accelerator=accelerator, model=tiny_model,
-            tokenizer=tiny_tokenizer, optimizer=optimizer, scheduler=scheduler, keep_last=2,
+            tmp_path,
+            TrainerState(step=step),
+            accelerator=accelerator,
+            model=tiny_model,
+            tokenizer=tiny_tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            keep_last=2,
         )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000004", "checkpoint-000006"]
     # A kill mid-write leaves a .tmp folder, or (before the state file) a folder without state.
@@ -109,7 +120,11 @@ def _train(config: Path, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "parallel_r1.cli", "train", "--config", str(config), "--run-dir", str(run_dir)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

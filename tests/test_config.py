@@ -79,7 +79,7 @@ def test_wrong_types_and_ranges():
     with pytest.raises(ConfigError, match="multiple of mini_batch_size"):
         parse_recipe(TINY_RECIPE.replace("mini_batch_size: 8", "mini_batch_size: 3"))
     with pytest.raises(ConfigError, match="a grpo stage needs max_steps"):
-        parse_recipe(TINY_RECIPE.replace("    max_steps: 60\n", ""))
+        parse_recipe(TINY_RECIPE.replace("    max_steps: 20\n", ""))
     with pytest.raises(ConfigError, match="kind sft takes no grpo section"):
         parse_recipe(TINY_RECIPE.replace("    sft:\n", "    grpo: {}\n    sft:\n"))
     with pytest.raises(ConfigError, match="first stage .* must name a model"):

@@ -141,9 +141,9 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
     n = 16
     rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads 12 pages"], n=n, params=params)
     # Reward: the share of sampled tokens that are digits.
-    rewards = torch.tensor(
-        [sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]
-    ).view(2, n)
+    rewards = torch.tensor([sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]).view(
+        2, n
+    )
     assert informative_groups(rewards).all()
     adv = group_advantages(rewards)
     batch = collate_rollouts(rollouts, adv.flatten().tolist(), tiny_tokenizer.pad_token_id)
@@ -157,7 +157,14 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
         batch.adv_B = advantages
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         return policy_update(
-            accelerator, model, optimizer, batch, cfg, tags, "seen", max_grad_norm=1.0,
+            accelerator,
+            model,
+            optimizer,
+            batch,
+            cfg,
+            tags,
+            "seen",
+            max_grad_norm=1.0,
             num_tokens=batch.loss_mask_BT.sum().item(),
         )
 

@@ -20,13 +20,26 @@ def test_baseline_has_the_parallel_recipes_budget_and_no_parallel_reward():
     assert [s.name for s in par.stages] == [s.name for s in seq.stages] == ["sft", "rl_easy", "rl_hard"]
     for a, b in zip(par.stages, seq.stages):
         da, db = recipe_to_dict(par)["stages"][par.stages.index(a)], recipe_to_dict(seq)["stages"][seq.stages.index(b)]
+        # What may differ: the attention variant, the SFT style, the reward, and blocks banned for the baseline.
+        da["variant"] = db["variant"] = None
         if a.kind == "grpo":
-            assert a.grpo.reward.kind == "parallel" and b.grpo.reward.kind == "accuracy"
+            assert a.grpo.reward.kind != "accuracy" or a.name == "rl_hard"
+            assert b.grpo.reward.kind == "accuracy" and b.grpo.rollout.max_blocks == 0 < a.grpo.rollout.max_blocks
             da["grpo"]["reward"] = db["grpo"]["reward"] = None
+            da["grpo"]["rollout"]["max_blocks"] = db["grpo"]["rollout"]["max_blocks"] = None
         else:
             assert (a.data.task_style, b.data.task_style) == ("parallel", "sequential")
             da["data"]["task_style"] = db["data"]["task_style"] = None
-        assert da == db, f"stage {a.name} differs beyond the reward"
+        assert da == db, f"stage {a.name} differs beyond the variant, style and reward"
+
+
+def test_default_recipes_are_the_studys_arms():
+    from parallel_r1 import study
+    from parallel_r1.config import load_recipe
+
+    _, (par, seq) = _recipes()
+    assert seq.stages == load_recipe(study.STUDY_RECIPES / "sequential.yaml").stages
+    assert any(par.stages == load_recipe(study.STUDY_RECIPES / f"{arm}.yaml").stages for arm in study.ARMS)
 
 
 def test_curriculum_goes_from_easy_to_harder_problems():
@@ -59,43 +72,36 @@ def test_data_generation_writes_both_styles_on_the_same_problems(tmp_path):
     par, seq = rows["parallel"], rows["sequential"]
     assert len(par) == len(seq) == 50
     assert [r["question"] for r in par] == [r["question"] for r in seq]
-    assert all(parse(r["response"]).num_blocks == 1 and parse(r["response"]).well_formed for r in par)
+    assert all(parse(r["response"]).num_blocks >= 1 and parse(r["response"]).well_formed for r in par)
     assert all(parse(r["response"]).num_blocks == 0 and "<" not in r["response"] for r in seq)
     assert all(r["response"].endswith(f"Final Answer: {r['answer']}") for r in par + seq)
 
 
 def test_heldout_problems_never_share_a_computation_with_training(tmp_path):
-    settings = pipeline.EvalSettings(problems_per_level=10, levels=(1, 3))
-    rows = [json.loads(line) for line in pipeline.write_heldout(settings, tmp_path / "h.jsonl").read_text().splitlines()]
-    assert len(rows) == 20
+    settings = pipeline.EvalSettings(problems_per_level=10, levels=(1, 3), task="arith")
+    problems = pipeline.write_problems(settings, tmp_path / "h.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert len(rows) == len(problems) == 20
     assert {r["id"].split("-")[1] for r in rows} == {"L1", "L3"}
     train_ids = {p.id for p in task.generate(2000, (1, 2, 3), "train", 0)}
     assert not train_ids & {r["id"] for r in rows}
 
 
-def test_eval_sampling_uses_the_last_grpo_stages_caps_and_each_stages_variant():
+def test_eval_settings_take_the_recipes_task_and_its_levels():
     _, (par, _) = _recipes()
-    par = pipeline.override(par, ["stages.sft.variant=unseen", "stages.rl_hard.grpo.rollout.max_path_tokens=33"])
-    params = pipeline.eval_sampling(par, par.stages[0], pipeline.EvalSettings(temperature=0.5))
-    assert params.variant == "unseen" and params.max_path_tokens == 33 and params.temperature == 0.5
-    assert params.max_response_tokens == par.stages[-1].grpo.rollout.max_response_tokens
-    assert pipeline.eval_sampling(par, par.stages[2], pipeline.EvalSettings()).variant == par.stages[2].variant
+    settings = pipeline.resolve_settings(pipeline.EvalSettings(), par)
+    assert settings.task == "search" and settings.levels == task.task_module("search").EVAL_LEVELS
+    assert pipeline.resolve_settings(pipeline.EvalSettings(levels=(1,)), par).levels == (1,)
 
 
-def test_cold_start_file_explicit_default_or_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such cold-start file"):
-        pipeline.find_cold_start(tmp_path / "missing.jsonl")
-    given = tmp_path / "c.jsonl"
-    given.write_text("{}\n")
-    assert pipeline.find_cold_start(given) == given
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline, "REPO_ROOT", tmp_path / "repo")
-    with pytest.raises(FileNotFoundError, match="pass --data"):
-        pipeline.find_cold_start()
-    shared = tmp_path / "shared" / "data"
-    shared.mkdir(parents=True)
-    (shared / pipeline.COLD_START_FILE).write_text("{}\n")
-    assert pipeline.find_cold_start().resolve() == (shared / pipeline.COLD_START_FILE).resolve()
+def test_eval_config_uses_the_last_grpo_stages_caps_and_the_given_variant():
+    _, (par, _) = _recipes()
+    par = pipeline.override(par, ["stages.rl_hard.grpo.rollout.max_path_tokens=33"])
+    config = pipeline.eval_config(par, "unseen", pipeline.EvalSettings(temperature=0.5))
+    assert config.variant == "unseen" and config.max_path_tokens == 33 and config.temperature == 0.5
+    assert config.max_response_tokens == par.stages[-1].grpo.rollout.max_response_tokens
+    assert config.template == "Problem: {question}\n"
+    assert pipeline.eval_config(par, "seen", pipeline.EvalSettings(), max_blocks=0).max_blocks == 0
 
 
 def test_pretrained_recipe_trains_a_few_steps_on_the_file_with_the_parallel_prompt(tmp_path):
@@ -118,6 +124,17 @@ def test_pretrained_demo_shows_a_parallel_generation_even_before_the_model_opens
         blocks = parse(r["response"]).blocks
         assert r["response"].startswith("<Parallel><Path>") and len(blocks[0].paths) == 2
     assert "inserted &lt;Parallel&gt;" in page.read_text() or "inserted <Parallel>" in page.read_text()
+
+
+def test_pretrained_demo_defaults_to_the_built_in_tasks_teacher_data(tmp_path):
+    pipeline.run_pretrained("tiny", tmp_path / "run", steps=1, max_new_tokens=60, samples=2)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "data" / "coldstart.jsonl").read_text().splitlines()]
+    assert rows and all(parse(r["response"]).num_blocks >= 1 for r in rows)
+    records = [json.loads(line) for line in (tmp_path / "run" / "generation.jsonl").read_text().splitlines()]
+    heldout = {p.question for p in task.make_eval_problems(1, (4,), 0, "search")}
+    assert {r["question"] for r in records} <= heldout
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such cold-start file"):
+        pipeline.run_pretrained("tiny", tmp_path / "other", tmp_path / "missing.jsonl")
 
 
 SMOKE = [

@@ -83,9 +83,21 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     stage = run / "00-rl"
     rows = read_jsonl(stage / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward", "reward_accuracy", "reward_parallel_bonus", "accuracy", "parallel_ratio",
-                "blocks_per_response", "response_length", "path_length", "entropy", "clip_fraction",
-                "grad_norm", "tokens_per_s", "data_indices"):
+    for key in (
+        "reward",
+        "reward_accuracy",
+        "reward_parallel_bonus",
+        "accuracy",
+        "parallel_ratio",
+        "blocks_per_response",
+        "response_length",
+        "path_length",
+        "entropy",
+        "clip_fraction",
+        "grad_norm",
+        "tokens_per_s",
+        "data_indices",
+    ):
         assert key in rows[0], key
     assert [r["parallel_active"] for r in rows] == [0.0, 1.0]  # alternating 1 of 2, last step of each window
     assert len(rows[0]["data_indices"]) == 2 and not set(rows[0]["data_indices"]) & set(rows[1]["data_indices"])

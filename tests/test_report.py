@@ -41,7 +41,9 @@ def _write_stage(recipe_dir, index, name, kind, steps, parallel, eval_acc, style
             if kind == "sft":
                 f.write(json.dumps({"step": step, "loss": 2.0 / step, "grad_norm": 1.0}) + "\n")
             else:
-                f.write(json.dumps({"step": step, "reward": 0.1 * step, "accuracy": 0.5, "parallel_ratio": parallel}) + "\n")
+                f.write(
+                    json.dumps({"step": step, "reward": 0.1 * step, "accuracy": 0.5, "parallel_ratio": parallel}) + "\n"
+                )
     if kind == "grpo":
         with (stage / "rollouts.jsonl").open("w") as f:
             for step in range(1, steps + 1):
@@ -52,7 +54,13 @@ def _write_stage(recipe_dir, index, name, kind, steps, parallel, eval_acc, style
     correct = round(eval_acc * n)
     response = BLOCK if style == "parallel" else PLAIN
     samples = [
-        _sample(recipe_dir.name, name, i, response if i < correct else (WRONG if style == "parallel" else "Final Answer: 8"), i < correct)
+        _sample(
+            recipe_dir.name,
+            name,
+            i,
+            response if i < correct else (WRONG if style == "parallel" else "Final Answer: 8"),
+            i < correct,
+        )
         for i in range(n)
     ]
     result = summarize(samples, 1, f"{recipe_dir.name}/{name}", "heldout", seconds=1.0)
@@ -69,7 +77,9 @@ def make_run(tmp_path, parallel_accs=(0.4, 0.6, 0.75), sequential_accs=(0.4, 0.5
         for i, ((name, kind, steps), acc) in enumerate(zip(stages, accs)):
             _write_stage(recipe_dir, i, name, kind, steps, 0.5 if label == "parallel" else 0.0, acc, label)
     timings = {"data": 1.0, "parallel/sft": 30.0, "total": 100.0}
-    (run / "run.json").write_text(json.dumps({"recipes": [{"label": "parallel"}, {"label": "sequential"}], "timings": timings}))
+    (run / "run.json").write_text(
+        json.dumps({"recipes": [{"label": "parallel"}, {"label": "sequential"}], "timings": timings})
+    )
     return run
 
 
@@ -124,7 +134,10 @@ def test_model_output_cannot_inject_markup(tmp_path):
 
 
 def test_pick_rollouts_prefers_correct_parallel_then_a_wrong_one():
-    samples = [_sample("p", "s", i, r, c) for i, (r, c) in enumerate([(PLAIN, True), (WRONG, False), (BLOCK, True), (BLOCK, True)])]
+    samples = [
+        _sample("p", "s", i, r, c)
+        for i, (r, c) in enumerate([(PLAIN, True), (WRONG, False), (BLOCK, True), (BLOCK, True)])
+    ]
     chosen = report.pick_rollouts(samples, limit=4)
     assert [samples.index(s) for s in chosen] == [2, 3, 1, 0]
     assert [samples.index(s) for s in report.pick_rollouts(samples, limit=2)] == [2, 1]

@@ -4,7 +4,6 @@ from parallel_r1.rewards import (
     RewardBreakdown,
     RewardSchedule,
     accuracy_reward,
-    compute_rewards,
     parallel_bonus,
     score_batch,
     score_response,
@@ -204,7 +203,7 @@ def test_score_batch_passes_values_and_checks_lengths():
         score_batch([PLAIN, PLAIN], ["7"], 0, schedule)
 
 
-def test_compute_rewards_is_the_batch_entry_point():
+def test_score_batch_follows_the_mid_training_switch():
     schedule = RewardSchedule("mid_training", switch_step=1)
-    assert compute_rewards([WELL_FORMED], ["7"], 0, schedule) == score_batch([WELL_FORMED], ["7"], 0, schedule)
-    assert compute_rewards([WELL_FORMED], ["7"], 1, schedule)[0].reward == 1.0
+    assert score_batch([WELL_FORMED], ["7"], 0, schedule)[0].reward == pytest.approx(1.2)
+    assert score_batch([WELL_FORMED], ["7"], 1, schedule)[0].reward == 1.0

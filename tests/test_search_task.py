@@ -46,7 +46,9 @@ def test_teacher_solutions_are_well_formed_and_right(style):
             assert parsed.well_formed, (text, parsed.errors)
             assert is_correct(text, str(p.answer))
             assert (parsed.num_blocks > 0) == (style == "parallel")
-            assert text.count(" yes") == 1  # exactly the right candidate checks out
+            assert text.count(f": {p.answer} works") == 1  # exactly the right candidate checks out
+            others = text.replace(f": {p.answer} works", "").replace(f">{p.answer} works<", "").replace(">none works<", "")
+            assert " works" not in others
 
 
 def test_both_styles_try_the_same_candidates_in_the_same_order():
@@ -63,14 +65,16 @@ def test_both_styles_try_the_same_candidates_in_the_same_order():
         assert tried_seq[-1] == str(p.answer)
 
 
-def test_path_hits_needs_the_right_candidate_and_its_yes():
+def test_path_hits_needs_the_right_candidate_and_its_verdict():
     p = search_task.SearchProblem(3, (4, 9, 2, 7), answer=7, factor=3, offset=10)
     right = search_task.try_lines(7, 3, 10, p.target)
     wrong = search_task.try_lines(4, 3, 10, p.target)
-    assert right.endswith(" yes") and wrong.endswith(" no")
+    assert right == "7*3=21\n21+10=31\n31 vs 31: 7 works"
+    assert wrong.endswith("22 vs 31: 4 fails")
     assert search_task.path_hits(right, "7")
     assert not search_task.path_hits(wrong, "7")
-    assert not search_task.path_hits(right.replace(" yes", " no"), "7")
+    assert not search_task.path_hits(right.replace("works", "fails"), "7")
+    assert not search_task.path_hits(wrong.replace("fails", "works"), "7")
 
 
 def test_task_registry_dispatches_both_tasks():

@@ -80,8 +80,8 @@ def test_evaluations_per_arm():
 
 
 def test_oracle_counts_paths_and_blocks_that_reach_the_answer():
-    hit = "<Path>7*3=21\n21+10=31\n31 vs 31 yes</Path>"
-    miss = "<Path>4*3=12\n12+10=22\n22 vs 31 no</Path>"
+    hit = "<Path>7*3=21\n21+10=31\n31 vs 31: 7 works</Path>"
+    miss = "<Path>4*3=12\n12+10=22\n22 vs 31: 4 fails</Path>"
     block = "<Parallel>{}{}</Parallel><Summary>s</Summary>"
     samples = [
         {"response": block.format(hit, miss) + "Final Answer: 7", "gold": "7"},
@@ -135,11 +135,19 @@ def test_sweep_scores_learning_rates_on_validation_problems_only(tmp_path):
     assert not set(validation) & {p.id for p in heldout}
     assert "| seen |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
+    # The study's first seed at a swept learning rate is the sweep's run: it is linked, not retrained.
+    chosen = [f"stages.{stage}.lr=0.0001" for stage in ("rl_easy", "rl_hard")]
+    study.run_study(tmp_path, replace(settings, arms=("sequential",)), QUICK + chosen)
+    reused = tmp_path / "sequential" / "seed0"
+    assert reused.is_symlink() and reused.resolve() == (tmp_path / "sweep" / "sequential" / "lr0.0001").resolve()
+    assert (reused / "eval" / "heldout.json").is_file() and (reused / "eval" / "validation.json").is_file()
+
 
 def test_validation_problems_exclude_every_training_problem():
     settings = study.StudySettings(arms=("sequential",), seeds=(0, 1))
     recipes = study.load_arms(
-        settings, ["stages.sft.data.task_size=300", "stages.rl_easy.data.task_size=300", "stages.rl_hard.data.task_size=300"]
+        settings,
+        ["stages.sft.data.task_size=300", "stages.rl_easy.data.task_size=300", "stages.rl_hard.data.task_size=300"],
     )
     ev = replace(QUICK_EVAL, task="search", problems_per_level=40)
     problems = study.validation_problems(recipes, settings.seeds, ev)

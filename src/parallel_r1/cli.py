@@ -31,8 +31,8 @@ from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.pipeline import EvalSettings, default_specs, run_pipeline, run_pretrained
 from parallel_r1.recipe import run_recipe
-from parallel_r1.study import ARMS, SEEDS, SWEEP_LRS, StudySettings, run_study, run_sweep
 from parallel_r1.rollout import SAMPLING_FIELDS, VARIANTS, SamplingParams, SamplingSettings, rollout_record
+from parallel_r1.study import ARMS, SEEDS, SWEEP_LRS, StudySettings, run_study, run_sweep
 from parallel_r1.viewer import write_viewer
 
 log = logging.getLogger("parallel_r1")
@@ -103,15 +103,21 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument(
         "--model", nargs="+", required=True, help="model preset, local directory or Hub id (several: one table)"
     )
-    ev.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS),
-                    help=f"comma-separated names ({', '.join(DEFAULT_BENCHMARKS)}) or name=path.jsonl")
+    ev.add_argument(
+        "--benchmarks",
+        default=",".join(DEFAULT_BENCHMARKS),
+        help=f"comma-separated names ({', '.join(DEFAULT_BENCHMARKS)}) or name=path.jsonl",
+    )
     ev.add_argument("--k", type=int, default=16, help="samples per problem")
     ev.add_argument("--data-dir", help="read benchmarks from local files here (aime24.jsonl, gsm8k_test.jsonl, ...)")
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     _add_sampling_flags(ev)
     ev.add_argument("--batch-size", type=int, default=64, help="rollouts decoded together")
-    ev.add_argument("--template", default="parallel",
-                    help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}}")
+    ev.add_argument(
+        "--template",
+        default="parallel",
+        help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}}",
+    )
     ev.add_argument("--out", help="write results (JSON) here, and the samples next to it (.samples.jsonl)")
     ev.set_defaults(func=_cmd_eval)
 
@@ -206,8 +212,14 @@ def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="run a training recipe (SFT and GRPO stages); resumes a killed run")
     train.add_argument("--config", help="recipe YAML (default: the embedded tiny recipe, configs/tiny.yaml)")
     train.add_argument("--run-dir", help="output folder (default: runs/<recipe name>); an existing one is resumed")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe field, e.g. --set stages.0.lr=1e-5 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set stages.0.lr=1e-5 (repeatable)",
+    )
     train.set_defaults(func=_cmd_train)
 
 
@@ -229,17 +241,33 @@ def _add_run_parser(sub) -> None:
     run.add_argument("--config", help="the parallel recipe (default: configs/tiny.yaml)")
     run.add_argument("--baseline", help="the sequential baseline recipe (default: configs/tiny_sequential.yaml)")
     run.add_argument("--no-baseline", action="store_true", help="train the parallel recipe only")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field of both recipes, e.g. --set stages.rl_hard.max_steps=10 (repeatable)")
-    run.add_argument("--stages", type=int, metavar="N",
-                     help="the first N stages of each recipe only (2: SFT and RL on easy problems, about 8 minutes)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of both recipes, e.g. --set stages.rl_hard.max_steps=10 (repeatable)",
+    )
+    run.add_argument(
+        "--stages",
+        type=int,
+        metavar="N",
+        help="the first N stages of each recipe only (2: SFT and RL on easy problems, about 8 minutes)",
+    )
     run.add_argument("--eval-problems", type=int, help="held-out problems per level (default: 64)")
     run.add_argument("--eval-k", type=int, help="samples per held-out problem (default: 4)")
-    run.add_argument("--model", default="tiny",
-                     help="tiny (default: the whole method from scratch) or a pretrained preset such as smollm2-135m "
-                     "(a few SFT steps on real cold-start data, then one parallel generation)")
-    run.add_argument("--data", help="cold-start JSONL for a pretrained --model (rows with question, response, "
-                     "answer in the parallel format; default: the built-in task's teacher solutions)")
+    run.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (default: the whole method from scratch) or a pretrained preset such as smollm2-135m "
+        "(a few SFT steps on real cold-start data, then one parallel generation)",
+    )
+    run.add_argument(
+        "--data",
+        help="cold-start JSONL for a pretrained --model (rows with question, response, "
+        "answer in the parallel format; default: the built-in task's teacher solutions)",
+    )
     run.add_argument("--steps", type=int, default=4, help="SFT steps for a pretrained --model")
     run.set_defaults(func=_cmd_run)
 
@@ -259,10 +287,21 @@ def _cmd_run(args) -> int:
     for recipe in result.summary["recipes"]:
         if recipe["rl_gain"] is not None:
             log.info(
-                "%s: held-out accuracy %.3f after SFT, %.3f after RL",
+                "%s: held-out accuracy %.3f after SFT, %.3f ± %.3f after RL",
                 recipe["label"],
                 recipe["sft_accuracy"],
                 recipe["rl_accuracy"],
+                recipe["final_se"] or 0.0,
+            )
+        vs = recipe.get("vs_baseline")
+        if vs:
+            log.info(
+                "%s minus the baseline: %+.3f ± %.3f over %d held-out problems (%s two standard errors)",
+                recipe["label"],
+                vs["diff"],
+                vs["se"],
+                vs["problems"],
+                "beyond" if vs["significant"] else "within",
             )
     log.info("report: %s", result.report)
     return 0
@@ -274,16 +313,28 @@ def _add_study_parser(sub) -> None:
         help="the paper's comparison on the built-in task: sequential GRPO, Seen, Unseen-S1/S2 and the "
         "mid-training scaffold at equal budget, over seeds, with ablations and an HTML report",
     )
-    study.add_argument("--out", default="runs/study",
-                       help="study folder (default: runs/study); an existing one is resumed, and the sweep and "
-                       "the study share its SFT models")
+    study.add_argument(
+        "--out",
+        default="runs/study",
+        help="study folder (default: runs/study); an existing one is resumed, and the sweep and "
+        "the study share its SFT models",
+    )
     study.add_argument("--arms", help=f"comma-separated arms (default: {','.join(ARMS)})")
     study.add_argument("--seeds", default=",".join(str(s) for s in SEEDS), help="comma-separated RL seeds")
-    study.add_argument("--sweep", action="store_true",
-                       help="instead of the study: each arm's RL learning rate on validation problems (first seed)")
+    study.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the study: each arm's RL learning rate on validation problems (first seed)",
+    )
     study.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in SWEEP_LRS), help="learning rates of --sweep")
-    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field of every arm's recipe, e.g. --set stages.rl_hard.max_steps=10")
+    study.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of every arm's recipe, e.g. --set stages.rl_hard.max_steps=10",
+    )
     study.add_argument("--eval-problems", type=int, help="problems per level (default: 64)")
     study.add_argument("--eval-k", type=int, help="samples per problem (default: 4)")
     study.set_defaults(func=_cmd_study)
@@ -322,8 +373,11 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     gen.add_argument("--n", type=int, default=1, help="samples per prompt")
     _add_sampling_flags(gen)
-    gen.add_argument("--open-block", action="store_true",
-                     help="start each response with an inserted <Parallel> (a model that does not open blocks yet)")
+    gen.add_argument(
+        "--open-block",
+        action="store_true",
+        help="start each response with an inserted <Parallel> (a model that does not open blocks yet)",
+    )
     gen.add_argument("--backend", choices=BACKENDS, default="hf", help="vllm: a model directory or Hub id")
     gen.add_argument("--jsonl", help="also write one JSON record per rollout here")
     gen.set_defaults(func=_cmd_generate)

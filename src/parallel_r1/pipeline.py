@@ -48,9 +48,10 @@ from parallel_r1.config import (
 from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
 from parallel_r1.engine import make_engine
 from parallel_r1.evaluate import EvalConfig, evaluate_benchmark, sample_record, write_results
+from parallel_r1.layout import DONE_FILE, RUN_FILE, SUMMARY_FILE, eval_file, stage_dir
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
-from parallel_r1.recipe import run_recipe, stage_dir
+from parallel_r1.recipe import run_recipe
 from parallel_r1.report import write_report
 from parallel_r1.rollout import SAMPLING_FIELDS, SamplingParams
 from parallel_r1.trainer import final_model, stage_is_done
@@ -89,7 +90,9 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
-def default_specs(config: str | Path | None = None, baseline: str | Path | None = None, with_baseline: bool = True) -> list[RecipeSpec]:
+def default_specs(
+    config: str | Path | None = None, baseline: str | Path | None = None, with_baseline: bool = True
+) -> list[RecipeSpec]:
     specs = [RecipeSpec("parallel", Path(config or DEFAULT_RECIPE))]
     if with_baseline:
         specs.append(RecipeSpec("sequential", Path(baseline or BASELINE_RECIPE)))
@@ -131,7 +134,9 @@ def write_sft_data(stage: StageConfig, seed: int, path: Path) -> Path:
     """The teacher's solutions for a task SFT stage, in its `data.task_style`, as {id, question, response,
     answer} rows: the same records the trainer would generate itself, written where one can read them."""
     cfg = stage.data
-    examples = builtin_task.teacher_examples(cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, cfg.task)
+    examples = builtin_task.teacher_examples(
+        cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, cfg.task
+    )
     rows = [{"id": p.id, "question": p.question, "response": r, "answer": str(p.answer)} for p, r in examples]
     return _write_jsonl(path, rows)
 
@@ -143,7 +148,9 @@ def write_problems(settings: EvalSettings, path: Path, problems: list[Problem] |
         problems = [
             p
             for level in settings.levels
-            for p in builtin_task.make_eval_problems(settings.problems_per_level, (level,), settings.seed, settings.task)
+            for p in builtin_task.make_eval_problems(
+                settings.problems_per_level, (level,), settings.seed, settings.task
+            )
         ]
     _write_jsonl(path, [{"id": p.id, "question": p.question, "answer": p.answer} for p in problems])
     return load_problems(str(path))
@@ -187,8 +194,17 @@ def eval_config(recipe: Recipe, variant: str, settings: EvalSettings, **changes)
     return EvalConfig(**{**values, **changes})
 
 
-def evaluate_model(model_dir: Path, recipe: Recipe, problems: list[Problem], settings: EvalSettings, name: str,
-                   out: Path, benchmark: str = HELDOUT, variant: str | None = None, **changes) -> dict:
+def evaluate_model(
+    model_dir: Path,
+    recipe: Recipe,
+    problems: list[Problem],
+    settings: EvalSettings,
+    name: str,
+    out: Path,
+    benchmark: str = HELDOUT,
+    variant: str | None = None,
+    **changes,
+) -> dict:
     """Sample k responses per problem with the model in `model_dir`; write `evaluate` results to `out`.
     `variant` defaults to the recipe's last stage's; `changes` go to `eval_config`."""
     model, tokenizer = load_model_and_tokenizer(model_dir)
@@ -203,11 +219,13 @@ def evaluate_model(model_dir: Path, recipe: Recipe, problems: list[Problem], set
 # The run.
 
 
-def _stage_timings(recipe_dir: Path, recipe: Recipe, label: str, started: float, done_before: set[int]) -> dict[str, float]:
+def _stage_timings(
+    recipe_dir: Path, recipe: Recipe, label: str, started: float, done_before: set[int]
+) -> dict[str, float]:
     """Seconds each stage took in this invocation, from the times their DONE files were written."""
     out, previous = {}, started
     for i, stage in enumerate(recipe.stages):
-        done = stage_dir(recipe_dir, i, stage) / "DONE"
+        done = stage_dir(recipe_dir, i, stage.name) / DONE_FILE
         if not done.is_file():
             break
         finished = done.stat().st_mtime
@@ -218,7 +236,7 @@ def _stage_timings(recipe_dir: Path, recipe: Recipe, label: str, started: float,
 
 
 def _save_run_info(run_dir: Path, info: dict) -> None:
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def run_pipeline(
@@ -263,22 +281,25 @@ def run_pipeline(
 
     for spec, recipe in zip(specs, recipes):
         recipe_dir = run_dir / spec.label
-        done_before = {i for i, s in enumerate(recipe.stages) if stage_is_done(stage_dir(recipe_dir, i, s))}
+        done_before = {i for i, s in enumerate(recipe.stages) if stage_is_done(stage_dir(recipe_dir, i, s.name))}
         t0 = time.time()
         log.info("recipe %s (%s): %s", spec.label, spec.path, ", ".join(s.name for s in recipe.stages))
         run_recipe(recipe, recipe_dir)
         timings.update(_stage_timings(recipe_dir, recipe, spec.label, t0, done_before))
         t0 = time.time()
         for i, stage in enumerate(recipe.stages):
-            folder = stage_dir(recipe_dir, i, stage)
-            out = recipe_dir / "eval" / f"{folder.name}.json"
+            folder = stage_dir(recipe_dir, i, stage.name)
+            out = eval_file(recipe_dir, folder)
             if out.is_file():
                 continue
             name = f"{spec.label}/{stage.name}"
             result = evaluate_model(final_model(folder), recipe, heldout, settings, name, out, variant=stage.variant)
             log.info(
                 "%s after %s: held-out accuracy %.3f, parallel ratio %.2f",
-                spec.label, stage.name, result["mean_at_k"], result["parallel_ratio"],
+                spec.label,
+                stage.name,
+                result["mean_at_k"],
+                result["parallel_ratio"],
             )
         timings[f"{spec.label}/eval"] = round(time.time() - t0, 1)
         _save_run_info(run_dir, info)
@@ -286,7 +307,7 @@ def run_pipeline(
     timings["total"] = round(time.time() - started, 1)
     _save_run_info(run_dir, info)
     report = write_report(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     log.info("report: %s", report)
     return RunResult(run_dir, report, summary)
 
@@ -349,7 +370,9 @@ def run_pretrained(
         data_path = run_dir / "data" / "coldstart.jsonl"
         examples = builtin_task.teacher_examples(64, None, 0, "parallel", task_name)
         _write_jsonl(data_path, [{"question": p.question, "response": r, "answer": str(p.answer)} for p, r in examples])
-        problem = builtin_task.make_eval_problems(1, builtin_task.task_module(task_name).EVAL_LEVELS[-1:], 0, task_name)[0]
+        problem = builtin_task.make_eval_problems(
+            1, builtin_task.task_module(task_name).EVAL_LEVELS[-1:], 0, task_name
+        )[0]
     else:
         data_path = Path(data)
         if not data_path.is_file():

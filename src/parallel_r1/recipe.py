@@ -17,8 +17,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from parallel_r1.config import Recipe, StageConfig, dump_recipe, parse_recipe
+from parallel_r1.config import Recipe, dump_recipe, parse_recipe
 from parallel_r1.grpo import GRPOTrainer
+from parallel_r1.layout import RECIPE_FILE, stage_dir
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.sft import SFTTrainer
 from parallel_r1.trainer import final_model, stage_is_done
@@ -26,12 +27,8 @@ from parallel_r1.trainer import final_model, stage_is_done
 log = logging.getLogger(__name__)
 
 
-def stage_dir(run_dir: str | Path, index: int, stage: StageConfig) -> Path:
-    return Path(run_dir) / f"{index:02d}-{stage.name}"
-
-
 def _record_recipe(recipe: Recipe, run_dir: Path) -> None:
-    path = run_dir / "recipe.yaml"
+    path = run_dir / RECIPE_FILE
     text = dump_recipe(recipe)
     if path.is_file() and parse_recipe(path.read_text(), str(path)) != recipe:
         log.warning("%s holds a different recipe than this run's; resuming with the new one", path)
@@ -48,7 +45,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path) -> Path:
     accelerator.wait_for_everyone()
     previous: Path | None = None
     for i, stage in enumerate(recipe.stages):
-        out = stage_dir(run_dir, i, stage)
+        out = stage_dir(run_dir, i, stage.name)
         if stage_is_done(out):
             previous = final_model(out)
             log.info("stage %s already finished (%s)", stage.name, previous.name)

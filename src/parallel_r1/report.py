@@ -25,17 +25,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from parallel_r1.analysis import analyze_records
+from parallel_r1.layout import EVAL_DIR, FIGURES_DIR, REPORT_FILE, RUN_FILE, STAGE_DIR, SUMMARY_FILE, eval_file
 from parallel_r1.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-REPORT_FILE = "report.html"
-SUMMARY_FILE = "summary.json"
-FIGURES_DIR = "figures"
-EVAL_DIR = "eval"
-_STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
-_LEVEL = re.compile(r"(?:^|/)arith-L(\d+)-")
+_LEVEL = re.compile(r"(?:^|/)(?:arith|search)-L(\d+)-")
 STRATEGY_BUCKETS = 12
 
 
@@ -70,6 +66,8 @@ class RecipeEvidence:
     sft_accuracy: float | None  # after the last SFT stage
     rl_accuracy: float | None  # after the last stage, when it is a GRPO stage
     rl_gain: float | None  # rl_accuracy - sft_accuracy
+    final_se: float | None = None  # standard error of the last stage's held-out accuracy, over problems
+    vs_baseline: dict | None = None  # last stage against the baseline's on the same problems: diff, se, significant
 
 
 @dataclass
@@ -94,7 +92,7 @@ def _read_run_file(run_dir: Path) -> dict:
 
 
 def _load_eval(recipe_dir: Path, stage_dir: Path) -> tuple[dict | None, Path | None]:
-    path = recipe_dir / EVAL_DIR / f"{stage_dir.name}.json"
+    path = eval_file(recipe_dir, stage_dir)
     if not path.is_file():
         return None, None
     try:
@@ -111,7 +109,7 @@ def load_recipe_run(directory: str | Path, label: str | None = None) -> RecipeRu
     directory = Path(directory)
     stages = []
     for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
-        match = _STAGE_DIR.match(sub.name)
+        match = STAGE_DIR.match(sub.name)
         if not match or not (sub / "metrics.jsonl").is_file():
             continue
         metrics = read_jsonl(sub / "metrics.jsonl")
@@ -157,6 +155,36 @@ def _tail_mean(values: list[float], share: float = 0.25) -> float:
     return sum(tail) / len(tail)
 
 
+def per_problem_accuracy(samples: Path | None) -> dict[str, float]:
+    """Problem id -> share of its samples that are correct, from an eval's samples file."""
+    if samples is None:
+        return {}
+    groups: dict[str, list[bool]] = {}
+    for r in read_jsonl(samples):
+        groups.setdefault(str(r["problem_id"]), []).append(bool(r["correct"]))
+    return {pid: sum(v) / len(v) for pid, v in groups.items()}
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of `values` (0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict | None:
+    """Mean of a - b over the problems both were evaluated on, its standard error, and whether it exceeds
+    two standard errors (problems are the unit: the same problems, so the difference is paired)."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 2:
+        return None
+    diffs = [a[p] - b[p] for p in shared]
+    diff, se = sum(diffs) / len(diffs), standard_error(diffs)
+    return {"diff": diff, "se": se, "problems": len(shared), "significant": bool(se > 0 and abs(diff) > 2 * se)}
+
+
 def recipe_evidence(run: RecipeRun) -> RecipeEvidence:
     evaluated = [s for s in run.stages if s.eval is not None]
     acc = {s.name: float(s.eval["mean_at_k"]) for s in evaluated}
@@ -171,11 +199,17 @@ def recipe_evidence(run: RecipeRun) -> RecipeEvidence:
     sft_acc = acc.get(sft[-1].name) if sft else None
     rl_acc = acc.get(last.name) if last.kind == "grpo" else None
     gain = rl_acc - sft_acc if rl_acc is not None and sft_acc is not None else None
-    return RecipeEvidence(run.label, acc, par, train_par, sft_acc, rl_acc, gain)
+    final = per_problem_accuracy(last.eval_samples)
+    final_se = standard_error(list(final.values())) if final else None
+    return RecipeEvidence(run.label, acc, par, train_par, sft_acc, rl_acc, gain, final_se)
 
 
 def build_evidence(runs: list[RecipeRun], timings: dict[str, float] | None = None) -> Evidence:
     recipes = [recipe_evidence(r) for r in runs]
+    # The first recipe is the parallel one, the others are set against it on the same held-out problems.
+    if len(runs) > 1:
+        baseline = per_problem_accuracy(runs[-1].stages[-1].eval_samples)
+        recipes[0].vs_baseline = paired_difference(per_problem_accuracy(runs[0].stages[-1].eval_samples), baseline)
     beats = {r.label: r.rl_gain > 0 for r in recipes if r.rl_gain is not None}
     return Evidence(recipes, beats, dict(timings or {}))
 
@@ -364,14 +398,20 @@ def results_table(runs: list[RecipeRun]) -> str:
         cells += [f"{e['parallel_ratio']:.2f}", f"{e['well_formed_ratio']:.2f}", f"{e['blocks_per_response']:.2f}"]
         cells += [f"{e['mean_response_tokens']:.0f}", f"{e['mean_path_tokens']:.0f}"]
         cells += [f"{by_level[lv]:.2f}" if lv in by_level else "-" for lv in levels]
-        lines.append(f'<tr data-recipe="{html.escape(run.label, quote=True)}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        lines.append(
+            f'<tr data-recipe="{html.escape(run.label, quote=True)}">'
+            + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+            + "</tr>"
+        )
     return '<table class="results">' + "".join(lines) + "</table>"
 
 
 def _stage_table(runs: list[RecipeRun], evidence: Evidence) -> str:
     """Parallel ratio at every stage: held-out after the stage, and while training for GRPO stages."""
-    lines = ["<tr><th>recipe</th><th>stage</th><th>kind</th><th>steps</th><th>held-out parallel ratio</th>"
-             "<th>training parallel ratio (last quarter)</th><th>seconds</th></tr>"]
+    lines = [
+        "<tr><th>recipe</th><th>stage</th><th>kind</th><th>steps</th><th>held-out parallel ratio</th>"
+        "<th>training parallel ratio (last quarter)</th><th>seconds</th></tr>"
+    ]
     for run, ev in zip(runs, evidence.recipes):
         for s in run.stages:
             held = ev.heldout_parallel_ratio.get(s.name)
@@ -395,10 +435,23 @@ def _verdicts(evidence: Evidence) -> str:
             f"{r.sft_accuracy:.3f} after SFT, {r.rl_accuracy:.3f} after RL "
             f"({r.rl_gain:+.3f}: RL {'improved' if ok else 'did not improve'} on SFT).</p>"
         )
-    finals = [(r.label, r.rl_accuracy) for r in evidence.recipes if r.rl_accuracy is not None]
+    finals = [r for r in evidence.recipes if r.rl_accuracy is not None]
     if len(finals) > 1:
-        text = ", ".join(f"{html.escape(label)} {acc:.3f}" for label, acc in finals)
-        out.append(f'<p class="verdict">Final held-out accuracy, same budget: {text}.</p>')
+        text = ", ".join(f"{html.escape(r.label)} {r.rl_accuracy:.3f} ± {r.final_se or 0:.3f}" for r in finals)
+        out.append(
+            f'<p class="verdict">Final held-out accuracy, same budget (± standard error over problems): {text}.</p>'
+        )
+        vs = finals[0].vs_baseline
+        if vs:
+            if not vs["significant"]:
+                how = "within two standard errors: this run shows no difference"
+            else:
+                how = "more than two standard errors " + ("above" if vs["diff"] > 0 else "below") + " the baseline"
+            out.append(
+                f'<p class="verdict">{html.escape(finals[0].label)} minus {html.escape(finals[-1].label)}, paired over '
+                f"{vs['problems']} held-out problems: {vs['diff']:+.3f} ± {vs['se']:.3f} ({how}). One training seed; "
+                "<code>parallel-r1 study</code> repeats the comparison over seeds.</p>"
+            )
     return "".join(out)
 
 
@@ -456,11 +509,14 @@ def render_report(run_dir: str | Path, title: str | None = None) -> tuple[str, E
     (figures / "training.png").write_bytes(training)
     (figures / "heldout.png").write_bytes(heldout)
     strategy = [(run.label, plot_strategy(run, figures)) for run in runs]
-    strategy_html = "".join(
-        f"<h3>{html.escape(label)}</h3>{_img(path.read_bytes(), f'block positions, {label}')}"
-        for label, path in strategy
-        if path is not None
-    ) or "<p>No response opened a parallel block during RL.</p>"
+    strategy_html = (
+        "".join(
+            f"<h3>{html.escape(label)}</h3>{_img(path.read_bytes(), f'block positions, {label}')}"
+            for label, path in strategy
+            if path is not None
+        )
+        or "<p>No response opened a parallel block during RL.</p>"
+    )
     evidence_json = json.dumps(asdict(evidence), indent=1).replace("</", "<\\/")
     settings = info.get("eval", {})
     settings_line = ", ".join(f"{html.escape(str(k))}={html.escape(str(v))}" for k, v in settings.items())
@@ -516,8 +572,6 @@ def read_evidence(report: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The study report (`parallel-r1 study`).
 
-STUDY_REPORT_FILE = "report.html"
-
 
 def plot_study(summary: dict) -> bytes:
     """Held-out accuracy per arm (mean and standard error over seeds), as trained and with the ablations."""
@@ -560,14 +614,18 @@ def _study_verdict(summary: dict) -> str:
     else:
         verdict = "is within two standard errors of the sequential baseline: no difference is shown"
     stats = arms[best]["stats"]
-    text = (f"The best parallel arm, <b>{html.escape(best)}</b>, {verdict}: held-out accuracy "
-            f"{stats['heldout']['mean']:.3f} ± {stats['heldout']['se']:.3f} against "
-            f"{arms['sequential']['stats']['heldout']['mean']:.3f} ± {arms['sequential']['stats']['heldout']['se']:.3f} "
-            f"(difference {vs['diff']:+.3f} ± {vs['se']:.3f}, {len(summary['seeds'])} seeds).")
+    text = (
+        f"The best parallel arm, <b>{html.escape(best)}</b>, {verdict}: held-out accuracy "
+        f"{stats['heldout']['mean']:.3f} ± {stats['heldout']['se']:.3f} against "
+        f"{arms['sequential']['stats']['heldout']['mean']:.3f} ± {arms['sequential']['stats']['heldout']['se']:.3f} "
+        f"(difference {vs['diff']:+.3f} ± {vs['se']:.3f}, {len(summary['seeds'])} seeds)."
+    )
     if "no_blocks" in stats:
-        text += (f" With blocks banned the same models score {stats['no_blocks']['mean']:.3f} ± "
-                 f"{stats['no_blocks']['se']:.3f}: the blocks account for "
-                 f"{stats['heldout']['mean'] - stats['no_blocks']['mean']:+.3f}.")
+        text += (
+            f" With blocks banned the same models score {stats['no_blocks']['mean']:.3f} ± "
+            f"{stats['no_blocks']['se']:.3f}: the blocks account for "
+            f"{stats['heldout']['mean'] - stats['no_blocks']['mean']:+.3f}."
+        )
     return f'<p class="verdict">{text}</p>'
 
 
@@ -576,17 +634,19 @@ def _oracle_table(summary: dict) -> str:
     for arm, entry in summary["arms"].items():
         o = entry["sft"].get("oracle")
         if o:
-            rows.append(f"<tr><td>{html.escape(arm)}</td><td>{html.escape(entry['sft'].get('folder', ''))}</td>"
-                        f"<td>{o['single_path']:.3f}</td><td>{o['best_of_block']:.3f}</td><td>{o['blocks']}</td></tr>")
+            rows.append(
+                f"<tr><td>{html.escape(arm)}</td><td>{html.escape(entry['sft'].get('folder', ''))}</td>"
+                f"<td>{o['single_path']:.3f}</td><td>{o['best_of_block']:.3f}</td><td>{o['blocks']}</td></tr>"
+            )
     if not rows:
         return "<p>No parallel SFT model wrote a block.</p>"
-    return ("<table><tr><th>arm</th><th>SFT model</th><th>one path reaches the answer</th>"
-            "<th>best path of the block does</th><th>blocks</th></tr>" + "".join(dict.fromkeys(rows)) + "</table>")
+    return (
+        "<table><tr><th>arm</th><th>SFT model</th><th>one path reaches the answer</th>"
+        "<th>best path of the block does</th><th>blocks</th></tr>" + "".join(dict.fromkeys(rows)) + "</table>"
+    )
 
 
 def _strategy_table(study_dir: Path, summary: dict) -> str:
-    from parallel_r1.analysis import analyze_records
-
     rows = []
     for arm in summary["arms"]:
         records = []
@@ -601,11 +661,15 @@ def _strategy_table(study_dir: Path, summary: dict) -> str:
         def fmt(v, digits=2):
             return "-" if v is None else f"{v:.{digits}f}"
 
-        rows.append(f"<tr><td>{html.escape(arm)}</td><td>{fmt(s.parallel_ratio)}</td><td>{fmt(s.blocks_per_response)}</td>"
-                    f"<td>{fmt(s.mean_position)}</td><td>{fmt(s.exploration_share)}</td>"
-                    f"<td>{fmt(s.verification_share)}</td><td>{fmt(s.path_agreement)}</td></tr>")
-    return ("<table><tr><th>arm</th><th>block ratio</th><th>blocks / response</th><th>mean block position</th>"
-            "<th>exploration</th><th>verification</th><th>paths agree</th></tr>" + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><td>{html.escape(arm)}</td><td>{fmt(s.parallel_ratio)}</td><td>{fmt(s.blocks_per_response)}</td>"
+            f"<td>{fmt(s.mean_position)}</td><td>{fmt(s.exploration_share)}</td>"
+            f"<td>{fmt(s.verification_share)}</td><td>{fmt(s.path_agreement)}</td></tr>"
+        )
+    return (
+        "<table><tr><th>arm</th><th>block ratio</th><th>blocks / response</th><th>mean block position</th>"
+        "<th>exploration</th><th>verification</th><th>paths agree</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def write_study_report(study_dir: str | Path, summary: dict, table: str) -> Path:
@@ -622,7 +686,7 @@ def write_study_report(study_dir: str | Path, summary: dict, table: str) -> Path
     title = f"parallel-r1 study: {study_dir.name}"
     body = f"""<h1>{html.escape(title)}</h1>
 {_study_verdict(summary)}
-<p>Task <code>{html.escape(summary['task'])}</code>. Every arm's RL stage has the same problems, steps, prompts
+<p>Task <code>{html.escape(summary["task"])}</code>. Every arm's RL stage has the same problems, steps, prompts
 and samples per step; tokens are reported beside accuracy because parallel responses are longer.
 "Positions" counts what a response occupies when a block's paths run side by side (main text plus the
 longest path of each block): what bounds latency and context.</p>
@@ -645,7 +709,7 @@ path of a block does. The gap is what a summary that chooses well can win.</p>
 <script type="application/json" id="evidence">{summary_json}</script>
 </body></html>
 """
-    out = study_dir / STUDY_REPORT_FILE
+    out = study_dir / REPORT_FILE
     out.write_text(page, encoding="utf-8")
     return out
 
@@ -663,5 +727,8 @@ def _markdown_table_html(markdown: str) -> str:
     parts += ["<tr>" + "".join(f"<td>{c}</td>" for c in cells(line)) + "</tr>" for line in body]
     parts.append("</table>")
     notes = [line for line in markdown.splitlines() if line and not line.startswith("|")]
-    return "".join(f"<p>{html.escape(n)}</p>" for n in notes[:1]) + "".join(parts) + "".join(
-        f"<p>{html.escape(n)}</p>" for n in notes[1:])
+    return (
+        "".join(f"<p>{html.escape(n)}</p>" for n in notes[:1])
+        + "".join(parts)
+        + "".join(f"<p>{html.escape(n)}</p>" for n in notes[1:])
+    )

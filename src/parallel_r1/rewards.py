@@ -1,4 +1,4 @@
-"""Rewards for GRPO (SPEC section 6): accuracy, the parallel bonus behind a format gate, and schedules.
+"""Rewards for GRPO (docs/training.md, "Rewards"): accuracy, the parallel bonus behind a format gate, and schedules.
 
 With the default values a response scores:
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .answers import extract_answer, verify
-from .format import parse
+from parallel_r1.answers import extract_answer, verify
+from parallel_r1.format import parse
 
 SCHEDULE_KINDS = ("accuracy", "parallel", "alternating", "mid_training")
 
@@ -150,7 +150,3 @@ def score_batch(
         raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
     active = schedule.parallel_active(step)
     return [score_response(r, g, active, **values) for r, g in zip(responses, golds)]
-
-
-# The name docs/design.md gives the batch entry point.
-compute_rewards = score_batch

@@ -14,7 +14,7 @@ same (shuffled) order:
 
 * ``parallel``: blocks of `num_paths` paths, one candidate a path; the summary names the candidate that
   checked out (``7 works``) or says ``none works`` and the next block tries the next candidates;
-* ``sequential``: one try after another, stopping at the one that checks out.
+* ``sequential``: one try after another (a blank line between tries), stopping at the one that works.
 
 Levels grade the difficulty (more candidates, bigger multipliers, subtraction). Train and held-out
 problems are told apart by a hash of the computation that solves them (multiplier, offset, answer):
@@ -135,7 +135,9 @@ def _in_split(problem: SearchProblem, split: str) -> bool:
     return all(split_of(computation_key(problem.factor, problem.offset, c)) == "train" for c in problem.candidates)
 
 
-def generate(n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0) -> list[SearchProblem]:
+def generate(
+    n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0
+) -> list[SearchProblem]:
     """`n` distinct problems of `split`, levels taken in turn; the same arguments give the same list."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -160,13 +162,15 @@ def generate(n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "tr
 
 
 def try_lines(n: int, factor: int, offset: int, target: int) -> str:
-    """One try: the candidate's value in two equations, then the value set beside the target and the
-    verdict (the comparison written out, so that a small model compares two numbers side by side)."""
+    """One try: the candidate's value in two equations, the value set beside the target, and the verdict
+    with the candidate restated (``5 works`` / ``5 fails``). Written out so that a small model compares two
+    numbers side by side, and so that a summary finds the candidate next to the word that says it works:
+    in the Unseen layout every path starts at the same position, so position cannot tell paths apart."""
     product = n * factor
     sign = "+" if offset >= 0 else "-"
     reached = product + offset
-    verdict = "yes" if reached == target else "no"
-    return f"{n}*{factor}={product}\n{product}{sign}{abs(offset)}={reached}\n{reached} vs {target} {verdict}"
+    verdict = "works" if reached == target else "fails"
+    return f"{n}*{factor}={product}\n{product}{sign}{abs(offset)}={reached}\n{reached} vs {target}: {n} {verdict}"
 
 
 def teacher_solution(
@@ -182,19 +186,21 @@ def teacher_solution(
     final = f"Final Answer: {problem.answer}"
     tries = [try_lines(c, problem.factor, problem.offset, problem.target) for c in order]
     if style == "sequential":
-        return "\n".join(tries[: hit + 1]) + "\n" + final
+        # A blank line between tries: the sequential trace gets a separator of its own, as paths get tags.
+        return "\n\n".join(tries[: hit + 1]) + "\n" + final
     blocks = []
     for start in range(0, hit + 1, num_paths):
         group = order[start : start + num_paths]
         if len(group) < 2:  # a block needs two paths: the last one re-tries a candidate already ruled out
             group = [order[start - 1], *group] if start else group + group
-        paths = "".join(PATH_OPEN + try_lines(c, problem.factor, problem.offset, problem.target) + PATH_CLOSE for c in group)
+        paths = "".join(
+            PATH_OPEN + try_lines(c, problem.factor, problem.offset, problem.target) + PATH_CLOSE for c in group
+        )
         summary = f"{problem.answer} works" if problem.answer in group else "none works"
         blocks.append(PARALLEL_OPEN + paths + PARALLEL_CLOSE + SUMMARY_OPEN + summary + SUMMARY_CLOSE)
     return "".join(blocks) + final
 
 
 def path_hits(path: str, gold: str) -> bool:
-    """Whether a path of a solution tried the right candidate and found that it checks out."""
-    words = path.split()
-    return bool(words) and words[-1] == "yes" and path.split("*", 1)[0].strip() == str(gold).strip()
+    """Whether a path of a solution tried the right candidate and found that it works."""
+    return path.rstrip().endswith(f": {str(gold).strip()} works")

@@ -75,7 +75,9 @@ def load_records(stage: StageConfig, seed: int) -> list:
     cfg = stage.data
     template = prompt_template(cfg.prompt)
     if cfg.source == "task":
-        return task.make_sft_records(cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, template, cfg.task)
+        return task.make_sft_records(
+            cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, template, cfg.task
+        )
     records = data.load_sft_records(cfg.source, template=template)
     return records[: cfg.limit] if cfg.limit else records
 

@@ -40,9 +40,10 @@ from datetime import datetime
 from pathlib import Path
 
 from parallel_r1 import task as builtin_task
-from parallel_r1.config import ConfigError, Recipe, StageConfig, dump_recipe, load_recipe, override
+from parallel_r1.config import ConfigError, Recipe, StageConfig, dump_recipe, load_recipe, override, parse_recipe
 from parallel_r1.data import Problem
 from parallel_r1.format import parse
+from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
 from parallel_r1.metrics import atomic_write_text, read_jsonl
 from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
@@ -110,8 +111,10 @@ def _get(obj, dotted: str):
 
 
 def rl_budget(recipe: Recipe) -> list[tuple]:
-    return [tuple(_get(s, f) if not isinstance(_get(s, f), list) else tuple(_get(s, f)) for f in _BUDGET_FIELDS)
-            for s in split_stages(recipe)[1]]
+    return [
+        tuple(_get(s, f) if not isinstance(_get(s, f), list) else tuple(_get(s, f)) for f in _BUDGET_FIELDS)
+        for s in split_stages(recipe)[1]
+    ]
 
 
 def sft_key(recipe: Recipe) -> str:
@@ -150,8 +153,15 @@ def eval_variants(recipe: Recipe) -> dict[str, dict]:
     return out
 
 
-def evaluate_all(model_dir: Path, recipe: Recipe, problems: list[Problem], settings: EvalSettings, name: str,
-                 eval_dir: Path, benchmark: str = "heldout") -> dict[str, dict]:
+def evaluate_all(
+    model_dir: Path,
+    recipe: Recipe,
+    problems: list[Problem],
+    settings: EvalSettings,
+    name: str,
+    eval_dir: Path,
+    benchmark: str = "heldout",
+) -> dict[str, dict]:
     """Every evaluation of `eval_variants` for one model; finished ones are read back."""
     results = {}
     for ev, changes in eval_variants(recipe).items():
@@ -160,8 +170,13 @@ def evaluate_all(model_dir: Path, recipe: Recipe, problems: list[Problem], setti
             results[ev] = json.loads(out.read_text())["results"][0]
             continue
         results[ev] = evaluate_model(model_dir, recipe, problems, settings, f"{name}/{ev}", out, benchmark, **changes)
-        log.info("%s %s: accuracy %.3f, parallel ratio %.2f", name, ev, results[ev]["mean_at_k"],
-                 results[ev]["parallel_ratio"])
+        log.info(
+            "%s %s: accuracy %.3f, parallel ratio %.2f",
+            name,
+            ev,
+            results[ev]["mean_at_k"],
+            results[ev]["parallel_ratio"],
+        )
     return results
 
 
@@ -236,8 +251,11 @@ def _generated_tokens(run_dir: Path) -> int:
     return total
 
 
-def run_study(study_dir: str | Path | None = None, settings: StudySettings | None = None,
-              overrides: list[str] | tuple[str, ...] = ()) -> Path:
+def run_study(
+    study_dir: str | Path | None = None,
+    settings: StudySettings | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Path:
     """SFT (shared), GRPO per arm and seed, the three evaluations of every model, then the report."""
     settings = settings or StudySettings()
     study_dir = Path(study_dir or Path("runs") / f"study-{datetime.now():%Y%m%d-%H%M%S}")
@@ -247,10 +265,18 @@ def run_study(study_dir: str | Path | None = None, settings: StudySettings | Non
     ev = settings.eval
     ev = replace(ev, task=ev.task or task_name, levels=ev.levels or builtin_task.task_module(task_name).EVAL_LEVELS)
     study_dir.mkdir(parents=True, exist_ok=True)
-    info_path = study_dir / "study.json"
+    info_path = study_dir / STUDY_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"timings": {}}
-    info.update({"arms": list(recipes), "seeds": list(settings.seeds), "task": task_name, "eval": asdict(ev),
-                 "overrides": list(overrides), "recipes_dir": str(settings.recipes_dir)})
+    info.update(
+        {
+            "arms": list(recipes),
+            "seeds": list(settings.seeds),
+            "task": task_name,
+            "eval": asdict(ev),
+            "overrides": list(overrides),
+            "recipes_dir": str(settings.recipes_dir),
+        }
+    )
     _save(info_path, info)
     heldout = write_problems(ev, study_dir / "data" / "heldout.jsonl")
 
@@ -258,7 +284,7 @@ def run_study(study_dir: str | Path | None = None, settings: StudySettings | Non
     sft_dirs = _train_sft(recipes, study_dir)
     for arm, recipe in recipes.items():
         folder = sft_dirs[arm]
-        evaluate_all(_sft_final(folder, recipe), recipe, heldout, ev, f"sft/{folder.name}", folder / "eval")
+        evaluate_all(_sft_final(folder, recipe), recipe, heldout, ev, f"sft/{folder.name}", folder / EVAL_DIR)
     info["timings"]["sft"] = info["timings"].get("sft", 0) + round(time.time() - t0, 1)
     _save(info_path, info)
 
@@ -266,15 +292,30 @@ def run_study(study_dir: str | Path | None = None, settings: StudySettings | Non
         for arm, recipe in recipes.items():
             t0 = time.time()
             run_dir = study_dir / arm / f"seed{seed}"
-            sft_final = _sft_final(sft_dirs[arm], recipe)
-            rl = rl_recipe(recipe, sft_final, seed)
+            rl = rl_recipe(recipe, _sft_final(sft_dirs[arm], recipe), seed)
+            _reuse_sweep_run(study_dir, arm, rl, run_dir)
             final = run_recipe(rl, run_dir)
-            evaluate_all(final, recipe, heldout, ev, f"{arm}/seed{seed}", run_dir / "eval")
-            info["timings"][f"{arm}/seed{seed}"] = info["timings"].get(f"{arm}/seed{seed}", 0) + round(time.time() - t0, 1)
+            evaluate_all(final, recipe, heldout, ev, f"{arm}/seed{seed}", run_dir / EVAL_DIR)
+            info["timings"][f"{arm}/seed{seed}"] = info["timings"].get(f"{arm}/seed{seed}", 0) + round(
+                time.time() - t0, 1
+            )
             _save(info_path, info)
 
     summary = summarize_study(study_dir)
     return write_study_report(study_dir, summary, markdown_table(summary))
+
+
+def _reuse_sweep_run(study_dir: Path, arm: str, rl: Recipe, run_dir: Path) -> None:
+    """Link `run_dir` to the sweep's run of the same arm when that run is this one (same GRPO stages, seed and
+    learning rate): retraining it would give the same model."""
+    source = study_dir / "sweep" / arm / f"lr{rl.stages[0].lr:g}"
+    recorded = source / RECIPE_FILE
+    if run_dir.exists() or not recorded.is_file():
+        return
+    if parse_recipe(recorded.read_text(), str(recorded)) == rl:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.symlink_to(source.resolve(), target_is_directory=True)
+        log.info("%s: the sweep's run %s is this run; reusing it", run_dir, source)
 
 
 def _sft_final(folder: Path, recipe: Recipe) -> Path:
@@ -298,8 +339,12 @@ def validation_problems(recipes: dict[str, Recipe], seeds: tuple[int, ...], ev: 
         for stage in sft:
             if stage.data.source == "task":
                 cfg = stage.data
-                used |= {p.id for p in builtin_task.make_problems(cfg.limit or cfg.task_size, cfg.task_levels, "train",
-                                                                   recipe.stage_seed(stage), cfg.task)}
+                used |= {
+                    p.id
+                    for p in builtin_task.make_problems(
+                        cfg.limit or cfg.task_size, cfg.task_levels, "train", recipe.stage_seed(stage), cfg.task
+                    )
+                }
         for seed in seeds:
             for stage in rl:
                 used |= {p.id for p in load_stage_problems(stage, replace(recipe, seed=seed).stage_seed(stage))}
@@ -313,8 +358,12 @@ def validation_problems(recipes: dict[str, Recipe], seeds: tuple[int, ...], ev: 
     return out
 
 
-def run_sweep(study_dir: str | Path, settings: StudySettings | None = None, overrides: list[str] | tuple[str, ...] = (),
-              lrs: tuple[float, ...] = SWEEP_LRS) -> dict:
+def run_sweep(
+    study_dir: str | Path,
+    settings: StudySettings | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    lrs: tuple[float, ...] = SWEEP_LRS,
+) -> dict:
     """For every arm and learning rate: the arm's GRPO stages (first study seed) from its shared SFT model,
     scored on validation problems. Writes <study>/sweep/sweep.json and sweep.md; returns the table."""
     settings = settings or StudySettings()
@@ -333,7 +382,7 @@ def run_sweep(study_dir: str | Path, settings: StudySettings | None = None, over
         for lr in lrs:
             run_dir = sweep_dir / arm / f"lr{lr:g}"
             final = run_recipe(rl_recipe(recipe, _sft_final(sft_dirs[arm], recipe), seed, lr), run_dir)
-            out = run_dir / "eval" / "validation.json"
+            out = run_dir / EVAL_DIR / "validation.json"
             if out.is_file():
                 result = json.loads(out.read_text())["results"][0]
             else:
@@ -341,8 +390,14 @@ def run_sweep(study_dir: str | Path, settings: StudySettings | None = None, over
             table.setdefault(arm, {})[f"{lr:g}"] = result["mean_at_k"]
             log.info("sweep %s lr %g: validation accuracy %.3f", arm, lr, result["mean_at_k"])
     best = {arm: max(row, key=row.get) for arm, row in table.items()}
-    result = {"seed": seed, "lrs": [f"{lr:g}" for lr in lrs], "validation": table, "best_lr": best,
-              "problems": len(problems), "k": ev.k}
+    result = {
+        "seed": seed,
+        "lrs": [f"{lr:g}" for lr in lrs],
+        "validation": table,
+        "best_lr": best,
+        "problems": len(problems),
+        "k": ev.k,
+    }
     atomic_write_text(sweep_dir / "sweep.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(result))
     return result
@@ -377,7 +432,7 @@ def _read_eval(path: Path) -> tuple[dict, list[dict]] | None:
 def summarize_study(study_dir: str | Path) -> dict:
     """Read every evaluation back and aggregate over seeds; writes summary.json and study.md."""
     study_dir = Path(study_dir)
-    info = json.loads((study_dir / "study.json").read_text())
+    info = json.loads((study_dir / STUDY_FILE).read_text())
     arms: dict[str, dict] = {}
     for arm in info["arms"]:
         seeds: dict[str, dict] = {}
@@ -385,13 +440,16 @@ def summarize_study(study_dir: str | Path) -> dict:
             run_dir = study_dir / arm / f"seed{seed}"
             row = {}
             for ev in EVALS:
-                found = _read_eval(run_dir / "eval" / f"{ev}.json")
+                found = _read_eval(run_dir / EVAL_DIR / f"{ev}.json")
                 if found:
                     row[ev] = found[0]["mean_at_k"]
                     if ev == "heldout":
                         result = found[0]
-                        row.update(parallel_ratio=result["parallel_ratio"], response_tokens=result["mean_response_tokens"],
-                                   longest_path_tokens=_longest_path(found[1]))
+                        row.update(
+                            parallel_ratio=result["parallel_ratio"],
+                            response_tokens=result["mean_response_tokens"],
+                            longest_path_tokens=_longest_path(found[1]),
+                        )
             if row:
                 row["train_generated_tokens"] = _generated_tokens(run_dir)
                 seeds[str(seed)] = row
@@ -409,7 +467,7 @@ def summarize_study(study_dir: str | Path) -> dict:
         if arm != BASELINE and held and baseline:
             entry["vs_baseline"] = compare(held["values"], baseline["values"])
     summary = {"task": info["task"], "seeds": info["seeds"], "arms": arms, "timings": info.get("timings", {})}
-    atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(study_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(study_dir / "study.md", markdown_table(summary))
     return summary
 
@@ -436,7 +494,7 @@ def _sft_summary(study_dir: Path, arm: str, task_name: str) -> dict:
             continue
         out: dict = {"folder": folder.name}
         for ev in EVALS:
-            found = _read_eval(folder / "eval" / f"{ev}.json")
+            found = _read_eval(folder / EVAL_DIR / f"{ev}.json")
             if found:
                 out[ev] = found[0]["mean_at_k"]
                 if ev == "heldout":

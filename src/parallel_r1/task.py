@@ -27,8 +27,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from parallel_r1.data import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, Problem, SFTRecord, build_prompt
 from parallel_r1 import search_task
+from parallel_r1.data import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, Problem, SFTRecord, build_prompt
 from parallel_r1.format import PARALLEL_CLOSE, PARALLEL_OPEN, PATH_CLOSE, PATH_OPEN, SUMMARY_CLOSE, SUMMARY_OPEN
 
 SOURCE = "arith"
@@ -198,7 +198,9 @@ def make_problems(
     return [p.to_problem() for p in module.generate(n, tuple(levels or module.COLD_START_LEVELS), split, seed)]
 
 
-def make_eval_problems(n: int, levels: Sequence[int] = tuple(LEVELS), seed: int = 0, task: str = "arith") -> list[Problem]:
+def make_eval_problems(
+    n: int, levels: Sequence[int] = tuple(LEVELS), seed: int = 0, task: str = "arith"
+) -> list[Problem]:
     """Held-out problems: never the same computation as any training problem."""
     return make_problems(n, levels, "eval", seed, task)
 
