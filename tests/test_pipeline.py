@@ -166,17 +166,22 @@ def test_run_with_stages_trains_both_recipes_to_the_cut_and_resumes_without_retr
 
 
 def _check_evidence(run: Path, stages: list[str]) -> dict:
-    """What the report of a `parallel-r1 run` must show: RL beating SFT on held-out problems for the
-    parallel recipe, the parallel ratio at every stage, the baseline beside it, plots and rollouts."""
+    """What the report of a `parallel-r1 run` must show: the parallel recipe against the sequential baseline
+    on the same held-out problems, with the difference's standard error; the parallel ratio at every stage;
+    plots and rollouts."""
     from parallel_r1.report import read_evidence
 
     page = (run / "report.html").read_text()
     evidence = read_evidence(run / "report.html")
     par, seq = evidence["recipes"]
     assert (par["label"], seq["label"]) == ("parallel", "sequential")
-    # the claim: RL raised held-out accuracy above the SFT model's
-    assert par["rl_accuracy"] > par["sft_accuracy"]
-    assert evidence["rl_beats_sft"]["parallel"] is True
+    # the claim: at equal budget the parallel recipe beats the baseline by more than two standard errors
+    vs = par["vs_baseline"]
+    assert vs["diff"] > 0 and vs["significant"] and vs["diff"] > 2 * vs["se"] > 0
+    assert vs["problems"] == 192 and par["final_se"] > 0 and seq["final_se"] > 0
+    assert "standard error" in page and f"{vs['diff']:+.3f}" in page
+    # both RL results are reported beside their SFT starting points
+    assert par["rl_gain"] is not None and seq["rl_gain"] is not None
     # the parallel ratio at every stage, held-out and (GRPO) while training
     for recipe in (par, seq):
         assert list(recipe["heldout_parallel_ratio"]) == stages
@@ -193,12 +198,11 @@ def _check_evidence(run: Path, stages: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_default_run_shows_rl_beating_sft_beside_the_sequential_baseline(tmp_path):
-    """`parallel-r1 run` exactly as the README runs it (about 11 minutes on 2 cores). It cannot be shorter:
-    the tiny model needs its ~2000 SFT steps before its equations come out right (after 600 it solves 4 %
-    of the held-out problems and RL gains nothing), and the gain of the first RL stage alone depends on the
-    trajectory (+0.09, +0.03 and +0.01 in three runs whose float rounding differed), while
-    after both RL stages it was +0.09 to +0.11 in all three."""
+def test_default_run_shows_parallel_beating_the_sequential_baseline(tmp_path):
+    """`parallel-r1 run` exactly as the README runs it (about 12 minutes on 2 cores): the study's best
+    parallel arm against the sequential arm on the search task. In the study (docs/study.md) the gap is
+    about +0.19 held-out accuracy over three seeds, most of it there after SFT; RL's own gain on the
+    parallel recipe is within noise, so the test checks the comparison, not RL against SFT."""
     from parallel_r1.cli import main
 
     run = tmp_path / "run"

@@ -47,7 +47,9 @@ def test_teacher_solutions_are_well_formed_and_right(style):
             assert is_correct(text, str(p.answer))
             assert (parsed.num_blocks > 0) == (style == "parallel")
             assert text.count(f": {p.answer} works") == 1  # exactly the right candidate checks out
-            others = text.replace(f": {p.answer} works", "").replace(f">{p.answer} works<", "").replace(">none works<", "")
+            others = (
+                text.replace(f": {p.answer} works", "").replace(f">{p.answer} works<", "").replace(">none works<", "")
+            )
             assert " works" not in others
 
 

@@ -421,12 +421,14 @@ def sweep_markdown(result: dict) -> str:
 # Summary.
 
 
-def _read_eval(path: Path) -> tuple[dict, list[dict]] | None:
+def _read_eval(path: Path) -> tuple[dict, list[dict], str] | None:
+    """(result, samples, the variant it sampled with) of an evaluation written by `evaluate.write_results`."""
     if not path.is_file():
         return None
     payload = json.loads(path.read_text())
     samples = path.with_name(payload.get("samples", ""))
-    return payload["results"][0], (read_jsonl(samples) if samples.is_file() else [])
+    variant = payload.get("config", {}).get("variant", "unseen")
+    return payload["results"][0], (read_jsonl(samples) if samples.is_file() else []), variant
 
 
 def summarize_study(study_dir: str | Path) -> dict:
@@ -448,7 +450,7 @@ def summarize_study(study_dir: str | Path) -> dict:
                         row.update(
                             parallel_ratio=result["parallel_ratio"],
                             response_tokens=result["mean_response_tokens"],
-                            longest_path_tokens=_longest_path(found[1]),
+                            longest_path_tokens=_positions(found[1], found[2]),
                         )
             if row:
                 row["train_generated_tokens"] = _generated_tokens(run_dir)
@@ -472,11 +474,14 @@ def summarize_study(study_dir: str | Path) -> dict:
     return summary
 
 
-def _longest_path(samples: list[dict]) -> float | None:
-    """Mean over responses of the positions a response occupies when every block's paths run side by side:
-    main-text tokens plus, per block, its longest path (what bounds latency and context in Unseen)."""
+def _positions(samples: list[dict], variant: str) -> float | None:
+    """Mean over responses of the positions a response occupies: with Unseen decoding a block's paths run
+    side by side, so main-text tokens plus, per block, its longest path (what bounds latency and context);
+    with Seen (causal) decoding every token takes a position of its own."""
     if not samples or "path_tokens" not in samples[0]:
         return None
+    if variant == "seen":
+        return sum(r["response_tokens"] for r in samples) / len(samples)
     total = 0.0
     for r in samples:
         paths = r.get("path_tokens") or []
