@@ -20,9 +20,11 @@ def test_baseline_has_the_parallel_recipes_budget_and_no_parallel_reward():
     assert [s.name for s in par.stages] == [s.name for s in seq.stages] == ["sft", "rl_easy", "rl_hard"]
     for a, b in zip(par.stages, seq.stages):
         da, db = recipe_to_dict(par)["stages"][par.stages.index(a)], recipe_to_dict(seq)["stages"][seq.stages.index(b)]
-        # What may differ: the attention variant, the SFT style, the reward, and blocks banned for the baseline.
+        # What may differ: the attention variant, the SFT style, the reward, blocks banned for the baseline, and
+        # the RL learning rate (each arm's own, from the study's sweep on validation problems).
         da["variant"] = db["variant"] = None
         if a.kind == "grpo":
+            da["lr"] = db["lr"] = None
             assert a.grpo.reward.kind != "accuracy" or a.name == "rl_hard"
             assert b.grpo.reward.kind == "accuracy" and b.grpo.rollout.max_blocks == 0 < a.grpo.rollout.max_blocks
             da["grpo"]["reward"] = db["grpo"]["reward"] = None
@@ -201,7 +203,7 @@ def _check_evidence(run: Path, stages: list[str]) -> dict:
 def test_default_run_shows_parallel_beating_the_sequential_baseline(tmp_path):
     """`parallel-r1 run` exactly as the README runs it (about 12 minutes on 2 cores): the study's best
     parallel arm against the sequential arm on the search task. In the study (docs/study.md) the gap is
-    about +0.19 held-out accuracy over three seeds, most of it there after SFT; RL's own gain on the
+    +0.17 held-out accuracy over three seeds, most of it there after SFT; RL's own gain on the
     parallel recipe is within noise, so the test checks the comparison, not RL against SFT."""
     from parallel_r1.cli import main
 

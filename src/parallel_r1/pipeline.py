@@ -1,14 +1,16 @@
-"""`parallel-r1 run`: the whole method, from nothing, with the evidence that it learns.
+"""`parallel-r1 run`: the whole method, from nothing, with the evidence of what it does.
 
-The default run trains two recipes on the built-in arithmetic task with the same budget:
+The default run trains two recipes on the built-in search task with the same budget, the study's best
+parallel arm against its sequential arm (docs/study.md):
 
 * ``parallel`` (configs/tiny.yaml): SFT on the programmatic teacher's parallel solutions, then GRPO on
-  easy problems and on harder ones with the parallel reward;
-* ``sequential`` (configs/tiny_sequential.yaml): the same stages, SFT on the teacher's plain solutions
-  and the accuracy reward alone: the baseline without blocks.
+  easier problems with the parallel reward and on harder ones with the accuracy reward;
+* ``sequential`` (configs/tiny_sequential.yaml): the same stages and budget, SFT on the teacher's plain
+  solutions, the accuracy reward alone and blocks banned.
 
 Each recipe goes through data generation, its stages (`recipe.run_recipe`) and an evaluation on held-out
-problems after every stage; the report (`report.write_report`) then sets them side by side. Run folder::
+problems after every stage; the report (`report.write_report`) then sets them side by side, with the
+difference's standard error. Run folder (names in `layout`)::
 
     <run>/run.json                 recipes, evaluation settings, timings
     <run>/data/                    held-out problems and the SFT data of each recipe, as JSONL
@@ -18,7 +20,8 @@ problems after every stage; the report (`report.write_report`) then sets them si
 Running again on the same folder resumes: finished stages and evaluations are kept.
 
 `run_pretrained` is the small demonstration on a real model (SmolLM2-135M from PyPI): tags added,
-embeddings resized, a few SFT steps on real cold-start data, one parallel generation shown.
+embeddings resized, a few SFT steps on cold-start data (the built-in task's teacher solutions, or a file
+of real teacher outputs), one parallel generation shown.
 """
 
 from __future__ import annotations

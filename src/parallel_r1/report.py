@@ -688,8 +688,9 @@ def write_study_report(study_dir: str | Path, summary: dict, table: str) -> Path
 {_study_verdict(summary)}
 <p>Task <code>{html.escape(summary["task"])}</code>. Every arm's RL stage has the same problems, steps, prompts
 and samples per step; tokens are reported beside accuracy because parallel responses are longer.
-"Positions" counts what a response occupies when a block's paths run side by side (main text plus the
-longest path of each block): what bounds latency and context.</p>
+"Positions" counts what a response occupies: with Unseen decoding a block's paths run side by side (main
+text plus the longest path of each block), with Seen decoding every token takes a position; it bounds
+latency and context.</p>
 {table_html}
 {_img(figure, "held-out accuracy per arm, with ablations")}
 <h2>Headroom before RL</h2>

@@ -1,4 +1,6 @@
-"""The built-in arithmetic task and its programmatic teacher (no downloads, no API keys).
+"""The built-in tasks (no downloads, no API keys): their registry (`task_module`, and the functions that take a
+task name: `make_problems`, `make_eval_problems`, `teacher_examples`, `make_sft_records`), and the arithmetic
+task with its programmatic teacher. The search task, the study's default, is `search_task.py`.
 
 A problem is a short word problem over one quantity that goes through a chain of operations::
 
