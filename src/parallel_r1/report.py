@@ -28,6 +28,7 @@ from pathlib import Path
 from parallel_r1.analysis import analyze_records
 from parallel_r1.layout import EVAL_DIR, FIGURES_DIR, REPORT_FILE, RUN_FILE, STAGE_DIR, SUMMARY_FILE, eval_file
 from parallel_r1.metrics import read_jsonl
+from parallel_r1.viewer import CSS as VIEWER_CSS
 
 log = logging.getLogger(__name__)
 
@@ -495,10 +496,20 @@ def _timings_line(timings: dict[str, float]) -> str:
     return f"<p>{head}{phases}.</p>"
 
 
+def _page(title: str, body: str, evidence_json: str) -> str:
+    """A self-contained report page: `body`, the styles, and the evidence embedded as JSON (`read_evidence`)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
+<style>{VIEWER_CSS}{CSS}</style></head>
+<body class="report">{body}
+<script type="application/json" id="evidence">{evidence_json}</script>
+</body></html>
+"""
+
+
 def render_report(run_dir: str | Path, title: str | None = None) -> tuple[str, Evidence]:
     """(HTML page, evidence) for a run folder; writes the figures under `<run>/figures/`."""
-    from parallel_r1.viewer import CSS as VIEWER_CSS
-
     run_dir = Path(run_dir)
     info = _read_run_file(run_dir)
     runs = load_run(run_dir)
@@ -539,15 +550,7 @@ in the main thread yet) or verification (the main thread already stated one).</p
 <h2>Rollouts</h2>
 <p>Held-out responses after the last stage; each block's paths side by side.</p>
 {_rollouts_section(runs)}"""
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<style>{VIEWER_CSS}{CSS}</style></head>
-<body class="report">{body}
-<script type="application/json" id="evidence">{evidence_json}</script>
-</body></html>
-"""
-    return page, evidence
+    return _page(title, body, evidence_json), evidence
 
 
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
@@ -675,8 +678,6 @@ def _strategy_table(study_dir: Path, summary: dict) -> str:
 def write_study_report(study_dir: str | Path, summary: dict, table: str) -> Path:
     """`<study>/report.html`: the verdict, `table` (the study's markdown table), the plot, the oracle figure
     and the strategies."""
-    from parallel_r1.viewer import CSS as VIEWER_CSS
-
     study_dir = Path(study_dir)
     figure = plot_study(summary)
     (study_dir / FIGURES_DIR).mkdir(exist_ok=True)
@@ -701,15 +702,7 @@ path of a block does. The gap is what a summary that chooses well can win.</p>
 <p>Held-out responses of every seed: where blocks appear (relative position) and their role.</p>
 {_strategy_table(study_dir, summary)}
 {_timings_line(timings)}"""
-    summary_json = json.dumps(summary, indent=1).replace("</", "<\\/")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<style>{VIEWER_CSS}{CSS}</style></head>
-<body class="report">{body}
-<script type="application/json" id="evidence">{summary_json}</script>
-</body></html>
-"""
+    page = _page(title, body, json.dumps(summary, indent=1).replace("</", "<\\/"))
     out = study_dir / REPORT_FILE
     out.write_text(page, encoding="utf-8")
     return out

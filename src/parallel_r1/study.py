@@ -47,7 +47,7 @@ from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
 from parallel_r1.metrics import atomic_write_text, read_jsonl
 from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
-from parallel_r1.report import write_study_report
+from parallel_r1.report import standard_error, write_study_report
 from parallel_r1.trainer import final_model
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,8 @@ def _get(obj, dotted: str):
 
 
 def rl_budget(recipe: Recipe) -> list[tuple]:
-    return [
-        tuple(_get(s, f) if not isinstance(_get(s, f), list) else tuple(_get(s, f)) for f in _BUDGET_FIELDS)
-        for s in split_stages(recipe)[1]
-    ]
+    """Per GRPO stage, the values of the fields that make up its budget (what equal budget compares)."""
+    return [tuple(_get(s, f) for f in _BUDGET_FIELDS) for s in split_stages(recipe)[1]]
 
 
 def sft_key(recipe: Recipe) -> str:
@@ -204,12 +202,7 @@ def oracle(samples: list[dict], task_name: str) -> dict[str, float] | None:
 
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample standard deviation / sqrt(n); 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
+    return sum(values) / len(values), standard_error(values)
 
 
 def compare(arm: list[float], baseline: list[float]) -> dict[str, float | bool]:
