@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from parallel_r1.attention import build_attention, build_positions, response_logprobs, structure_ids, token_logprobs
+from parallel_r1.attention import (
+    allowed,
+    build_attention,
+    build_layout,
+    build_positions,
+    response_logprobs,
+    structure_ids,
+    token_logprobs,
+)
 from parallel_r1.format import TagIds
 
 # Hand-written ids for the pure-function tests: 0 is padding, tags 1..6, content from 10 on.
@@ -137,6 +145,26 @@ def test_padding_left_and_right():
     allowed = add[:, 0] == 0
     assert not allowed[2, 10, :9].any()  # nobody sees left padding
     assert allowed[2, :9].equal(torch.eye(11, dtype=torch.bool)[:9])  # padding queries see only themselves
+
+
+def test_threads_layout_appends_copies_of_later_paths():
+    #       0   1  2   3   4    5   6   7   8    9  10  11  12
+    row = [10, P, PA, 11, EPA, PA, 12, 13, EPA, EP, S, 14, ES]
+    ids, mask = pad_batch([row, [10, 11]], left=[True, True])
+    layout = build_layout(ids, mask, TAGS, "threads")
+    # Row 0: the text, then a copy of path 2 (4 tokens, positions as sampled: s = 2); row 1 pads its copy area.
+    assert layout.input_ids[0].tolist() == row + [PA, 12, 13, EPA]
+    assert layout.positions[0].tolist() == list(range(13)) + [2, 3, 4, 5]
+    assert layout.seg[0].tolist() == [0] * 13 + [2] * 4 and layout.horizon[0, 13:].tolist() == [1] * 4
+    assert layout.source[0].tolist() == [0, 1, 2, 3, 4, 13, 14, 15, 16, 9, 10, 11, 12]
+    assert layout.source[1].tolist() == list(range(13)) and not layout.real[1, 13:].any()
+    ok = allowed(layout)[0]
+    assert torch.equal(ok[:13, :13], torch.ones(13, 13, dtype=torch.bool).tril())  # the text reads causally
+    assert ok[:13, 13:].sum() == 0  # and never the copies
+    assert ok[15].nonzero().flatten().tolist() == [0, 1, 13, 14, 15]  # a copy: prefix to <Parallel>, itself
+    assert torch.equal(
+        build_layout(ids, mask, TAGS, "threads").positions[:, :13], build_positions(ids, mask, TAGS, "seen")
+    )
 
 
 @pytest.mark.parametrize("variant", ["unseen", "seen"])
@@ -317,6 +345,49 @@ def test_batch_of_different_structures_equals_each_row_alone(tiny_tokenizer, tag
                 real = mask[b].bool()
                 assert torch.allclose(lp[b, real][1:], one[0, 1:], atol=ATOL), (b, left)
                 assert torch.allclose(ent[b, real][1:], one_ent[0, 1:], atol=ATOL), (b, left)
+
+
+def threads_requests_logprobs(model, row: list[int], tags: TagIds) -> list[float]:
+    """Token t's log-prob from the request a stock engine sends for it, each a plain causal forward:
+    a path other than its block's first is `text before the block's first <Path>` + the path alone;
+    every other token is read in the whole text."""
+    block, path, _, _ = reference(row, [True] * len(row), tags)
+    ids = torch.tensor([row])
+    want = [0.0] + plain_logprobs(model(ids).logits[0], ids[0]).tolist()
+    for p in sorted(set(path) - {-1}):
+        span = [t for t in range(len(row)) if path[t] == p]
+        first = min(t for t in range(len(row)) if block[t] == block[span[0]] and path[t] >= 0)
+        if span[0] == first:
+            continue
+        request = torch.tensor(row[:first] + [row[t] for t in span])
+        lp = plain_logprobs(model(request[None]).logits[0], request)
+        for j, t in enumerate(span[1:], start=first + 1):
+            want[t] = lp[j - 1].item()
+    return want
+
+
+@pytest.mark.parametrize("arch,backend", MODELS)
+def test_threads_equals_the_requests_a_stock_engine_sends(tiny_tokenizer, tag_ids, arch, backend):
+    model = make_model(tiny_tokenizer, arch, backend)
+    t = tag_ids
+    prefix, paths, tail = one_block(t)
+    rows = [
+        prefix + paths[0] + paths[1] + tail,
+        content(5, 9),
+        prefix + paths[1] + paths[0] + paths[1] + tail + [t.parallel_open, t.path_open, *content(3, 10)],
+        prefix + paths[0] + tail + [t.parallel_open] + paths[1] + paths[0] + [t.path_open, *content(2, 11)],
+    ]
+    for left in (True, False):
+        ids, mask = pad_batch(rows, [left] * len(rows))
+        with torch.no_grad():
+            lp, ent = response_logprobs(model, ids, mask, t, variant="threads", with_entropy=True)
+            for b, row in enumerate(rows):
+                want = torch.tensor(threads_requests_logprobs(model, row, t))
+                got = lp[b, mask[b].bool()]
+                # The <Path> opening a later path is scored after the copy area's previous token: untrained.
+                trained = torch.tensor([k > 0 and row[k] != t.path_open for k in range(len(row))])
+                assert torch.allclose(got[trained], want[trained], atol=ATOL), (b, left, (got - want).abs().max())
+                assert torch.isfinite(ent[b, mask[b].bool()]).all()
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])

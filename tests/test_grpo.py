@@ -14,7 +14,9 @@ from parallel_r1.grpo import (
     group_advantages,
     informative_groups,
     kl_k3,
+    logprob_gap,
     policy_update,
+    tis_weights,
     token_mean,
 )
 
@@ -121,11 +123,12 @@ def test_collate_masks_only_sampled_response_tokens():
 
 def _favoured_logmass(model, batch, tags, favoured):
     """Mean over trained-on positions of log p(any favoured token | context)."""
-    from parallel_r1.attention import model_attention
+    from parallel_r1.attention import build_layout, model_attention
 
     with torch.no_grad():
-        mask, pos = model_attention(model, batch.input_ids_BT, batch.attention_mask_BT, tags, "seen")
-        logits = model(input_ids=batch.input_ids_BT, attention_mask=mask, position_ids=pos).logits
+        layout = build_layout(batch.input_ids_BT, batch.attention_mask_BT, tags, "seen")
+        mask = model_attention(model, layout)
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=mask, position_ids=layout.positions).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1)[..., favoured].logsumexp(-1)
         m = batch.loss_mask_BT[:, 1:]
         return ((logp * m).sum() / m.sum()).item()
@@ -178,7 +181,7 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
     assert _favoured_logmass(punished, batch, tags, favoured) < after - 0.05
 
 
-@pytest.mark.parametrize("variant", ["seen", "unseen"])
+@pytest.mark.parametrize("variant", ["seen", "unseen", "threads"])
 def test_engine_logprobs_equal_the_training_forward(tiny_model, tiny_tokenizer, variant):
     """What makes `old_logprobs: auto` use the engine's log-probs with the hf backend."""
     from parallel_r1.engine import ParallelEngine, SamplingParams
@@ -196,8 +199,99 @@ def test_engine_logprobs_equal_the_training_forward(tiny_model, tiny_tokenizer, 
     params = SamplingParams(temperature=0.7, seed=1, max_response_tokens=24, max_path_tokens=6, variant=variant)
     rollouts = engine.generate(["Question: Amy reads", "Question: Tom has 3 apples"], n=3, params=params)
     assert all(r.structure.num_blocks > 0 for r in rollouts)
-    if variant == "unseen":  # the engine inserts tags when it forks and joins paths; they are not trained on
+    if variant != "seen":  # the engine inserts tags when it forks and joins paths; they are not trained on
         assert any(not s for r in rollouts for s in r.sampled_mask)
     batch = collate_rollouts(rollouts, [0.0] * len(rollouts), tiny_tokenizer.pad_token_id)
     recomputed = recompute_logprobs(tiny_model, batch, tags, variant, temperature=0.7, micro_batch_size=4)
     assert torch.allclose(recomputed, batch.old_logp_BT * batch.loss_mask_BT, atol=1e-4)
+
+
+def test_tis_weights_are_the_capped_probability_ratio():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-1.0, -1.0, -2.0]])
+    w = tis_weights(old, sampler, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, math.exp(-1.0), 2.0]]))  # exp(1.5) > 2 is truncated
+    gap = logprob_gap(old, sampler, torch.tensor([[1.0, 1.0, 0.0]]), threshold=0.5)
+    assert gap == {"gap_sum": 1.0, "gap_max": 1.0, "gap_over": 1, "gap_tokens": 2.0}
+
+
+def test_tis_corrects_a_perturbed_sampler():
+    """Tokens drawn from a sampler q that is not the trained policy p: the surrogate's gradient is biased
+    unless each token is weighted by p/q; with the weights it matches the exact policy gradient."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=g).requires_grad_()
+    reward = torch.arange(6, dtype=torch.float32)
+    (exact,) = torch.autograd.grad((torch.softmax(theta, 0) * reward).sum(), theta)
+    q_logits = theta.detach() + 1.5 * torch.randn(6, generator=g)
+    tokens = torch.multinomial(torch.softmax(q_logits, 0), 200_000, replacement=True, generator=g)
+    logp_B1 = torch.log_softmax(theta, 0)[tokens][:, None]
+    sampler_B1 = torch.log_softmax(q_logits, 0)[tokens][:, None]
+    adv_B = reward[tokens] - reward.mean()
+    mask = torch.ones_like(sampler_B1)
+
+    def gradient(weight_B1):
+        per_token, _ = clipped_policy_loss(logp_B1, logp_B1.detach(), adv_B, 0.2, 0.28)
+        (grad,) = torch.autograd.grad(token_mean(per_token * weight_B1, mask), theta, retain_graph=True)
+        return -grad
+
+    def error(grad):
+        return ((grad - exact).norm() / exact.norm()).item()
+
+    corrected = gradient(tis_weights(logp_B1.detach(), sampler_B1, cap=100.0))
+    biased = gradient(torch.ones_like(mask))
+    assert error(corrected) < 0.02 and error(biased) > 0.1, (error(corrected), error(biased))
+
+
+GRPO_STAGE = """
+name: gap
+logging: {progress: false}
+stages:
+  - name: rl
+    kind: grpo
+    variant: unseen
+    model: {name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}
+    data: {source: task, task_size: 8, prompt: question}
+    max_steps: 1
+    grpo:
+      prompts_per_step: 2
+      n: 4
+      mini_batch_size: 1
+      filter_zero_variance: false
+      rollout: {max_response_tokens: 24, max_path_tokens: 6, temperature: 1.0}
+"""
+
+
+@pytest.mark.parametrize("tis_cap", [None, 1.1])
+def test_every_step_logs_the_sampler_gap_and_tis_corrects_it(tmp_path, tis_cap):
+    """The hf engine's log-probs equal the trainer's (gap ~ 0, measured on the first optimiser step); a
+    sampler whose log-probs are all 0.3 too high shows a gap of 0.3 on every trained token, and with
+    `tis_cap` the trainer weights them by exp(-0.3)."""
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.grpo import GRPOTrainer
+
+    recipe = parse_recipe(GRPO_STAGE)
+    stage = recipe.stages[0]
+    exact = GRPOTrainer(stage, tmp_path / "exact", init_model="tiny", seed=0)
+    metrics, _ = exact.train_step(0, [0, 1])
+    assert metrics["mismatch_max"] < 1e-4 and metrics["mismatch_share"] == 0.0
+    assert 0 < metrics["mismatch_tokens"] < metrics["trained_tokens"]  # mini-batch 1 of 2, before any update
+
+    stage.grpo.tis_cap = tis_cap
+    stage.grpo.old_logprobs = "recompute"
+    skewed = GRPOTrainer(stage, tmp_path / "skewed", init_model="tiny", seed=0)
+    generate = skewed.engine.generate
+
+    def perturbed(*args, **kwargs):
+        rollouts = generate(*args, **kwargs)
+        for r in rollouts:
+            r.logprobs = [lp + 0.3 if s else lp for lp, s in zip(r.logprobs, r.sampled_mask)]
+        return rollouts
+
+    skewed.engine.generate = perturbed
+    metrics, _ = skewed.train_step(0, [0, 1])
+    assert metrics["mismatch_tokens"] == metrics["trained_tokens"] > 0
+    assert abs(metrics["mismatch_mean"] - 0.3) < 1e-4 and metrics["mismatch_share"] == 1.0
+    if tis_cap is None:
+        assert "tis_weight" not in metrics
+    else:
+        assert abs(metrics["tis_weight"] - math.exp(-0.3)) < 1e-4 and metrics["tis_truncated"] == 0.0

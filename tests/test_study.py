@@ -51,7 +51,7 @@ def test_arms_have_equal_rl_budgets_and_unseen_arms_share_their_sft():
     assert list(recipes) == list(study.ARMS)
     keys = {arm: study.sft_key(r) for arm, r in recipes.items()}
     assert keys["unseen_s1"] == keys["unseen_s2"] == keys["mid_training"]
-    assert len({keys["sequential"], keys["seen"], keys["unseen_s1"]}) == 3
+    assert len({keys["sequential"], keys["seen"], keys["unseen_s1"], keys["threads"]}) == 4
     assert len({str(study.rl_budget(r)) for r in recipes.values()}) == 1
     assert not study.is_parallel(recipes["sequential"])
     assert all(study.is_parallel(recipes[a]) for a in study.ARMS if a != "sequential")
@@ -77,6 +77,7 @@ def test_evaluations_per_arm():
         "no_blocks": {"max_blocks": 0},
         "seen_attention": {"variant": "seen"},
     }
+    assert study.eval_variants(recipes["threads"]) == study.eval_variants(recipes["unseen_s1"])
 
 
 def test_oracle_counts_paths_and_blocks_that_reach_the_answer():

@@ -105,6 +105,57 @@ def test_open_block_starts_every_response_in_its_paths(tiny_tokenizer):
     assert t.parallel_open in engine.requests[2][0].banned
 
 
+class StockEngine(VLLMEngine):
+    """The backend's control logic on a stand-in for vLLM that, like any stock engine, sees each request as
+    plain token ids: it decodes them with a causal forward of `model` and reports raw full-vocabulary
+    log-probs of what it samples."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(object(), tokenizer)
+        self.model = model
+
+    @torch.no_grad()
+    def run(self, requests: list[Request], params) -> list[Completion]:
+        completions = []
+        for r in requests:
+            generator = torch.Generator().manual_seed(r.seed)
+            ids, out, logprobs, reason = list(r.prompt_ids), [], [], "length"
+            while len(out) < r.max_tokens:
+                logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+                scores = logits.clone()
+                scores[r.banned] = float("-inf")
+                token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).item()
+                ids.append(token), out.append(token), logprobs.append(torch.log_softmax(logits, -1)[token].item())
+                if token in r.stop_token_ids or token == self.tokenizer.eos_token_id:
+                    reason = "stop"
+                    break
+            completions.append(Completion(out, logprobs, reason))
+        return completions
+
+
+@pytest.mark.parametrize("variant", ["threads", "unseen"])
+def test_threads_training_scores_exactly_what_a_stock_engine_sampled(tiny_model, tiny_tokenizer, variant):
+    from parallel_r1.attention import response_logprobs
+
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    engine = StockEngine(tiny_model, tiny_tokenizer)
+    params = SamplingParams(
+        variant=variant, seed=3, open_block=True, num_paths=3, max_path_tokens=8, max_response_tokens=40
+    )
+    gaps = []
+    for r in engine.generate(["Question: Tom has 3 apples", "Amy reads"], n=2, params=params):
+        assert r.structure.num_blocks >= 1 and len(r.structure.blocks[0].paths) == 3
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            lp, _ = response_logprobs(tiny_model, ids, torch.ones_like(ids), t, variant=variant)
+        sampled = torch.tensor(r.sampled_mask)
+        gaps.append((lp[0, len(r.prompt_ids) :][sampled] - torch.tensor(r.logprobs)[sampled]).abs().max().item())
+    if variant == "threads":
+        assert max(gaps) <= 1e-4, gaps  # on-policy by construction
+    else:
+        assert max(gaps) > 1e-2, gaps  # the reference's flaw: the summary was sampled from another context
+
+
 def test_an_in_memory_torch_model_is_refused(tiny_model, tiny_tokenizer):
     with pytest.raises(TypeError, match="directory"):
         VLLMEngine(tiny_model, tiny_tokenizer)

@@ -19,13 +19,18 @@ paged kernels) cannot take a custom mask, and `response_logprobs` refuses it wit
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
+from parallel_r1 import chunked_attention
 from parallel_r1.format import TagIds
 
-VARIANTS = ("unseen", "seen")
+VARIANTS = ("unseen", "seen", "threads")
 DENSE_BACKENDS = ("sdpa", "eager")
 FLEX_BACKEND = "flex_attention"
 
@@ -54,11 +59,18 @@ def _last_index(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(flags, idx, torch.full_like(idx, -1)).cummax(dim=1).values
 
 
-def _structure(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor):
-    """(block_id, path_id, offset in path, closes) for every token, each [B, T].
+@dataclass
+class _Structure:
+    """Where every token sits in the block structure, each field [B, T]; -1 (or False) outside."""
 
-    The first three are LongTensor with -1 outside; `closes` is Bool, True on a `</Parallel>` that ends a block.
-    """
+    block_id: torch.Tensor
+    path_id: torch.Tensor
+    offset: torch.Tensor  # index within its path (0 on the path's `<Path>`)
+    closes: torch.Tensor  # Bool: a `</Parallel>` that ends a block
+    first_path: torch.Tensor  # index of the block's first `<Path>`, for path tokens
+
+
+def _structure(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor) -> _Structure:
     is_open = (input_ids == tags.parallel_open) & real
     is_close = (input_ids == tags.parallel_close) & real
     last_open = _last_index(is_open)
@@ -74,7 +86,10 @@ def _structure(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor):
     path_id = torch.where(in_path, is_path_open.long().cumsum(1) - 1, -1)
     idx = torch.arange(input_ids.shape[1], device=input_ids.device)
     offset = torch.where(in_path, idx - last_path_open, -1)
-    return block_id, path_id, offset, is_close & in_block
+    # A block's first `<Path>` is one with no other `<Path>` between it and the block's `<Parallel>`.
+    path_open_before = F.pad(last_path_open[:, :-1], (1, 0), value=-1)
+    first_path = torch.where(in_path, _last_index(is_path_open & (path_open_before < last_open)), -1)
+    return _Structure(block_id, path_id, offset, is_close & in_block, first_path)
 
 
 def structure_ids(
@@ -86,23 +101,25 @@ def structure_ids(
     A path spans from its `<Path>` up to, not including, the next `<Path>` or `</Parallel>`; tokens
     between `<Parallel>` and the first `<Path>` are in the block but in no path. Padding is -1.
     """
-    block_id, path_id, _, _ = _structure(input_ids, tags, _real_mask(input_ids, attention_mask))
-    return block_id, path_id
+    structure = _structure(input_ids, tags, _real_mask(input_ids, attention_mask))
+    return structure.block_id, structure.path_id
 
 
 def build_positions(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tags: TagIds, variant: str = "unseen"
 ) -> torch.Tensor:
-    """position_ids LongTensor[B, T]: real tokens count from 0, padding gets 0.
+    """position_ids LongTensor[B, T] of the sequential text: real tokens count from 0, padding gets 0.
 
-    Unseen: a path's j-th token sits at `s + j` (s: position of the block's first `<Path>`), and the
-    `</Parallel>` closing the block at `s + L` (L: longest path of the block, in tokens).
+    Seen and threads (whose row is the text read causally): one more per token. Unseen: a path's j-th
+    token sits at `s + j` (s: position of the block's first `<Path>`), and the `</Parallel>` closing the
+    block at `s + L` (L: longest path of the block, in tokens).
     """
     _check_variant(variant)
     real = _real_mask(input_ids, attention_mask)
-    if variant == "seen":
+    if variant != "unseen":
         return torch.where(real, real.long().cumsum(1) - 1, 0)
-    block_id, path_id, offset, closes = _structure(input_ids, tags, real)
+    st = _structure(input_ids, tags, real)
+    block_id, path_id, offset, closes = st.block_id, st.path_id, st.offset, st.closes
     in_path = path_id >= 0
     # Longest path of each block: the largest offset + 1 among its tokens (slot 0 collects non-path tokens).
     slots = torch.zeros(input_ids.shape[0], input_ids.shape[1] + 1, dtype=torch.long, device=input_ids.device)
@@ -115,24 +132,118 @@ def build_positions(
     return torch.where(real, positions, 0)
 
 
-def _allowed(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tags: TagIds, variant: str) -> torch.Tensor:
-    """Bool[B, T, T]: allowed[b, q, k] is True when query q may attend to key k."""
+@dataclass
+class Layout:
+    """The training row of each sample under a variant, and who may see whom in it.
+
+    Rows have S >= T columns: the T tokens of the sequential text, then (threads only) copies of paths.
+    The one visibility rule, for every variant, with `seg` and `horizon` per query q:
+
+        q sees key k  iff  k <= q, k is real, and (seg[q] == 0 or seg[k] == seg[q] or k <= horizon[q])
+
+    i.e. a token of segment 0 reads causally, and a token of an isolated segment (an Unseen path, a
+    threads path copy) reads its own segment and the columns up to its horizon (the last token before
+    its block's first `<Path>`). Padding queries also see themselves, so no row of the mask is empty.
+    """
+
+    input_ids: torch.Tensor  # LongTensor[B, S]
+    real: torch.Tensor  # Bool[B, S]: not padding
+    positions: torch.Tensor  # LongTensor[B, S]
+    seg: torch.Tensor  # LongTensor[B, S]: 0 = reads causally; > 0 = an isolated segment, unique in its row
+    horizon: torch.Tensor  # LongTensor[B, S]: last shared column an isolated token sees (-1 for segment 0)
+    source: torch.Tensor | None = None  # LongTensor[B, T]: the column whose log-prob is token t's (None: t)
+
+    def to_sequence(self, values_BS: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-token values [B, S] of the layout back to the T tokens of the sequential text."""
+        if values_BS is None or self.source is None:
+            return values_BS
+        return values_BS.gather(1, self.source)
+
+
+def build_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tags: TagIds, variant: str = "unseen"
+) -> Layout:
+    """The `Layout` of `variant` for the sequential rows input_ids [B, T] (attention_mask [B, T] or None).
+
+    seen: the text, causal. unseen: the text, each path an isolated segment seeing the text before its
+    block's first `<Path>`, positions of `build_positions`. threads (re-prefill at join, what a stock
+    engine such as vLLM computes when each path is its own request and the summary a request over the
+    concatenated text): the text read causally with sequential positions, plus a copy of every path but
+    the first of each block, appended after column T; a copy is an isolated segment with the positions
+    its path had when sampled (s + j, s the position of the block's first `<Path>`), and its tokens'
+    log-probs come from the copy. The first path needs no copy: in the causal text it already sees
+    exactly the prefix and itself. Extra columns: the tokens of the later paths, not a prefix per path.
+    """
     _check_variant(variant)
     real = _real_mask(input_ids, attention_mask)
-    T = input_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-    allowed = causal & real[:, None, :]
+    positions = build_positions(input_ids, attention_mask, tags, variant)
+    zeros = torch.zeros_like(input_ids)
+    if variant == "seen":
+        return Layout(input_ids, real, positions, zeros, zeros - 1)
+    st = _structure(input_ids, tags, real)
+    in_path = st.path_id >= 0
     if variant == "unseen":
-        block_id, path_id, _, _ = _structure(input_ids, tags, real)
-        # Isolated iff both are in paths of the same block and the paths differ. The sentinels for
-        # tokens outside paths differ between the query and key sides, so they never match.
-        group_q = torch.where(path_id >= 0, block_id, -1)[:, :, None]
-        group_k = torch.where(path_id >= 0, block_id, -2)[:, None, :]
-        allowed &= (group_q != group_k) | (path_id[:, :, None] == path_id[:, None, :])
-    # Padding queries see themselves so that no row is fully masked (a fully masked row gives NaN
-    # gradients in some kernels); their outputs are never used.
-    eye = torch.eye(T, dtype=torch.bool, device=input_ids.device)
-    return allowed | (eye & ~real[:, :, None])
+        return Layout(input_ids, real, positions, torch.where(in_path, st.path_id + 1, 0), st.first_path - 1)
+
+    B, T = input_ids.shape
+    first_path = st.first_path.clamp(min=0)
+    later = in_path & (st.path_id != st.path_id.gather(1, first_path))
+    rank = later.long().cumsum(1) - 1
+    extra = int(later.sum(1).max().item()) if later.any() else 0
+    rows, cols = later.nonzero(as_tuple=True)
+    dest = T + rank[rows, cols]
+
+    def extend(main: torch.Tensor, fill, copies: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([main, torch.full((B, extra), fill, dtype=main.dtype, device=main.device)], dim=1)
+        out[rows, dest] = copies
+        return out
+
+    path_start = positions.gather(1, first_path)
+    source = torch.arange(T, device=input_ids.device).repeat(B, 1)
+    source[rows, cols] = dest
+    return Layout(
+        input_ids=extend(input_ids, tags.path_open, input_ids[rows, cols]),
+        real=extend(real, False, torch.ones_like(rows, dtype=torch.bool)),
+        positions=extend(positions, 0, (path_start + st.offset)[rows, cols]),
+        seg=extend(zeros, 0, st.path_id[rows, cols] + 1),
+        horizon=extend(zeros - 1, -1, st.first_path[rows, cols] - 1),
+        source=source,
+    )
+
+
+def allowed(layout: Layout, q_start: int = 0, q_end: int | None = None) -> torch.Tensor:
+    """Bool[B, Q, S]: allowed[b, i, k] is True when query q_start + i may attend to key k (`Layout`'s rule)."""
+    S = layout.input_ids.shape[1]
+    q_end = S if q_end is None else q_end
+    device = layout.input_ids.device
+    q = torch.arange(q_start, q_end, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    seg_q, horizon_q = layout.seg[:, q_start:q_end, None], layout.horizon[:, q_start:q_end, None]
+    rule = (seg_q == 0) | (layout.seg[:, None, :] == seg_q) | (k <= horizon_q)
+    visible = (k <= q) & layout.real[:, None, :] & rule
+    return visible | ((k == q) & ~layout.real[:, q_start:q_end, None])
+
+
+def dense_mask(layout: Layout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask Tensor[B, 1, S, S] in `dtype` for sdpa / eager attention: 0 where attention is allowed,
+    `torch.finfo(dtype).min` where not (finite, as Hugging Face's own masks, so a score plus the mask never
+    turns into NaN). Costs B * S * S * dtype-size bytes: see docs/attention.md."""
+    ok = allowed(layout)
+    mask = torch.full(ok.shape, torch.finfo(dtype).min, dtype=dtype, device=ok.device)
+    return mask.masked_fill_(ok, 0.0)[:, None]
+
+
+def block_mask(layout: Layout):
+    """A flex-attention `BlockMask` of the `Layout`'s rule. It stores 128 x 128 tiles, skipping fully
+    masked ones, so memory grows with the number of tiles rather than with S * S."""
+    seg, horizon, real = layout.seg, layout.horizon, layout.real
+
+    def mask_mod(b, h, q, k):
+        rule = (seg[b, q] == 0) | (seg[b, k] == seg[b, q]) | (k <= horizon[b, q])
+        return ((k <= q) & real[b, k] & rule) | ((q == k) & ~real[b, q])
+
+    B, S = layout.input_ids.shape
+    return create_block_mask(mask_mod, B, None, S, S, device=layout.input_ids.device)
 
 
 def build_attention(
@@ -142,49 +253,21 @@ def build_attention(
     variant: str = "unseen",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask Tensor[B, 1, T, T] in `dtype`, position_ids LongTensor[B, T]) for sdpa / eager attention.
-
-    The mask is additive: 0 where attention is allowed, `torch.finfo(dtype).min` where it is not
-    (finite, as Hugging Face's own masks, so a score plus the mask never turns into NaN).
-    Costs B * T * T * dtype-size bytes: see docs/attention.md.
-    """
-    allowed = _allowed(input_ids, attention_mask, tags, variant)
-    mask = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=input_ids.device)
-    mask.masked_fill_(allowed, 0.0)
-    return mask[:, None], build_positions(input_ids, attention_mask, tags, variant)
+    """(mask Tensor[B, 1, T, T] in `dtype`, position_ids LongTensor[B, T]) of the seen or unseen variant
+    for sdpa / eager attention (threads adds columns: use `build_layout` and `dense_mask`)."""
+    if variant == "threads":
+        raise ValueError("the threads variant adds columns to the row: use build_layout and dense_mask")
+    layout = build_layout(input_ids, attention_mask, tags, variant)
+    return dense_mask(layout, dtype), layout.positions
 
 
-def build_block_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tags: TagIds, variant: str = "unseen"
-):
-    """(BlockMask, position_ids LongTensor[B, T]) for `flex_attention`; same rule as `build_attention`.
-
-    The BlockMask stores 128 x 128 tiles, skipping fully masked ones, so memory grows with the number
-    of tiles rather than with T * T.
-    """
-    _check_variant(variant)
-    real = _real_mask(input_ids, attention_mask)
-    block_id, path_id, _, _ = _structure(input_ids, tags, real)
-    isolate = variant == "unseen"
-
-    def mask_mod(b, h, q, k):
-        pq, pk = path_id[b, q], path_id[b, k]
-        other_path = (pq >= 0) & (pk >= 0) & (pq != pk) & (block_id[b, q] == block_id[b, k])
-        visible = (k <= q) & real[b, k] & ~(other_path & isolate)
-        return visible | ((q == k) & ~real[b, q])
-
-    B, T = input_ids.shape
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=input_ids.device)
-    return block_mask, build_positions(input_ids, attention_mask, tags, variant)
-
-
-def model_attention(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tags: TagIds, variant: str):
-    """(mask in the form `model`'s attention backend takes, position_ids) or a ValueError naming the backend."""
+def model_attention(model, layout: Layout):
+    """The `layout`'s mask in the form `model`'s attention backend takes, or a ValueError naming the backend."""
     backend = getattr(model.config, "_attn_implementation", None)
     if backend in DENSE_BACKENDS:
-        return build_attention(input_ids, attention_mask, tags, variant, dtype=model.dtype)
+        return dense_mask(layout, dtype=model.dtype)
     if backend == FLEX_BACKEND:
-        return build_block_mask(input_ids, attention_mask, tags, variant)
+        return block_mask(layout)
     raise ValueError(
         f"attention implementation {backend!r} cannot take a custom 4-D attention mask, which the "
         f"structured (Unseen/Seen) scoring needs; load the model with attn_implementation set to one of "
@@ -231,15 +314,115 @@ def response_logprobs(
     variant: str = "unseen",
     temperature: float = 1.0,
     with_entropy: bool = False,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logprobs Tensor[B, T], entropy Tensor[B, T] or None) of a Hugging Face causal LM, differentiable.
 
-    logprobs[:, t] = log softmax(logits[:, t-1] / temperature)[input_ids[:, t]], under the `variant`
-    mask and positions; column 0 (and padding's neighbours) are meaningless and must be loss-masked.
+    `kernel`: "dense" (the backend's own mask: `model_attention`), "chunked" (`chunked_attention`, no
+    S x S tensor, sdpa / eager models only) or "auto" (chunked from `LONG_SEQUENCE_TOKENS` columns on,
+    see `attention_kernel`); all give the same log-probs up to float rounding.
+
+    logprobs[:, t] = log softmax(logits[:, t-1] / temperature)[input_ids[:, t]], under the `variant`'s
+    `Layout` (threads: a later path's tokens are scored in its copy, after the copy's previous token);
+    column 0 (and padding's neighbours) are meaningless and must be loss-masked.
     Note that the prediction of a later path's `<Path>` and of `</Parallel>` comes from the previous
     token in sequence order (the end of the path before), not from the context the engine had when it
     inserted them; those tokens are engine-inserted and not trained on in RL.
     """
-    mask, position_ids = model_attention(model, input_ids, attention_mask, tags, variant)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-    return token_logprobs(logits, input_ids, temperature, with_entropy)
+    layout = build_layout(input_ids, attention_mask, tags, variant)
+    if attention_kernel(model, layout.input_ids.shape[1], kernel) == "chunked":
+        with _chunked_backend(model):
+            logits = model(
+                input_ids=layout.input_ids,
+                position_ids=layout.positions,
+                use_cache=False,
+                structured_plan=chunk_plan(layout),
+            ).logits
+    else:
+        mask = model_attention(model, layout)
+        logits = model(
+            input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.positions, use_cache=False
+        ).logits
+    logp, entropy = token_logprobs(logits, layout.input_ids, temperature, with_entropy)
+    return layout.to_sequence(logp), layout.to_sequence(entropy)
+
+
+# ----------------------------------------------------------------------------- long sequences
+# The dense mask costs B * S * S elements. From LONG_SEQUENCE_TOKENS columns on, sdpa / eager models
+# instead run `chunked_attention` (exact, in query pieces; `chunk_plan` derives the pieces' masks from
+# the `Layout` once per forward), through a transformers attention function selected for the duration
+# of the forward. docs/attention.md ("Long sequences") has the design and the measurements.
+
+LONG_SEQUENCE_TOKENS = 4096
+CHUNK_TOKENS = 1024
+KERNELS = ("auto", "dense", "chunked")
+
+
+def attention_kernel(model, columns: int, kernel: str = "auto") -> str:
+    """The kernel `response_logprobs` uses for rows of `columns` columns: "dense" or "chunked"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+    backend = getattr(model.config, "_attn_implementation", None)
+    # Gradient checkpointing recomputes the forward during backward, after the backend is restored.
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    chunkable = backend in DENSE_BACKENDS and not checkpointing
+    if kernel == "chunked" and not chunkable:
+        raise ValueError(
+            f"the chunked kernel needs an sdpa or eager model without gradient checkpointing, got {backend!r}"
+        )
+    if kernel == "auto":
+        return "chunked" if chunkable and columns >= LONG_SEQUENCE_TOKENS else "dense"
+    return kernel
+
+
+def chunk_plan(layout: Layout, chunk: int | None = None) -> list[chunked_attention.Piece]:
+    """The `chunked_attention` plan of `layout`: pieces of at most `chunk` queries, cut wherever a
+    query's (seg, horizon) changes in any row, so that all queries of a piece see the same keys before
+    it (`Layout`'s rule depends on the query only through seg and horizon there) and one row of
+    `allowed` per piece is enough. Costs O(S * chunk + S * S / chunk) booleans, built once per forward."""
+    chunk = CHUNK_TOKENS if chunk is None else chunk
+    seg, horizon = layout.seg, layout.horizon
+    S = seg.shape[1]
+    change = ((seg[:, 1:] != seg[:, :-1]) | (horizon[:, 1:] != horizon[:, :-1])).any(0)
+    cuts = sorted(set(range(0, S, chunk)) | set((change.nonzero().flatten() + 1).tolist()) | {S})
+    pieces = []
+    for q0, q1 in zip(cuts[:-1], cuts[1:]):
+        before = None
+        if q0 > 0:
+            head = _columns(layout, 0, q0 + 1)
+            before = allowed(head, q0, q0 + 1)[:, :, :q0]
+            before = None if before.all() else before
+        # The piece's own square: the rule only compares columns with each other and with the
+        # (absolute) horizon, so shifting both by q0 gives the same answer on columns [q0, q1).
+        diag = allowed(_columns(layout, q0, q1), 0, q1 - q0)
+        causal = torch.ones(q1 - q0, q1 - q0, dtype=torch.bool, device=diag.device).tril().expand_as(diag)
+        pieces.append(chunked_attention.Piece(q0, q1, before, None if torch.equal(diag, causal) else diag))
+    return pieces
+
+
+def _columns(layout: Layout, start: int, end: int) -> Layout:
+    """The layout restricted to columns [start, end), renumbered from 0 (horizons shifted with them)."""
+    return dataclasses.replace(
+        layout,
+        input_ids=layout.input_ids[:, start:end],
+        real=layout.real[:, start:end],
+        positions=layout.positions[:, start:end],
+        seg=layout.seg[:, start:end],
+        horizon=layout.horizon[:, start:end] - start,
+        source=None,
+    )
+
+
+@contextlib.contextmanager
+def _chunked_backend(model):
+    """Run `model`'s attention through `chunked_attention.attention_forward` inside the block."""
+    chunked_attention.register()
+    config = model.config
+    saved = config._attn_implementation
+    config._attn_implementation = chunked_attention.STRUCTURED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved

@@ -23,7 +23,7 @@ import yaml
 from parallel_r1.rewards import RewardSchedule
 from parallel_r1.rollout import SamplingSettings
 
-Variant = Literal["seen", "unseen"]
+Variant = Literal["seen", "unseen", "threads"]
 # The embedded default and its sequential baseline ship inside the package, so that `parallel-r1 run`
 # works from any install; configs/tiny.yaml and configs/tiny_sequential.yaml link to them.
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -218,7 +218,15 @@ class GRPOConfig:
     old_logprobs: Literal["auto", "engine", "recompute"] = "auto"
     """engine: use the sampling log-probs; recompute: a no-grad forward before the update; auto: engine
     when the backend guarantees they match the training forward (hf: same mask, positions and full-vocab
-    softmax), else recompute."""
+    softmax) and `tis_cap` is off, else recompute."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (verl's TIS): each token's surrogate is weighted by
+    min(exp(old - sampler), tis_cap), old being the trainer's recomputed log-prob and sampler the engine's,
+    which corrects for a sampler whose probabilities differ from the trainer's (vLLM kernels, bf16, the
+    unseen variant sampled by vLLM). Needs recomputed old log-probs. null: off; 2.0 is a common cap."""
+    mismatch_threshold: float = 0.1
+    """A trained token counts in the `mismatch_share` metric when its sampling and training log-probs differ
+    by more than this."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -234,6 +242,12 @@ class GRPOConfig:
         _require(0 <= self.clip_low < 1, "clip_low must be in [0, 1)")
         _require(self.clip_high >= 0, "clip_high must be >= 0")
         _require(self.kl_coef >= 0, "kl_coef must be >= 0")
+        _require(self.tis_cap is None or self.tis_cap > 0, "tis_cap must be > 0 (or null to turn it off)")
+        _require(
+            self.tis_cap is None or self.old_logprobs != "engine",
+            "tis_cap weighs the trainer's log-probs against the sampler's: it needs old_logprobs auto or recompute",
+        )
+        _require(self.mismatch_threshold > 0, "mismatch_threshold must be > 0")
 
 
 @dataclass
@@ -244,8 +258,9 @@ class StageConfig:
     """Names the stage's folder in the run directory; unique within a recipe."""
     kind: Literal["sft", "grpo"]
     variant: Variant = "seen"
-    """seen: causal mask. unseen: paths are isolated from each other (structured mask and positions);
-    the same variant is used to sample and to train."""
+    """seen: causal mask. unseen: paths are isolated from each other (structured mask and positions).
+    threads: paths isolated, and what follows a block reads it as sequential text (re-prefill at join, what
+    the vLLM backend samples; docs/attention.md). The same variant is used to sample and to train."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lr: float = 1e-5

@@ -7,7 +7,8 @@ One training step:
    positions the training forward uses);
 3. score them with the reward schedule at this step, and turn rewards into group-normalised advantages;
 4. old log-probs: the engine's sampling log-probs when the backend guarantees they equal the training
-   forward's (hf), otherwise a no-grad forward;
+   forward's (hf), otherwise a no-grad forward; the gap between the two is logged every step (`mismatch_*`),
+   and truncated importance sampling (`tis_cap`) can weight each token by min(exp(old - sampler), C);
 5. `ppo_epochs` passes of `prompts_per_step / mini_batch_size` optimiser steps, each over one mini-batch
    of groups, accumulating gradients over micro-batches; the loss is the clipped surrogate (and the k3 KL
    when asked) averaged over every trained-on token of the mini-batch (token-level aggregation).
@@ -84,6 +85,27 @@ def kl_k3(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
     return torch.exp(d_BT) - d_BT - 1.0
 
 
+def tis_weights(old_logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights [B, T]: min(exp(old_logp - sampler_logp), cap) (verl's TIS).
+
+    The rollouts came from the sampler's distribution, while the surrogate is an expectation under the
+    trainer's: weighting each token by the ratio of the two corrects the gradient, and the cap bounds the
+    variance that rare tokens with a large ratio would add."""
+    return torch.exp(old_logp_BT - sampler_logp_BT).clamp(max=cap)
+
+
+def logprob_gap(logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, mask_BT: torch.Tensor, threshold: float) -> dict:
+    """Sums over masked tokens of |logp - sampler_logp|: {gap_sum, gap_max, gap_over (count above
+    `threshold`), gap_tokens}, as floats to add up over micro-batches and processes."""
+    gap_BT = (logp_BT.detach() - sampler_logp_BT).abs() * mask_BT
+    return {
+        "gap_sum": gap_BT.sum().item(),
+        "gap_max": gap_BT.max().item() if gap_BT.numel() else 0.0,
+        "gap_over": ((gap_BT > threshold) & (mask_BT > 0)).sum().item(),
+        "gap_tokens": mask_BT.sum().item(),
+    }
+
+
 def token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
     """Token-level aggregation: sum of values over masked tokens / num_tokens (default: mask.sum()).
     Passing the whole mini-batch's token count lets micro-batches add up to the mini-batch mean."""
@@ -104,8 +126,10 @@ class RolloutBatch:
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
     loss_mask_BT: torch.Tensor  # 1.0 on response tokens the model sampled
-    old_logp_BT: torch.Tensor  # the engine's sampling log-probs on response tokens, 0 elsewhere
+    old_logp_BT: torch.Tensor  # the policy's log-probs before the update: the engine's, or recomputed
     adv_B: torch.Tensor
+    sampler_logp_BT: torch.Tensor  # the engine's sampling log-probs on response tokens, 0 elsewhere
+    weight_BT: torch.Tensor  # per-token weight of the surrogate (1, or the TIS weight)
 
     def to(self, device) -> RolloutBatch:
         return RolloutBatch(*(t.to(device) for t in vars(self).values()))
@@ -126,12 +150,16 @@ def collate_rollouts(rollouts: list, advantages: list[float], pad_id: int) -> Ro
         attn.append([0] * pad + [1] * (len(r.prompt_ids) + len(r.response_ids)))
         loss.append([0.0] * head + [1.0 if s else 0.0 for s in r.sampled_mask])
         old.append([0.0] * head + [float(lp) for lp in r.logprobs])
+    sampler = torch.tensor(old, dtype=torch.float32)
+    loss_mask = torch.tensor(loss)
     return RolloutBatch(
         torch.tensor(ids),
         torch.tensor(attn),
-        torch.tensor(loss),
-        torch.tensor(old, dtype=torch.float32),
+        loss_mask,
+        sampler.clone(),
         torch.tensor(advantages, dtype=torch.float32),
+        sampler,
+        torch.ones_like(loss_mask),
     )
 
 
@@ -164,18 +192,29 @@ def policy_update(
     max_grad_norm: float,
     num_tokens: float,
     ref_model=None,
+    measure_gap: bool = False,
 ) -> dict[str, float]:
     """One optimiser step on `batch` (this process's rows of a mini-batch).
 
     `num_tokens` is the mini-batch's trained-on token count over all processes: each micro-batch's
     loss is its token sum divided by it, so the accumulated gradient is that of the mini-batch's
     token-level mean. Rows with all-zero loss mask may stand in on a process left without data.
-    Returns sums over this process's tokens (loss, clipped, entropy, KL) and the grad norm.
+    Returns sums over this process's tokens (loss, clipped, entropy, KL) and the grad norm; with
+    `measure_gap` (the policy has not moved since sampling) also `logprob_gap` of the forward's log-probs
+    against the sampler's.
     """
     model.train()
     rows = batch.input_ids_BT.shape[0]
     starts = list(range(0, rows, cfg.micro_batch_size))
-    sums = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
+    sums = {
+        "loss": 0.0,
+        "clipped": 0.0,
+        "entropy": 0.0,
+        "kl": 0.0,
+        "tokens": 0.0,
+        "tis_weight": 0.0,
+        "tis_truncated": 0.0,
+    }
     for k, start in enumerate(starts):
         mb = batch.rows(list(range(start, min(start + cfg.micro_batch_size, rows))))
         sync = accelerator.no_sync(model) if k < len(starts) - 1 else nullcontext()
@@ -192,6 +231,7 @@ def policy_update(
             per_token_BT, clipped_BT = clipped_policy_loss(
                 logp_BT, mb.old_logp_BT, mb.adv_B, cfg.clip_low, cfg.clip_high
             )
+            per_token_BT = per_token_BT * mb.weight_BT
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logp_BT, _ = response_logprobs(
@@ -209,14 +249,25 @@ def policy_update(
             # DDP averages gradients over processes; the token mean wants their sum.
             accelerator.backward(loss * accelerator.num_processes)
         mask = mb.loss_mask_BT
+        if measure_gap:
+            add_gap(sums, logprob_gap(logp_BT, mb.sampler_logp_BT, mask, cfg.mismatch_threshold))
         sums["loss"] += (per_token_BT.detach() * mask).sum().item()
         sums["clipped"] += (clipped_BT.float() * mask).sum().item()
         sums["entropy"] += (entropy_BT.detach() * mask).sum().item()
+        if cfg.tis_cap is not None:
+            sums["tis_weight"] += (mb.weight_BT * mask).sum().item()
+            sums["tis_truncated"] += ((mb.weight_BT >= cfg.tis_cap) & (mask > 0)).sum().item()
         sums["tokens"] += mask.sum().item()
     sums["grad_norm"] = clip_gradients(accelerator, model, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def add_gap(sums: dict[str, float], gap: dict[str, float]) -> None:
+    """Fold one `logprob_gap` into running sums (the maximum stays a maximum)."""
+    for key, value in gap.items():
+        sums[key] = max(sums.get(key, 0.0), value) if key == "gap_max" else sums.get(key, 0.0) + value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +306,9 @@ class GRPOTrainer(StageTrainer):
         self.prompts = [build_prompt(p.question, template) for p in self.problems]
         self.schedule = self.cfg.reward.schedule()
         mode = self.cfg.old_logprobs
-        self.use_engine_logprobs = mode == "engine" or (mode == "auto" and self.cfg.rollout.backend == "hf")
+        self.use_engine_logprobs = mode == "engine" or (
+            mode == "auto" and self.cfg.rollout.backend == "hf" and self.cfg.tis_cap is None
+        )
 
         self.prepare(stage.max_steps)
         self.engine = self._make_engine()
@@ -301,8 +354,13 @@ class GRPOTrainer(StageTrainer):
 
     def sampling_params(self, step: int):
         acc = self.accelerator
-        # A seed per (step, process): a resumed run samples exactly what the first one would have.
-        seed = (self.seed * 1_000_003 + step) * acc.num_processes + acc.process_index
+        # A seed per step: a resumed run samples exactly what the first one would have. The hf engine draws
+        # each sample from (seed, problem index, sample index) alone (`train_step` passes the problem indices
+        # as keys), so the seed is the same on every process and any process count samples the same
+        # rollouts; vLLM has no per-prompt keys, so there each process gets a seed of its own.
+        seed = self.seed * 1_000_003 + step
+        if self.cfg.rollout.backend != "hf":
+            seed = seed * acc.num_processes + acc.process_index
         return sampling_params(self.cfg.rollout, variant=self.stage.variant, seed=seed)
 
     def step(self) -> tuple[dict, list[dict]]:
@@ -319,7 +377,10 @@ class GRPOTrainer(StageTrainer):
         mine = problem_indices[acc.process_index :: acc.num_processes]
         if cfg.rollout.backend == "vllm" and self._vllm_stale:
             self.engine.load_weights(acc.get_state_dict(self.model).items())
-        rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=self.sampling_params(step))
+        keys = {"keys": mine} if cfg.rollout.backend == "hf" else {}
+        rollouts = self.engine.generate(
+            [self.prompts[i] for i in mine], n=cfg.n, params=self.sampling_params(step), **keys
+        )
         sample_s = time.perf_counter() - started
 
         # Score with the schedule's reward at this step.
@@ -340,25 +401,33 @@ class GRPOTrainer(StageTrainer):
         # Batch: training tensors and old log-probs. Dropped groups' rows stay, with their loss mask zeroed:
         # they serve as stand-in rows for a process left without data.
         batch = collate_rollouts(rollouts, adv_PG.flatten().tolist(), self.tokenizer.pad_token_id)
+        batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
+        gap: dict[str, float] = {}
         if not self.use_engine_logprobs:
             model, variant = acc.unwrap_model(self.model), self.stage.variant
             old_logp_BT = recompute_logprobs(
                 model, batch.to(acc.device), self.tags, variant, cfg.rollout.temperature, cfg.micro_batch_size
             )
             batch.old_logp_BT = old_logp_BT.cpu()
-        batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
+            gap = logprob_gap(batch.old_logp_BT, batch.sampler_logp_BT, batch.loss_mask_BT, cfg.mismatch_threshold)
+            if cfg.tis_cap is not None:
+                batch.weight_BT = tis_weights(batch.old_logp_BT, batch.sampler_logp_BT, cfg.tis_cap)
 
         # Update: `ppo_epochs` passes, one optimiser step per mini-batch of prompts.
-        sums, updates = self._update(batch, keep_P, len(problem_indices))
+        sums, updates = self._update(batch, keep_P, len(problem_indices), measure_gap=not gap)
+        add_gap(sums, gap)
         elapsed = time.perf_counter() - started
 
         records = self._rollout_records(step, mine, rollouts, scores, adv_PG.flatten().tolist())
         metrics = self._step_metrics(step, records, sums, updates, keep_P, rollouts, sample_s, elapsed)
         return {**metrics, "data_indices": problem_indices}, records
 
-    def _update(self, batch: RolloutBatch, keep_P: torch.Tensor, num_prompts: int) -> tuple[dict[str, float], int]:
+    def _update(
+        self, batch: RolloutBatch, keep_P: torch.Tensor, num_prompts: int, measure_gap: bool
+    ) -> tuple[dict[str, float], int]:
         """`ppo_epochs` passes over the step's batch, one optimiser step per mini-batch of prompts; then the
-        schedule's step. Returns the summed `policy_update` statistics and the number of optimiser steps."""
+        schedule's step. Returns the summed `policy_update` statistics and the number of optimiser steps.
+        `measure_gap`: the first optimiser step, scored before the policy moves, measures the sampler gap."""
         acc, cfg = self.accelerator, self.cfg
         sums: dict[str, float] = {}
         updates = 0
@@ -379,9 +448,11 @@ class GRPOTrainer(StageTrainer):
                     self.stage.max_grad_norm,
                     num_tokens,
                     self.ref_model,
+                    measure_gap=measure_gap and updates == 0,
                 )
                 updates += 1
                 self._vllm_stale = True
+                add_gap(sums, {k: out.pop(k) for k in list(out) if k.startswith("gap_")})
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value
         with warnings.catch_warnings():
@@ -441,11 +512,16 @@ class GRPOTrainer(StageTrainer):
         trained-on token over every process."""
         acc = self.accelerator
         totals = torch.tensor(
-            [sums.get(k, 0.0) for k in ("loss", "clipped", "entropy", "kl", "tokens")]
+            [sums.get(k, 0.0) for k in ("loss", "clipped", "entropy", "kl", "tokens", "tis_weight", "tis_truncated")]
             + [float(keep_P.sum()), float(sum(len(r.response_ids) for r in rollouts))],
             device=acc.device,
         )
-        loss, clipped, entropy, kl, tokens, kept, generated = acc.reduce(totals, "sum").tolist()
+        loss, clipped, entropy, kl, tokens, tis_weight, tis_truncated, kept, generated = acc.reduce(
+            totals, "sum"
+        ).tolist()
+        gap = torch.tensor([sums.get(k, 0.0) for k in ("gap_sum", "gap_over", "gap_tokens")], device=acc.device)
+        gap_sum, gap_over, gap_tokens = acc.reduce(gap, "sum").tolist()
+        gap_max = acc.gather(torch.tensor([sums.get("gap_max", 0.0)], device=acc.device)).max().item()
         paths = [n for rec in records for n in rec["path_tokens"]]
 
         def mean(key: str) -> float:
@@ -477,6 +553,15 @@ class GRPOTrainer(StageTrainer):
             "step_s": elapsed,
             "epoch": self.state.epoch,
         }
+        if gap_tokens:
+            # Sampling vs training log-probs of the same tokens: ~0 for the hf engine (exact by design).
+            metrics["mismatch_mean"] = gap_sum / gap_tokens
+            metrics["mismatch_max"] = gap_max
+            metrics["mismatch_share"] = gap_over / gap_tokens
+            metrics["mismatch_tokens"] = gap_tokens
+        if self.cfg.tis_cap is not None:
+            metrics["tis_weight"] = tis_weight / max(tokens, 1.0)
+            metrics["tis_truncated"] = tis_truncated / max(tokens, 1.0)
         if self.ref_model is not None:
             metrics["kl"] = kl / max(tokens, 1.0)
         return metrics

@@ -61,7 +61,7 @@ class SamplingSettings:
 class SamplingParams(SamplingSettings):
     """Everything one `generate` call of an engine needs."""
 
-    variant: str = "unseen"  # "unseen" (structured) | "seen" (causal)
+    variant: str = "unseen"  # "unseen" (structured) | "seen" (causal) | "threads" (re-prefill at join)
     seed: int | None = None
     # Begin every response with an inserted (not sampled, not trained on) <Parallel>: a prefill that shows
     # the format on a model that has not learned yet to open blocks by itself. Counts towards max_blocks.
@@ -70,7 +70,7 @@ class SamplingParams(SamplingSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be 'unseen' or 'seen', got {self.variant!r}")
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.open_block and self.max_blocks < 1:
             raise ValueError("open_block needs max_blocks >= 1")
 

@@ -1,12 +1,13 @@
 """`parallel-r1 study`: the paper's comparison on the embedded task, at equal budget, over seeds.
 
-Five arms, one recipe each in `parallel_r1/recipes/study/` (an SFT stage, then GRPO):
+Six arms, one recipe each in `parallel_r1/recipes/study/` (an SFT stage, then GRPO):
 
     sequential     SFT on the teacher's plain solutions, GRPO with the accuracy reward, blocks banned
     seen           SFT and GRPO with the causal mask, parallel reward
     unseen_s1      SFT and GRPO with the structured (Unseen) mask, parallel reward
     unseen_s2      Unseen, the alternating reward (accuracy alone on most steps, + parallel on some)
     mid_training   Unseen, the parallel reward for the first steps, then accuracy alone
+    threads        paths isolated, the summary reading them as sequential text (re-prefill), parallel reward
 
 Equal budget: every arm's GRPO stages take the same problems, steps, prompts and samples per step
 (checked at load time); the generated tokens are reported beside the accuracy. SFT stages that are the
@@ -53,7 +54,7 @@ from parallel_r1.trainer import final_model
 log = logging.getLogger(__name__)
 
 STUDY_RECIPES = Path(__file__).resolve().parent / "recipes" / "study"
-ARMS = ("sequential", "seen", "unseen_s1", "unseen_s2", "mid_training")
+ARMS = ("sequential", "seen", "unseen_s1", "unseen_s2", "mid_training", "threads")
 BASELINE = "sequential"
 SEEDS = (0, 1, 2)
 SWEEP_LRS = (1.0e-4, 2.0e-4, 4.0e-4)
@@ -146,7 +147,7 @@ def eval_variants(recipe: Recipe) -> dict[str, dict]:
     out = {"heldout": {}}
     if is_parallel(recipe):
         out["no_blocks"] = {"max_blocks": 0}
-        if last.variant == "unseen":
+        if last.variant != "seen":
             out["seen_attention"] = {"variant": "seen"}
     return out
 
@@ -470,10 +471,11 @@ def summarize_study(study_dir: str | Path) -> dict:
 def _positions(samples: list[dict], variant: str) -> float | None:
     """Mean over responses of the positions a response occupies: with Unseen decoding a block's paths run
     side by side, so main-text tokens plus, per block, its longest path (what bounds latency and context);
-    with Seen (causal) decoding every token takes a position of its own."""
+    with Seen decoding every token takes a position of its own, and so with threads, whose summary re-reads
+    the paths one after another."""
     if not samples or "path_tokens" not in samples[0]:
         return None
-    if variant == "seen":
+    if variant != "unseen":
         return sum(r["response_tokens"] for r in samples) / len(samples)
     total = 0.0
     for r in samples:

@@ -3,14 +3,17 @@
 Seen: plain generation; it only stops at `<Parallel>` to count blocks, so that `<Parallel>` can be banned
 once the block cap is reached.
 
-Unseen, as the reference implementation does it: decode the main thread until `<Parallel>`; send one
-request per path, each `prompt + response so far + <Path>` (vLLM's automatic prefix caching finds the shared
-prefix's KV blocks, so the prefix is computed once); append the paths one after another with `</Parallel>`
-`<Summary>` and send that sequential text for the summary and the rest of the main thread. The summary's
-context is therefore re-encoded causally (path 2 attends to path 1 there), not the structured context the
-Unseen trainer scores: the log-probs returned are vLLM's and the trainer must recompute old log-probs with
-`attention.response_logprobs` (docs/engine.md). Use the HF backend (`engine.ParallelEngine`) for exact
-sample/train consistency.
+Unseen and threads, as the reference implementation does it: decode the main thread until `<Parallel>`;
+send one request per path, each `prompt + response so far + <Path>` (vLLM's automatic prefix caching finds
+the shared prefix's KV blocks, so the prefix is computed once); append the paths one after another with
+`</Parallel>` `<Summary>` and send that sequential text for the summary and the rest of the main thread.
+
+That request pattern IS the threads variant (`attention.build_layout`): a threads trainer scores exactly
+these contexts, so sampling is on-policy up to kernel numerics, which every GRPO step measures
+(`mismatch_*` metrics). Under unseen the summary's context differs from the one the trainer scores (here
+path 2 attends to path 1 and positions run on sequentially), so unseen with this backend is off-policy:
+the trainer recomputes old log-probs with `attention.response_logprobs`, and `grpo.tis_cap` corrects the
+rest (docs/engine.md). The HF backend (`engine.ParallelEngine`) samples all three variants exactly.
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ class VLLMEngine:
             for s in samples:
                 s.add(self.tags.parallel_open, False)
                 s.blocks = 1
-                s.state = "paths" if params.variant == "unseen" else "main"
+                s.state = "paths" if params.variant != "seen" else "main"
         # One seed per request, drawn in a fixed order: the same params.seed gives the same rollouts.
         rng = random.Random(params.seed)
         active = list(samples)
@@ -201,7 +204,7 @@ class VLLMEngine:
                 s.finish_reason = "stop"  # EOS (any of the model's end-of-sequence ids)
             elif last == tags.parallel_open:
                 s.blocks += 1
-                s.state = "paths" if params.variant == "unseen" else "main"
+                s.state = "paths" if params.variant != "seen" else "main"
             elif last == tags.summary_close:
                 s.state = "main"
         if s.finish_reason is None and len(s.response) >= params.max_response_tokens:
