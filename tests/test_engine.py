@@ -11,8 +11,11 @@ from parallel_r1.engine import (
     ParallelEngine,
     SamplingParams,
     ban_table,
+    counter_uniforms,
+    output_layer,
     sample_tokens,
     step_mask,
+    uniforms_for,
 )
 from parallel_r1.format import TagIds
 
@@ -152,6 +155,133 @@ def test_seed_reproduces(block_model, tiny_tokenizer):
     assert [r.response_ids for r in first] == [r.response_ids for r in again]
     assert [r.logprobs for r in first] == [r.logprobs for r in again]
     assert [r.response_ids for r in first] != [r.response_ids for r in other]
+
+
+def _splitmix64(z: int) -> int:
+    mask = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_counter_uniforms_are_splitmix64_of_the_counters():
+    rows = [[0, 0, 0], [7, 3, 1], [2**62 + 5, 12345, 99], [-1, 2**63 - 1, 0]]
+    expected = []
+    for row in rows:
+        h = 0
+        for value in row:
+            h = _splitmix64(h ^ (value & ((1 << 64) - 1)))
+        expected.append((h >> 11) * 2.0**-53)
+    assert counter_uniforms(torch.tensor(rows)).tolist() == expected
+    assert uniforms_for([tuple(r) for r in rows], torch.device("cpu")).tolist() == expected
+    many = [(3, i, i % 7, 2**63 + i, 1, i * 31) for i in range(100)]  # > 64 rows: the torch path
+    assert uniforms_for(many, torch.device("cpu")).tolist() == uniforms_for(many[:50], torch.device("cpu")).tolist() + (
+        uniforms_for(many[50:], torch.device("cpu")).tolist()
+    )
+
+
+def test_counter_sampler_follows_the_softmax_distribution(tags):
+    """Inverse-CDF draws with hashed uniforms: chi-square of the frequencies against softmax(logits / T),
+    and banned or top-k-cut tokens never drawn."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    draws = 40_000
+    counters = torch.stack([torch.full((draws,), 3), torch.arange(draws), torch.zeros(draws, dtype=torch.long)], 1)
+    noise = counter_uniforms(counters)
+    params = SamplingParams(temperature=0.7)
+    tokens, logprobs = sample_tokens(logits.expand(draws, -1), torch.zeros(draws, 6, dtype=torch.bool), params, noise)
+    probs = torch.softmax(logits / 0.7, -1)
+    counts = torch.bincount(tokens, minlength=6).double()
+    chi2 = (((counts - draws * probs) ** 2) / (draws * probs)).sum().item()
+    assert chi2 < 20.5  # 5 degrees of freedom, p = 0.001
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)
+    banned = torch.zeros(draws, 6, dtype=torch.bool)
+    banned[:, 0] = True
+    tokens, _ = sample_tokens(logits.expand(draws, -1), banned, SamplingParams(top_k=2), noise)
+    counts = torch.bincount(tokens, minlength=6)
+    assert counts[[0, 2, 3, 4]].sum() == 0  # banned, or outside the top 2 of what is left
+    kept = torch.softmax(logits[[1, 5]], -1)
+    assert abs(counts[1].item() / draws - kept[0].item()) < 0.01
+
+
+def test_seeded_rollouts_do_not_depend_on_the_batch(block_model, tiny_tokenizer, tags):
+    """A sample is a function of (seed, key, sample index): alone, in a batch with other prompts, in
+    another order, or with another max_batch_size (continuous batching) it comes out the same."""
+    params = SamplingParams(seed=11, max_response_tokens=64, max_path_tokens=12, num_paths=3)
+    together = ParallelEngine(block_model, tiny_tokenizer, max_batch_size=8).generate(PROMPTS, n=2, params=params)
+    assert closed_blocks(together)
+    small = ParallelEngine(block_model, tiny_tokenizer, max_batch_size=2)
+    refilled = small.generate(PROMPTS, n=2, params=params)
+    assert small.stats.forwards > 0 and 0 < small.stats.utilisation <= 1
+    reversed_ = small.generate(PROMPTS[::-1], n=2, params=params, keys=[2, 1, 0])
+    for i, prompt in enumerate(PROMPTS):
+        alone = ParallelEngine(block_model, tiny_tokenizer, max_batch_size=1).generate(
+            [prompt], n=2, params=params, keys=[i]
+        )
+        for j in range(2):
+            want = together[2 * i + j]
+            for got in (alone[j], refilled[2 * i + j], reversed_[2 * (2 - i) + j]):
+                assert got.response_ids == want.response_ids
+                assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    other_keys = ParallelEngine(block_model, tiny_tokenizer).generate(PROMPTS, n=2, params=params, keys=[5, 6, 7])
+    assert [r.response_ids for r in other_keys] != [r.response_ids for r in together]
+    # The two samples of one prompt differ, and so does the same prompt under another key.
+    assert together[0].response_ids != together[1].response_ids
+    (k0,), (k1,) = (
+        ParallelEngine(block_model, tiny_tokenizer).generate([PROMPTS[0]], params=params, keys=[k]) for k in (0, 1)
+    )
+    assert k0.response_ids != k1.response_ids
+    with pytest.raises(ValueError, match="keys"):
+        small.generate(PROMPTS, params=params, keys=[0])
+
+
+def test_unseeded_sampling_is_fresh(block_model, tiny_tokenizer):
+    engine = ParallelEngine(block_model, tiny_tokenizer)
+    params = SamplingParams(max_response_tokens=40, max_path_tokens=10)
+    first, again = (engine.generate(PROMPTS, n=2, params=params) for _ in range(2))
+    assert [r.response_ids for r in first] != [r.response_ids for r in again]
+
+
+def test_threads_summary_sees_the_sequential_text(block_model, tiny_tokenizer, tags):
+    """Variant threads: each path's log-probs are a causal forward over prefix + that path alone; every
+    other sampled token's log-prob is a plain causal forward over the sequential text (re-prefill at join)."""
+    engine = ParallelEngine(block_model, tiny_tokenizer, max_batch_size=4)
+    params = SamplingParams(seed=2, max_response_tokens=110, max_path_tokens=14, num_paths=3, variant="threads")
+    rollouts = engine.generate(PROMPTS, n=3, params=params)
+    assert len(closed_blocks(rollouts)) >= 3
+    unseen = engine.generate(PROMPTS, n=3, params=SamplingParams(**{**params.__dict__, "variant": "unseen"}))
+    checked_paths = checked_main = 0
+    for r, u in zip(rollouts, unseen):
+        in_path = [False] * len(r.response_ids)
+        for block in r.structure.blocks:
+            start = block.paths[0].token_span.start
+            prefix = r.prompt_ids + r.response_ids[:start]
+            for path in block.paths:
+                span = range(path.token_span.start, path.token_span.end)
+                alone = torch.tensor([prefix + [r.response_ids[i] for i in span]])
+                with torch.no_grad():
+                    logits = block_model(alone).logits[0, len(prefix) - 1 : -1]
+                want = torch.log_softmax(logits, -1).gather(1, alone[0, len(prefix) :, None])[:, 0]
+                for k, i in enumerate(span):
+                    in_path[i] = True
+                    if r.sampled_mask[i]:
+                        assert abs(r.logprobs[i] - want[k].item()) < 1e-4
+                        checked_paths += 1
+        causal = scored(block_model, tags, r, "seen")
+        # ... and the training side scores the whole response alike (attention's threads layout).
+        sampled = torch.tensor(r.sampled_mask)
+        trained = scored(block_model, tags, r, "threads")
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], trained[sampled], atol=1e-4)
+        for i, (lp, sampled) in enumerate(zip(r.logprobs, r.sampled_mask)):
+            if sampled and not in_path[i]:
+                assert abs(lp - causal[i].item()) < 1e-4
+                checked_main += 1
+        # Up to the end of the first block's paths, threads samples exactly what unseen samples.
+        if r.structure.blocks and u.structure.blocks:
+            end = r.structure.blocks[0].paths[-1].token_span.end
+            assert r.response_ids[:end] == u.response_ids[:end]
+    summaries = [b.summary for r in rollouts for b in r.structure.blocks if b.summary is not None]
+    assert checked_paths > 20 and checked_main > 20 and summaries
 
 
 def test_path_cap_inserts_unsampled_close(tiny_model, tiny_tokenizer, tags):
@@ -309,3 +439,12 @@ def test_generate_command_writes_jsonl_and_shows_paths(tiny_model, tiny_tokenize
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["response"].startswith("<Parallel><Path>") and r["paths_per_block"][0] == 3 for r in records)
     assert "block 1 path 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_output_layer_equals_the_layer(bias):
+    head = torch.nn.Linear(16, 10_000, bias=bias)
+    hidden = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.allclose(output_layer(head, hidden, chunk=1024), head(hidden), atol=1e-5)
+        assert torch.equal(output_layer(head, hidden[:1], chunk=1024), head(hidden[:1]))
