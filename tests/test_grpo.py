@@ -295,3 +295,27 @@ def test_every_step_logs_the_sampler_gap_and_tis_corrects_it(tmp_path, tis_cap):
         assert "tis_weight" not in metrics
     else:
         assert abs(metrics["tis_weight"] - math.exp(-0.3)) < 1e-4 and metrics["tis_truncated"] == 0.0
+
+
+def test_micro_batches_drop_shared_padding_and_keep_the_log_probs(tiny_model, tiny_tokenizer):
+    from parallel_r1.attention import response_logprobs
+    from parallel_r1.grpo import RolloutBatch, recompute_logprobs
+
+    tags = TagIds.from_tokenizer(tiny_tokenizer)
+    lengths = [5, 30, 12, 30, 7]
+    T = max(lengths)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 290, (len(lengths), T), generator=g)
+    attn = torch.tensor([[0] * (T - n) + [1] * n for n in lengths])
+    ids = ids * attn
+    zeros = torch.zeros(len(lengths), T)
+    batch = RolloutBatch(ids, attn, attn.float(), zeros, torch.zeros(len(lengths)), zeros, torch.ones_like(zeros))
+    assert batch.by_length()[:2] == [1, 3]
+    short = batch.micro_batch([0, 4])
+    assert short.input_ids_BT.shape == (2, 7) and torch.equal(short.input_ids_BT[1], ids[4, -7:])
+    with torch.no_grad():
+        want, _ = response_logprobs(tiny_model, ids, attn, tags, variant="seen")
+    got = recompute_logprobs(tiny_model, batch, tags, "seen", temperature=1.0, micro_batch_size=2)
+    scored = attn.clone()
+    scored[torch.arange(len(lengths)), T - torch.tensor(lengths)] = 0  # a row's first token has no context
+    assert torch.allclose(got * scored, want * scored, atol=1e-5)

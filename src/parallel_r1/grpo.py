@@ -138,6 +138,18 @@ class RolloutBatch:
         idx = torch.tensor(index, dtype=torch.long)
         return RolloutBatch(*(t[idx.to(t.device)] for t in vars(self).values()))
 
+    def micro_batch(self, index: list[int]) -> RolloutBatch:
+        """The given rows without the columns that are padding in all of them (rows are left-padded), so
+        a micro-batch of short rows is not computed at the width of the step's longest."""
+        part = self.rows(index)
+        first = int(part.attention_mask_BT.any(0).nonzero()[0]) if part.attention_mask_BT.any() else 0
+        return RolloutBatch(*(t[:, first:] if t.dim() == 2 else t for t in vars(part).values()))
+
+    def by_length(self) -> list[int]:
+        """Row indices, longest first: micro-batches of neighbours in this order carry little padding."""
+        lengths = self.attention_mask_BT.sum(1).tolist()
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
 
 def collate_rollouts(rollouts: list, advantages: list[float], pad_id: int) -> RolloutBatch:
     """Stack `prompt_ids + response_ids` of each rollout, left-padded to the longest."""
@@ -170,15 +182,18 @@ def recompute_logprobs(
     """Log-probs [B, T] of the batch under `model` (no grad), micro-batch by micro-batch."""
     was_training = model.training
     model.eval()
-    parts = []
-    for start in range(0, batch.input_ids_BT.shape[0], micro_batch_size):
-        part = batch.rows(list(range(start, min(start + micro_batch_size, batch.input_ids_BT.shape[0]))))
+    B, T = batch.input_ids_BT.shape
+    out_BT = torch.zeros(B, T, device=batch.input_ids_BT.device)
+    order = batch.by_length()
+    for start in range(0, B, micro_batch_size):
+        index = order[start : start + micro_batch_size]
+        part = batch.micro_batch(index)
         logp, _ = response_logprobs(
             model, part.input_ids_BT, part.attention_mask_BT, tags, variant=variant, temperature=temperature
         )
-        parts.append(logp * part.loss_mask_BT)
+        out_BT[torch.tensor(index, device=out_BT.device), T - logp.shape[1] :] = logp * part.loss_mask_BT
     model.train(was_training)
-    return torch.cat(parts)
+    return out_BT
 
 
 def policy_update(
@@ -204,8 +219,8 @@ def policy_update(
     against the sampler's.
     """
     model.train()
-    rows = batch.input_ids_BT.shape[0]
-    starts = list(range(0, rows, cfg.micro_batch_size))
+    order = batch.by_length()
+    starts = list(range(0, len(order), cfg.micro_batch_size))
     sums = {
         "loss": 0.0,
         "clipped": 0.0,
@@ -216,7 +231,7 @@ def policy_update(
         "tis_truncated": 0.0,
     }
     for k, start in enumerate(starts):
-        mb = batch.rows(list(range(start, min(start + cfg.micro_batch_size, rows))))
+        mb = batch.micro_batch(order[start : start + cfg.micro_batch_size])
         sync = accelerator.no_sync(model) if k < len(starts) - 1 else nullcontext()
         with sync:
             logp_BT, entropy_BT = response_logprobs(
