@@ -1,19 +1,29 @@
-"""Checkpoints a killed run resumes from exactly.
+"""Checkpoints a killed run resumes from exactly, with one process, several (DDP) or a sharded model.
 
 One folder per checkpoint, `<stage dir>/checkpoint-<step:06d>/`, holding
 
-* the model and tokenizer in Hugging Face format (`from_pretrained` loads the folder directly),
-* `optimizer.pt`, `scheduler.pt`,
-* `rng_state_<process>.pt`: Python, NumPy and torch (CPU and CUDA) generator states of each process,
+* the model and tokenizer in Hugging Face format (`from_pretrained` loads the folder directly), written
+  by the main process from the gathered state dict (`accelerator.get_state_dict`), so a sharded (FSDP,
+  DeepSpeed ZeRO) model is still saved as one plain model folder;
+* `accelerator/`: what `accelerator.save_state` writes: the optimizer state (one `optimizer.bin`, or the
+  shards of an FSDP/DeepSpeed optimizer, each process its own), the RNG state of every process
+  (`random_states_<process>.pkl`: Python, NumPy, torch CPU and CUDA), and, for sharded set-ups only,
+  the model's own shards (without sharding the Hugging Face folder above holds the very same weights,
+  so they are not written twice);
+* `scheduler.pt`: the learning-rate schedule (identical on every process; it is stepped by hand once
+  per optimiser step, so it is not handed to `accelerator.prepare`);
 * `trainer_state.json`: the step count and the data position (epoch, index in the epoch, the seed of
-  the sampler's permutation), which is all a trainer needs to continue with the next unseen example.
+  the sampler's permutation), which is all a trainer needs to continue with the next unseen example,
+  and the process count and distributed type that wrote the checkpoint.
 
 A checkpoint is written into `checkpoint-<step>.tmp` and renamed when complete, so a kill at any moment
 leaves either the whole checkpoint or none; `latest_checkpoint` ignores unfinished folders.
 
-Optimizer state is saved with `optimizer.state_dict()` from the main process: right for one process
-and for DDP. Sharded set-ups (FSDP, DeepSpeed ZeRO) keep optimizer shards per process; see
-docs/training.md for how they are launched.
+Resuming: the trainer builds the model from the checkpoint's Hugging Face folder, hands it and a fresh
+optimizer to the accelerator, then `load_checkpoint` restores optimizer, schedule, RNG (and a sharded
+model's shards) through `accelerator.load_state`. Checkpoints of the first format (`optimizer.pt`,
+`rng_state_<process>.pt`, written by `optimizer.state_dict()` on the main process) still resume a
+single-process or DDP run; a sharded run refuses them with a message that says why.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,15 @@ log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+ACCELERATOR_DIR = "accelerator"
+SCHEDULER_FILE = "scheduler.pt"
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"
+FORMAT = 2
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that this run cannot resume from (the message says why and what to do)."""
 
 
 @dataclass
@@ -90,6 +108,40 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_sharded(accelerator) -> bool:
+    """Whether model and optimizer are sharded over processes (FSDP, DeepSpeed, Megatron-LM)."""
+    return str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def _skip_full_weights(models: list, weights: list | None = None, *_) -> None:
+    # `save_state` hands its hooks the list of full model state dicts it is about to write (empty for
+    # sharded models, which it saves by their own route); `load_state` the list of models it is about
+    # to load full weights into. Both are the Hugging Face folder's weights: nothing to write or read.
+    (weights if weights is not None else models).clear()
+
+
+def save_model_folder(model, state_dict: dict, folder: Path, *, sharded: bool) -> None:
+    """A Hugging Face model folder from a full `state_dict` (on the main process only).
+
+    A sharded model's own `save_pretrained` reads its parameters (DTensors under FSDP2) to find tied
+    weights, a collective the other processes do not join: the folder is then written from the gathered
+    state dict and the config alone, without touching the model."""
+    if not sharded:
+        model.save_pretrained(folder, state_dict=state_dict)
+        return
+    from huggingface_hub import save_torch_state_dict
+
+    state_dict = dict(state_dict)
+    output = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
+    for name, module in model.named_modules() if output is not None else ():
+        if module is output:
+            state_dict.pop(f"{name}.weight", None)  # tied to the input embeddings, as save_pretrained leaves it
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_torch_state_dict({k: v.contiguous() for k, v in state_dict.items()}, folder)
+
+
 def save_checkpoint(
     directory: str | Path,
     state: TrainerState,
@@ -103,8 +155,12 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint-<state.step> into `directory` atomically and keep only the newest `keep_last`.
 
-    Every process must call it (gathering a sharded model's weights is a collective operation).
+    Every process must call it (gathering a sharded model's weights and saving a sharded optimizer are
+    collective operations). `model` and `optimizer` are the ones handed to `accelerator.prepare` (the
+    accelerator saves the optimizers it prepared).
     """
+    if not any(o is optimizer or getattr(o, "optimizer", None) is optimizer for o in accelerator._optimizers):
+        raise ValueError("save_checkpoint: hand the optimizer to accelerator.prepare first (save_state saves those)")
     directory = Path(directory)
     final = directory / f"{PREFIX}{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -114,16 +170,25 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    torch.save(capture_rng(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if main:
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        save_model_folder(accelerator.unwrap_model(model), state_dict, tmp, sharded=is_sharded(accelerator))
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        # Written last: `list_checkpoints` only counts folders that have it.
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    del state_dict
+    handle = accelerator.register_save_state_pre_hook(lambda models, weights, _dir: _skip_full_weights(models, weights))
+    try:
+        accelerator.save_state(str(tmp / ACCELERATOR_DIR))
+    finally:
+        handle.remove()
     accelerator.wait_for_everyone()
     if main:
+        meta = {
+            "format": FORMAT,
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        }
+        # Written last: `list_checkpoints` only counts folders that have it.
+        (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), **meta}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -134,19 +199,69 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint as written (the TrainerState fields and the run's metadata)."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
 def load_trainer_state(path: str | Path) -> TrainerState:
-    return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+    names = {f.name for f in fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in checkpoint_info(path).items() if k in names})
 
 
 def load_checkpoint(path: str | Path, *, accelerator, optimizer, scheduler) -> TrainerState:
-    """Restore optimizer, scheduler and this process's RNG from `path`; return its TrainerState.
+    """Restore optimizer, scheduler, RNG (and a sharded model's shards) from `path`; return its TrainerState.
 
-    The model's weights are not touched here: trainers build the model from the checkpoint folder
-    (it is a Hugging Face model folder) before handing it to the accelerator.
+    Call it after `accelerator.prepare(model, optimizer)`, on every process. Full model weights are not
+    read here: trainers build the model from the checkpoint folder (a Hugging Face model folder) before
+    handing it to the accelerator.
     """
     path = Path(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    info = checkpoint_info(path)
+    if (path / ACCELERATOR_DIR).is_dir():
+        saved_by = info.get("distributed_type", "?")
+        if is_sharded(accelerator) != (saved_by in ("FSDP", "DEEPSPEED", "MEGATRON_LM")):
+            raise CheckpointError(
+                f"{path} was written by a {saved_by} run and this run is "
+                f"{str(accelerator.distributed_type).split('.')[-1]}: optimizer states of sharded and unsharded "
+                "runs differ in layout; resume with the set-up that wrote it, or start the stage from its model "
+                f"folder (model.name_or_path: {path}) in a new run folder"
+            )
+        if info.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+            log.warning(
+                "%s was written by %s processes, this run has %d: the optimizer and schedule resume exactly, "
+                "the RNG streams of the processes do not",
+                path,
+                info.get("num_processes"),
+                accelerator.num_processes,
+            )
+        handle = accelerator.register_load_state_pre_hook(lambda models, _dir: _skip_full_weights(models))
+        try:
+            accelerator.load_state(str(path / ACCELERATOR_DIR))
+        finally:
+            handle.remove()
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+        return load_trainer_state(path)
+    if (path / LEGACY_OPTIMIZER_FILE).is_file():
+        return _load_legacy(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+    raise CheckpointError(
+        f"{path} has neither {ACCELERATOR_DIR}/ nor {LEGACY_OPTIMIZER_FILE}: it is not a checkpoint this version "
+        "can resume (delete it to resume from the one before, or start the stage from its model folder)"
+    )
+
+
+def _load_legacy(path: Path, *, accelerator, optimizer, scheduler) -> TrainerState:
+    """A checkpoint of the first format: `optimizer.pt` (a full optimizer state dict from the main process),
+    `scheduler.pt`, `rng_state_<process>.pt`."""
+    if is_sharded(accelerator):
+        raise CheckpointError(
+            f"{path} is a checkpoint of the first format ({LEGACY_OPTIMIZER_FILE}: one unsharded optimizer state) "
+            f"and this run is {str(accelerator.distributed_type).split('.')[-1]}, which shards the optimizer: "
+            "resume it with one process or DDP (it then writes checkpoints of the current format), or start the "
+            f"stage from its model folder (model.name_or_path: {path}) in a new run folder"
+        )
+    optimizer.load_state_dict(torch.load(path / LEGACY_OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.is_file():
         # Python's and NumPy's generator states are tuples/arrays, not plain tensors.

@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from parallel_r1.config import Recipe, dump_recipe, parse_recipe
 from parallel_r1.grpo import GRPOTrainer
 from parallel_r1.layout import RECIPE_FILE, stage_dir
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.sft import SFTTrainer
-from parallel_r1.trainer import final_model, stage_is_done
+from parallel_r1.trainer import final_model, make_accelerator, stage_is_done
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ def _record_recipe(recipe: Recipe, run_dir: Path) -> None:
 def run_recipe(recipe: Recipe, run_dir: str | Path) -> Path:
     """Run (or resume) every stage of `recipe` in `run_dir`; return the last stage's final model folder."""
     run_dir = Path(run_dir)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _record_recipe(recipe, run_dir)

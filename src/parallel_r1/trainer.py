@@ -16,6 +16,7 @@ done. A stage folder whose DONE file exists is finished; the file names its fina
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,6 +68,23 @@ def mark_done(directory: Path, checkpoint: Path) -> None:
 # Builders.
 
 
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """The run's `Accelerator`. Several processes on a machine without GPUs (`torchrun --nproc_per_node 2`,
+    `accelerate launch --multi_gpu --num_processes 2`) run data parallel on the CPU over gloo: accelerate
+    only does that when told `cpu=True`, so that is set when WORLD_SIZE > 1 and no accelerator device exists.
+    (`accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up:
+    docs/training.md.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device():
+        kwargs.setdefault("cpu", True)
+    return Accelerator(**kwargs)
+
+
 def load_stage_model(stage: StageConfig, source: str | Path, seed: int):
     """(model, tokenizer) for `stage` from `source`: a preset, a model folder or a checkpoint folder."""
     tiny_kwargs = asdict(stage.model.tiny) if str(source) == TINY else None
@@ -94,6 +112,23 @@ def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: f
     """Clip to `max_norm` (0: no clipping) and return the norm before clipping."""
     limit = max_norm if max_norm > 0 else float("inf")
     return float(accelerator.clip_grad_norm_(model.parameters(), limit))
+
+
+MODEL_ATTRIBUTES = ("config", "dtype", "is_gradient_checkpointing")
+
+
+def expose_model_attributes(wrapped: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Give a wrapper (DDP) the attributes of the model it wraps that the scoring code reads (`config`, `dtype`,
+    gradient checkpointing): the forward must go through the wrapper, which syncs gradients, but
+    `attention.response_logprobs` picks the mask and kernel from the model's config."""
+    if wrapped is model:
+        return
+    for name in MODEL_ATTRIBUTES:
+        try:
+            getattr(wrapped, name)
+        except AttributeError:
+            if hasattr(model, name):
+                object.__setattr__(wrapped, name, getattr(model, name))
 
 
 def make_progress(total: int, completed: int, description: str, enabled: bool):
@@ -138,7 +173,7 @@ class StageTrainer:
         self.init_model = init_model
         self.seed = seed
         self.logging_config = logging_config or LoggingConfig()
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator()
         self.resume_from = latest_checkpoint(self.output_dir)
         self.model, self.tokenizer = load_stage_model(stage, self.resume_from or init_model, seed)
         self.tags = TagIds.from_tokenizer(self.tokenizer)
@@ -146,13 +181,18 @@ class StageTrainer:
     def prepare(self, total_steps: int) -> None:
         """The optimiser and a schedule over `total_steps`; model and optimiser handed to the accelerator."""
         self.total_steps = total_steps
+        # One accelerator runs every stage of a recipe: drop the previous stage's model and optimizer from
+        # it, so that `save_state` saves this stage's only.
+        self.accelerator.free_memory()
         self.optimizer = build_optimizer(self.model, self.stage)
         self.scheduler = build_scheduler(self.optimizer, self.stage, total_steps)
         # The scheduler is stepped by hand once per optimiser step, so it is not handed to `prepare`.
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        expose_model_attributes(self.model, self.accelerator.unwrap_model(self.model))
 
     def resume(self) -> None:
-        """Restore the latest checkpoint's optimiser, schedule, RNG and data position; else start at step 0."""
+        """Restore the latest checkpoint's optimiser, schedule, RNG, data position (and a sharded model's
+        shards: `checkpoint.load_checkpoint`); else start at step 0."""
         self.state = TrainerState(data_seed=self.seed)
         if self.resume_from is not None:
             self.state = load_checkpoint(
@@ -187,7 +227,7 @@ class StageTrainer:
                     rollout_log.write(record)
                 info = self.describe(metrics)
                 progress.update(task, completed=step, info=info)
-                if step % stage.log_every == 0 and not lc.progress:
+                if main and step % stage.log_every == 0 and not lc.progress:
                     log.info("%s step %d/%d %s", description, step, self.total_steps, info)
                 if stage.save_every and step % stage.save_every == 0:
                     self.save()
