@@ -181,6 +181,7 @@ def test_evaluate_benchmark_metrics_match_recomputation(seven_or_nine, tiny_toke
     result, records = evaluate_benchmark(engine, problems, cfg, "toy-model", "toy")
 
     assert len(records) == len(problems) * k
+    assert engine.stats.forwards > 0 and 0 < result.engine_utilisation == engine.stats.utilisation <= 1
     by_problem = {}
     for r in records:
         by_problem.setdefault(r["problem_id"], []).append(r)

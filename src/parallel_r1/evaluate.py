@@ -127,6 +127,7 @@ class BenchmarkResult:
     tokens_per_second: float  # response tokens generated per second of generation
     generation_seconds: float
     finish_reasons: dict[str, int] = field(default_factory=dict)
+    engine_utilisation: float | None = None  # hf engine: share of computed query slots that fed a real token
 
 
 def sample_record(rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0) -> dict:
@@ -205,6 +206,9 @@ def evaluate_benchmark(
     per_call = max(1, cfg.max_batch_size // cfg.k)
     records: list[dict] = []
     seconds = 0.0
+    counted = hasattr(engine, "reset_stats")
+    if counted:
+        engine.reset_stats()
     with Progress(transient=True) as progress:
         task = progress.add_task(f"{model_name} / {benchmark}", total=len(problems))
         for chunk_index, start in enumerate(range(0, len(problems), per_call)):
@@ -217,7 +221,10 @@ def evaluate_benchmark(
                 problem = chunk[rollout.prompt_index]
                 records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s))
             progress.advance(task, len(chunk))
-    return summarize(records, cfg.k, model_name, benchmark, seconds, cfg.verify_timeout_s), records
+    result = summarize(records, cfg.k, model_name, benchmark, seconds, cfg.verify_timeout_s)
+    if counted:
+        result.engine_utilisation = engine.stats.utilisation
+    return result, records
 
 
 # ------------------------------------------------------------------------------------------------
