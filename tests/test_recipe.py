@@ -104,8 +104,11 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     rollouts = read_jsonl(stage / "rollouts.jsonl")
     assert len(rollouts) == 2 * 2 * 3  # steps x prompts x n (the --set override)
     assert {"response", "reward", "pred", "gold", "question", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
-    # the untrained model answers nothing right: every reward is the recipe's wrong_value
-    assert {(r["correct"], r["reward"]) for r in rollouts} == {(False, -0.5)}
+    # the untrained model answers nothing right: every reward is the recipe's wrong_value, except on the
+    # parallel step (2), where a response that fails the format check gets format_error_value (-1)
+    for r in rollouts:
+        gated = r["step"] == 2 and not r["well_formed"]
+        assert (r["correct"], r["reward"]) == (False, -1.0 if gated else -0.5), r
     # `parallel-r1 analyze` and `view` read the stage folder as it is
     assert [r["response"] for r in read_rollouts([stage])] == [r["response"] for r in rollouts]
 
