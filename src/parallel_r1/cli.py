@@ -49,6 +49,8 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
     )
+    # accelerate reports every file of every checkpoint it writes at INFO; our own log names the checkpoint.
+    logging.getLogger("accelerate").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------
