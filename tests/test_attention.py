@@ -213,9 +213,9 @@ def test_unknown_variant_and_unsupported_backend_raise():
 # ----------------------------------------------------------------------------- tiny models
 
 
-def make_model(tokenizer, arch: str, backend: str):
+def make_model(vocab: int, arch: str, backend: str):
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -260,7 +260,7 @@ def plain_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch,backend", MODELS)
 def test_unseen_path_equals_prefix_plus_path_alone(tiny_tokenizer, tag_ids, arch, backend):
-    model = make_model(tiny_tokenizer, arch, backend)
+    model = make_model(len(tiny_tokenizer), arch, backend)
     prefix, paths, tail = one_block(tag_ids)
     ids = torch.tensor([prefix + paths[0] + paths[1] + tail])
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_unseen_path_equals_prefix_plus_path_alone(tiny_tokenizer, tag_ids, arch
 
 @pytest.mark.parametrize("arch,backend", MODELS)
 def test_summary_equals_kv_cache_assembled_from_separate_paths(tiny_tokenizer, tag_ids, arch, backend):
-    model = make_model(tiny_tokenizer, arch, backend)
+    model = make_model(len(tiny_tokenizer), arch, backend)
     prefix, paths, tail = one_block(tag_ids)
     full = prefix + paths[0] + paths[1] + tail
     ids = torch.tensor([full])
@@ -313,7 +313,7 @@ def test_summary_equals_kv_cache_assembled_from_separate_paths(tiny_tokenizer, t
 
 @pytest.mark.parametrize("arch,backend", MODELS)
 def test_no_block_equals_plain_causal_forward(tiny_tokenizer, tag_ids, arch, backend):
-    model = make_model(tiny_tokenizer, arch, backend)
+    model = make_model(len(tiny_tokenizer), arch, backend)
     ids = torch.tensor([content(20, 7), content(20, 8)])
     with torch.no_grad():
         logits = model(ids).logits
@@ -326,7 +326,7 @@ def test_no_block_equals_plain_causal_forward(tiny_tokenizer, tag_ids, arch, bac
 @pytest.mark.parametrize("variant", ["unseen", "seen"])
 @pytest.mark.parametrize("arch,backend", [("llama", "sdpa"), ("qwen3", "eager")])
 def test_batch_of_different_structures_equals_each_row_alone(tiny_tokenizer, tag_ids, arch, backend, variant):
-    model = make_model(tiny_tokenizer, arch, backend)
+    model = make_model(len(tiny_tokenizer), arch, backend)
     t = tag_ids
     prefix, paths, tail = one_block(t)
     rows = [
@@ -368,7 +368,7 @@ def threads_requests_logprobs(model, row: list[int], tags: TagIds) -> list[float
 
 @pytest.mark.parametrize("arch,backend", MODELS)
 def test_threads_equals_the_requests_a_stock_engine_sends(tiny_tokenizer, tag_ids, arch, backend):
-    model = make_model(tiny_tokenizer, arch, backend)
+    model = make_model(len(tiny_tokenizer), arch, backend)
     t = tag_ids
     prefix, paths, tail = one_block(t)
     rows = [
@@ -392,7 +392,7 @@ def test_threads_equals_the_requests_a_stock_engine_sends(tiny_tokenizer, tag_id
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_gradients_flow_and_stay_finite_with_padding(tiny_tokenizer, tag_ids, backend):
-    model = make_model(tiny_tokenizer, "llama", backend).train()
+    model = make_model(len(tiny_tokenizer), "llama", backend).train()
     prefix, paths, tail = one_block(tag_ids)
     ids, mask = pad_batch([prefix + paths[0] + paths[1] + tail, content(4, 14)], left=[True, True])
     lp, ent = response_logprobs(model, ids, mask, tag_ids, temperature=0.8, with_entropy=True)
@@ -406,7 +406,8 @@ def test_gradients_flow_and_stay_finite_with_padding(tiny_tokenizer, tag_ids, ba
 
 def test_flex_attention_matches_sdpa(tiny_tokenizer, tag_ids):
     pytest.importorskip("torch.nn.attention.flex_attention")
-    sdpa, flex = make_model(tiny_tokenizer, "llama", "sdpa"), make_model(tiny_tokenizer, "llama", "flex_attention")
+    vocab = len(tiny_tokenizer)
+    sdpa, flex = make_model(vocab, "llama", "sdpa"), make_model(vocab, "llama", "flex_attention")
     prefix, paths, tail = one_block(tag_ids)
     ids, mask = pad_batch([prefix + paths[0] + paths[1] + tail, content(9, 15)], left=[True, True])
     with torch.no_grad():

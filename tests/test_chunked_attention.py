@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from test_attention import make_model
 
 from parallel_r1 import attention, chunked_attention
 from parallel_r1.attention import allowed, attention_kernel, build_layout, chunk_plan, response_logprobs
@@ -122,23 +122,6 @@ def test_chunk_plan_is_the_layout_rule(variant, chunk):
 
 
 # ----------------------------------------------------------------------------- response_logprobs
-
-
-def make_model(vocab: int, arch: str, backend: str):
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation=backend,
-    )
-    torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).float()
-    return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common)).float()
 
 
 @pytest.mark.parametrize("arch,backend", [("llama", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")])
