@@ -118,11 +118,15 @@ def build_positions(
     real = _real_mask(input_ids, attention_mask)
     if variant != "unseen":
         return torch.where(real, real.long().cumsum(1) - 1, 0)
-    st = _structure(input_ids, tags, real)
+    return _unseen_positions(_structure(input_ids, tags, real), real)
+
+
+def _unseen_positions(st: _Structure, real: torch.Tensor) -> torch.Tensor:
+    """`build_positions` of the unseen variant from the row's structure."""
     block_id, path_id, offset, closes = st.block_id, st.path_id, st.offset, st.closes
     in_path = path_id >= 0
     # Longest path of each block: the largest offset + 1 among its tokens (slot 0 collects non-path tokens).
-    slots = torch.zeros(input_ids.shape[0], input_ids.shape[1] + 1, dtype=torch.long, device=input_ids.device)
+    slots = torch.zeros(real.shape[0], real.shape[1] + 1, dtype=torch.long, device=real.device)
     longest = slots.scatter_reduce(1, torch.where(in_path, block_id + 1, 0), offset + 1, reduce="amax")
     jump = torch.where(closes, longest.gather(1, block_id + 1), 0).cumsum(1)
     # Non-path tokens count up by one, plus the length L of every block closed so far; paths restart
@@ -176,14 +180,15 @@ def build_layout(
     """
     _check_variant(variant)
     real = _real_mask(input_ids, attention_mask)
-    positions = build_positions(input_ids, attention_mask, tags, variant)
     zeros = torch.zeros_like(input_ids)
+    sequential = torch.where(real, real.long().cumsum(1) - 1, 0)
     if variant == "seen":
-        return Layout(input_ids, real, positions, zeros, zeros - 1)
+        return Layout(input_ids, real, sequential, zeros, zeros - 1)
     st = _structure(input_ids, tags, real)
     in_path = st.path_id >= 0
     if variant == "unseen":
-        return Layout(input_ids, real, positions, torch.where(in_path, st.path_id + 1, 0), st.first_path - 1)
+        seg = torch.where(in_path, st.path_id + 1, 0)
+        return Layout(input_ids, real, _unseen_positions(st, real), seg, st.first_path - 1)
 
     B, T = input_ids.shape
     first_path = st.first_path.clamp(min=0)
@@ -198,13 +203,13 @@ def build_layout(
         out[rows, dest] = copies
         return out
 
-    path_start = positions.gather(1, first_path)
+    path_start = sequential.gather(1, first_path)
     source = torch.arange(T, device=input_ids.device).repeat(B, 1)
     source[rows, cols] = dest
     return Layout(
         input_ids=extend(input_ids, tags.path_open, input_ids[rows, cols]),
         real=extend(real, False, torch.ones_like(rows, dtype=torch.bool)),
-        positions=extend(positions, 0, (path_start + st.offset)[rows, cols]),
+        positions=extend(sequential, 0, (path_start + st.offset)[rows, cols]),
         seg=extend(zeros, 0, st.path_id[rows, cols] + 1),
         horizon=extend(zeros - 1, -1, st.first_path[rows, cols] - 1),
         source=source,
