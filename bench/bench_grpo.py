@@ -67,13 +67,13 @@ def bench_trl(steps: int, workdir: Path) -> tuple[float, str]:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
-    from parallel_r1 import task
+    from parallel_r1 import tasks
     from parallel_r1.data import QUESTION_TEMPLATE, build_prompt
     from parallel_r1.models import load_model_and_tokenizer
     from parallel_r1.rewards import RewardSchedule, score_batch
 
     model, tokenizer = load_model_and_tokenizer("tiny")
-    problems = task.make_problems(256, task.RL_EASY_LEVELS, "train", 0)
+    problems = tasks.make_problems(256, tasks.arith.RL_EASY_LEVELS, "train", 0)
     dataset = Dataset.from_list(
         [{"prompt": build_prompt(p.question, QUESTION_TEMPLATE), "answer": p.answer} for p in problems]
     )

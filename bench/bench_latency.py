@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from parallel_r1 import task
+from parallel_r1 import tasks
 from parallel_r1.answers import is_correct
 from parallel_r1.data import build_prompt, prompt_template
 from parallel_r1.engine import ParallelEngine
@@ -89,7 +89,7 @@ def main() -> None:
     if not trained:
         print("NO MODELS GIVEN: two UNTRAINED tiny models, the parallel one with an inserted <Parallel>.")
         print("These numbers time the engine only; they say nothing about trained models.\n")
-    problems = task.make_eval_problems(args.problems, args.levels, seed=args.seed, task=args.task)
+    problems = tasks.make_eval_problems(args.problems, args.levels, seed=args.seed, task=args.task)
     template = prompt_template(args.template)
     prompts = [build_prompt(p.question, template) for p in problems]
     golds = [p.answer for p in problems]

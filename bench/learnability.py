@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-from parallel_r1 import task
+from parallel_r1 import tasks
 from parallel_r1.answers import is_correct
 from parallel_r1.data import PROMPT_TEMPLATE, build_prompt
 from parallel_r1.format import parse
@@ -45,7 +45,7 @@ def encode_examples(tokenizer, problems, args) -> list[tuple[list[int], list[int
     for p in problems:
         prompt = tokenizer.encode(build_prompt(p.question, TEMPLATES[args.prompt]), add_special_tokens=False)
         response = tokenizer.encode(
-            task.teacher_solution(p, args.style, rng, args.verify_share), add_special_tokens=False
+            tasks.arith.teacher_solution(p, args.style, rng, args.verify_share), add_special_tokens=False
         )
         out.append((prompt, response + [tokenizer.eos_token_id]))
     return out
@@ -205,9 +205,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     sft_levels = [int(x) for x in args.sft_levels.split(",")]
     eval_levels = [int(x) for x in args.eval_levels.split(",")]
-    sft = task.generate(args.sft_examples, sft_levels, "train", args.seed)
+    sft = tasks.arith.generate(args.sft_examples, sft_levels, "train", args.seed)
     examples = encode_examples(tokenizer, sft, args)
-    eval_problems = [p for lv in eval_levels for p in task.make_eval_problems(args.eval_per_level, (lv,), args.seed)]
+    eval_problems = [p for lv in eval_levels for p in tasks.make_eval_problems(args.eval_per_level, (lv,), args.seed)]
     mean_len = sum(len(p) + len(r) for p, r in examples) / len(examples)
     log.info("model %.2fM params, %d SFT examples (mean %.0f tokens)", n_params / 1e6, len(examples), mean_len)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_r1 import pipeline, task
+from parallel_r1 import pipeline, tasks
 from parallel_r1.config import ConfigError, recipe_to_dict
 from parallel_r1.format import parse
 
@@ -85,14 +85,14 @@ def test_heldout_problems_never_share_a_computation_with_training(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
     assert len(rows) == len(problems) == 20
     assert {r["id"].split("-")[1] for r in rows} == {"L1", "L3"}
-    train_ids = {p.id for p in task.generate(2000, (1, 2, 3), "train", 0)}
+    train_ids = {p.id for p in tasks.arith.generate(2000, (1, 2, 3), "train", 0)}
     assert not train_ids & {r["id"] for r in rows}
 
 
 def test_eval_settings_take_the_recipes_task_and_its_levels():
     _, (par, _) = _recipes()
     settings = pipeline.resolve_settings(pipeline.EvalSettings(), par)
-    assert settings.task == "search" and settings.levels == task.task_module("search").EVAL_LEVELS
+    assert settings.task == "search" and settings.levels == tasks.task_module("search").EVAL_LEVELS
     assert pipeline.resolve_settings(pipeline.EvalSettings(levels=(1,)), par).levels == (1,)
 
 
@@ -117,7 +117,7 @@ def test_pretrained_recipe_trains_a_few_steps_on_the_file_with_the_parallel_prom
 def test_pretrained_demo_shows_a_parallel_generation_even_before_the_model_opens_blocks(tmp_path):
     # The tiny model stands in for SmolLM2: two SFT steps do not teach it to open a block by itself.
     data = tmp_path / "coldstart.jsonl"
-    rows = [{"question": p.question, "response": r, "answer": str(p.answer)} for p, r in task.teacher_examples(6)]
+    rows = [{"question": p.question, "response": r, "answer": str(p.answer)} for p, r in tasks.teacher_examples(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = pipeline.run_pretrained("tiny", tmp_path / "run", data, steps=2, max_new_tokens=90, samples=3)
     records = [json.loads(line) for line in (tmp_path / "run" / "generation.jsonl").read_text().splitlines()]
@@ -133,7 +133,7 @@ def test_pretrained_demo_defaults_to_the_built_in_tasks_teacher_data(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "data" / "coldstart.jsonl").read_text().splitlines()]
     assert rows and all(parse(r["response"]).num_blocks >= 1 for r in rows)
     records = [json.loads(line) for line in (tmp_path / "run" / "generation.jsonl").read_text().splitlines()]
-    heldout = {p.question for p in task.make_eval_problems(1, (4,), 0, "search")}
+    heldout = {p.question for p in tasks.make_eval_problems(1, (4,), 0, "search")}
     assert {r["question"] for r in records} <= heldout
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such cold-start file"):
         pipeline.run_pretrained("tiny", tmp_path / "other", tmp_path / "missing.jsonl")

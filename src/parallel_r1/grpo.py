@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from parallel_r1 import data, task
+from parallel_r1 import data, tasks
 from parallel_r1.attention import response_logprobs
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.data import build_prompt, prompt_template
@@ -293,8 +293,8 @@ def load_stage_problems(stage: StageConfig, seed: int) -> list:
     """The stage's RL problems (`data.Problem`): the built-in task or `data.load_problems`."""
     cfg = stage.data
     if cfg.source == "task":
-        levels = cfg.task_levels or task.task_module(cfg.task).RL_EASY_LEVELS
-        return task.make_problems(cfg.limit or cfg.task_size, levels, "train", seed, cfg.task)
+        levels = cfg.task_levels or tasks.task_module(cfg.task).RL_EASY_LEVELS
+        return tasks.make_problems(cfg.limit or cfg.task_size, levels, "train", seed, cfg.task)
     return data.load_problems(cfg.source, split=cfg.split, limit=cfg.limit)
 
 

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from parallel_r1.format import add_parallel_tokens
-from parallel_r1.task import tokenizer_corpus
+from parallel_r1.tasks import tokenizer_corpus
 from parallel_r1.tiny import build_model, build_tokenizer
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from parallel_r1 import task as builtin_task
+from parallel_r1 import tasks as builtin_task
 from parallel_r1.config import (
     BASELINE_RECIPE,
     DEFAULT_RECIPE,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from parallel_r1 import data, task
+from parallel_r1 import data, tasks
 from parallel_r1.attention import response_logprobs
 from parallel_r1.config import StageConfig
 from parallel_r1.data import prompt_template
@@ -75,7 +75,7 @@ def load_records(stage: StageConfig, seed: int) -> list:
     cfg = stage.data
     template = prompt_template(cfg.prompt)
     if cfg.source == "task":
-        return task.make_sft_records(
+        return tasks.make_sft_records(
             cfg.limit or cfg.task_size, cfg.task_levels, seed, cfg.task_style, template, cfg.task
         )
     records = data.load_sft_records(cfg.source, template=template)

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from parallel_r1 import task as builtin_task
+from parallel_r1 import tasks as builtin_task
 from parallel_r1.config import ConfigError, Recipe, StageConfig, dump_recipe, load_recipe, override, parse_recipe
 from parallel_r1.data import Problem
 from parallel_r1.format import parse

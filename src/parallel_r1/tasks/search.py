@@ -23,18 +23,15 @@ no training problem tries the computation that solves a held-out one.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from parallel_r1.data import Problem
 from parallel_r1.format import PARALLEL_CLOSE, PARALLEL_OPEN, PATH_CLOSE, PATH_OPEN, SUMMARY_CLOSE, SUMMARY_OPEN
+from parallel_r1.tasks import generator
 
 SOURCE = "search"
-SPLITS = ("train", "eval")
-EVAL_PERCENT = 10
-MAX_MISSES = 20_000
 CANDIDATES = tuple(range(2, 10))
 
 
@@ -89,7 +86,7 @@ class SearchProblem:
     @property
     def id(self) -> str:
         listed = "".join(str(c) for c in self.candidates)
-        return f"search-L{self.level}-{_digest(self.key + '/' + listed)[:12]}"
+        return f"search-L{self.level}-{generator.digest(self.key + '/' + listed)[:12]}"
 
     def to_problem(self) -> Problem:
         return Problem(question=self.question, answer=str(self.answer), source=SOURCE, id=self.id)
@@ -103,13 +100,10 @@ def computation_key(factor: int, offset: int, n: int) -> str:
     return f"{n}*{factor}{offset:+d}"
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
 def split_of(key: str) -> str:
-    """`eval` for about EVAL_PERCENT% of all computations, `train` for the rest, fixed forever."""
-    return "eval" if int(_digest("search/" + key)[:8], 16) % 100 < EVAL_PERCENT else "train"
+    """`eval` for about `generator.EVAL_PERCENT`% of all computations, `train` for the rest, fixed forever;
+    a new salt would redraw the held-out split."""
+    return generator.split_of("search/" + key)
 
 
 def sample_problem(level: int, rng: random.Random) -> SearchProblem:
@@ -138,27 +132,9 @@ def _in_split(problem: SearchProblem, split: str) -> bool:
 def generate(
     n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0
 ) -> list[SearchProblem]:
-    """`n` distinct problems of `split`, levels taken in turn; the same arguments give the same list."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(f"search-{split}-{seed}")
-    seen: set[str] = set()
-    out: list[SearchProblem] = []
-    misses = 0
-    while len(out) < n:
-        problem = sample_problem(levels[len(out) % len(levels)], rng)
-        if problem.id in seen or not _in_split(problem, split):
-            misses += 1
-            if misses > MAX_MISSES:
-                raise ValueError(
-                    f"cannot draw {n} distinct {split} search problems from levels {list(levels)} "
-                    f"(found {len(out)}): ask for fewer, or add higher levels"
-                )
-            continue
-        misses = 0
-        seen.add(problem.id)
-        out.append(problem)
-    return out
+    """`n` distinct problems of `split`, levels taken in turn; the same arguments give the same list. Two
+    problems are the same when they list the same candidates for the same computation."""
+    return generator.generate(SOURCE, n, levels, split, seed, sample_problem, lambda p: p.id, _in_split)
 
 
 def try_lines(n: int, factor: int, offset: int, target: int) -> str:

@@ -3,11 +3,12 @@ import re
 
 import pytest
 
-from parallel_r1 import task
+from parallel_r1 import tasks
 from parallel_r1.answers import extract_answer
 from parallel_r1.format import TAGS, canonicalize, parse, validate
+from parallel_r1.tasks import arith
 
-ALL_LEVELS = tuple(task.LEVELS)
+ALL_LEVELS = tuple(arith.LEVELS)
 QUESTION_STEPS = (
     (re.compile(r"^\w+ (?:gets|finds) (\d+) more\.$"), "+"),
     (re.compile(r"^\w+ (?:gives away|loses) (\d+)\.$"), "-"),
@@ -16,7 +17,7 @@ QUESTION_STEPS = (
 
 
 def evaluate_question(question: str) -> int:
-    """An evaluator independent of task.py: read the question text back and evaluate it as Python."""
+    """An evaluator independent of arith.py: read the question text back and evaluate it as Python."""
     sentences = re.findall(r"[^.?]+[.?]", question)
     start = re.fullmatch(r"\w+ has (\d+) \w+\.", sentences[0].strip())
     assert start, sentences[0]
@@ -41,18 +42,18 @@ def check_equation(line: str) -> None:
 
 @pytest.fixture(scope="module")
 def problems():
-    return task.generate(240, ALL_LEVELS, "train", seed=3)
+    return arith.generate(240, ALL_LEVELS, "train", seed=3)
 
 
 def test_same_seed_same_problems_and_solutions():
-    a = task.make_problems(30, (1, 4), "train", seed=7)
-    b = task.make_problems(30, (1, 4), "train", seed=7)
-    c = task.make_problems(30, (1, 4), "train", seed=8)
+    a = tasks.make_problems(30, (1, 4), "train", seed=7)
+    b = tasks.make_problems(30, (1, 4), "train", seed=7)
+    c = tasks.make_problems(30, (1, 4), "train", seed=8)
     assert a == b
     assert [p.question for p in a] != [p.question for p in c]
-    specs = task.generate(10, (3,), seed=7)
-    first = [task.teacher_solution(p, "parallel", random.Random(1)) for p in specs]
-    again = [task.teacher_solution(p, "parallel", random.Random(1)) for p in specs]
+    specs = arith.generate(10, (3,), seed=7)
+    first = [arith.teacher_solution(p, "parallel", random.Random(1)) for p in specs]
+    again = [arith.teacher_solution(p, "parallel", random.Random(1)) for p in specs]
     assert first == again
 
 
@@ -80,16 +81,16 @@ def test_higher_levels_have_more_steps_and_bigger_numbers(problems):
         values = [p.start]
         for op, n in p.steps:
             values.append({"+": values[-1] + n, "-": values[-1] - n, "*": values[-1] * n}[op])
-        assert 0 <= min(values) and max(values) <= task.LEVELS[p.level].max_value
+        assert 0 <= min(values) and max(values) <= arith.LEVELS[p.level].max_value
 
 
 def test_eval_split_never_shares_a_computation_with_training():
-    train = task.generate(3000, ALL_LEVELS, "train", seed=0) + task.generate(600, (1,), "train", seed=1)
-    held_out = task.generate(600, ALL_LEVELS, "eval", seed=0)
+    train = arith.generate(3000, ALL_LEVELS, "train", seed=0) + arith.generate(600, (1,), "train", seed=1)
+    held_out = arith.generate(600, ALL_LEVELS, "eval", seed=0)
     assert not {p.key for p in train} & {p.key for p in held_out}
     assert not {p.question for p in train} & {p.question for p in held_out}
-    assert all(task.split_of(p.key) == "eval" for p in held_out)
-    assert [p.id for p in task.make_eval_problems(20)] == [p.id for p in task.make_eval_problems(20)]
+    assert all(arith.split_of(p.key) == "eval" for p in held_out)
+    assert [p.id for p in tasks.make_eval_problems(20)] == [p.id for p in tasks.make_eval_problems(20)]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -97,7 +98,7 @@ def test_parallel_solutions_are_valid_canonical_and_correct(problems, seed):
     rng = random.Random(seed)
     layouts = set()
     for p in problems:
-        text = task.teacher_solution(p, "parallel", rng)
+        text = arith.teacher_solution(p, "parallel", rng)
         assert validate(text) == [], text
         assert canonicalize(text) == text
         assert extract_answer(text) == str(p.answer)
@@ -119,9 +120,9 @@ def test_parallel_solutions_are_valid_canonical_and_correct(problems, seed):
 
 def test_paths_reach_the_answer_or_the_start_in_different_ways(problems):
     for p in problems:
-        forward = task.forward_lines(p.start, p.steps)
-        grouped = task.grouped_lines(p.start, p.steps)
-        inverse = task.inverse_lines(p.start, p.steps)
+        forward = arith.forward_lines(p.start, p.steps)
+        grouped = arith.grouped_lines(p.start, p.steps)
+        inverse = arith.inverse_lines(p.start, p.steps)
         assert forward[-1].endswith(f"={p.answer}") and grouped[-1].endswith(f"={p.answer}")
         assert inverse[-1].endswith(f"={p.start}") and inverse[0].startswith(str(p.answer))
         assert forward != grouped and len(forward) == len(grouped) == len(p.steps)
@@ -129,17 +130,17 @@ def test_paths_reach_the_answer_or_the_start_in_different_ways(problems):
 
 def test_sequential_solutions_have_no_blocks(problems):
     for p in problems:
-        text = task.teacher_solution(p, "sequential")
+        text = arith.teacher_solution(p, "sequential")
         assert not any(tag in text for tag in TAGS)
         assert extract_answer(text) == str(p.answer)
         *lines, final = text.split("\n")
-        assert lines == task.forward_lines(p.start, p.steps) and final == f"Final Answer: {p.answer}"
+        assert lines == arith.forward_lines(p.start, p.steps) and final == f"Final Answer: {p.answer}"
 
 
 def test_solutions_are_short_with_the_tiny_tokenizer(problems):
     from parallel_r1.tiny import build_tokenizer
 
-    tokenizer = build_tokenizer(task.tokenizer_corpus(500), vocab_size=512)
+    tokenizer = build_tokenizer(tasks.tokenizer_corpus(500), vocab_size=512)
     rng = random.Random(0)
 
     def length(text: str) -> int:
@@ -147,8 +148,8 @@ def test_solutions_are_short_with_the_tiny_tokenizer(problems):
 
     for p in problems:
         bound = 100 if p.level <= 3 else 150 if p.level == 4 else 250
-        assert length(task.teacher_solution(p, "parallel", rng)) < bound
-        assert length(task.teacher_solution(p, "sequential")) <= bound // 2
+        assert length(arith.teacher_solution(p, "parallel", rng)) < bound
+        assert length(arith.teacher_solution(p, "sequential")) <= bound // 2
         assert length(p.question) < 70
     # Tags are single tokens and numbers split into digits: the tokenizer was trained on the task.
     assert length("<Parallel><Path>12+5=17</Path>") == 10
@@ -156,29 +157,29 @@ def test_solutions_are_short_with_the_tiny_tokenizer(problems):
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="level"):
-        task.generate(1, (99,))
+        arith.generate(1, (99,))
     with pytest.raises(ValueError, match="split"):
-        task.generate(1, (1,), split="test")
+        arith.generate(1, (1,), split="test")
     with pytest.raises(ValueError, match="style"):
-        task.teacher_solution(task.generate(1)[0], style="tree")
+        arith.teacher_solution(arith.generate(1)[0], style="tree")
     with pytest.raises(ValueError, match="distinct"):
-        task.generate(10**6, (1,))
+        arith.generate(10**6, (1,))
 
 
 def test_sft_records_and_rl_problems_are_ready_for_the_trainers():
     from parallel_r1.data import SFTRecord
 
-    records = task.make_sft_records(20, levels=(1, 2), seed=5)
+    records = tasks.make_sft_records(20, levels=(1, 2), seed=5)
     assert all(isinstance(r, SFTRecord) for r in records)
-    specs = task.generate(20, (1, 2), "train", seed=5)
+    specs = arith.generate(20, (1, 2), "train", seed=5)
     for record, spec in zip(records, specs):
         assert spec.question in record.prompt and "<Parallel>" in record.prompt
         assert validate(record.response) == [] and parse(record.response).has_parallel
         assert extract_answer(record.response) == record.answer == str(spec.answer)
-    sequential = task.make_sft_records(5, seed=5, style="sequential", template="Problem: {question}\n")
+    sequential = tasks.make_sft_records(5, seed=5, style="sequential", template="Problem: {question}\n")
     assert sequential[0].prompt == f"Problem: {specs[0].question}\n"
     assert not parse(sequential[0].response).has_parallel
 
-    rl = task.make_problems(30, (3, 4), "train", seed=2)
+    rl = tasks.make_problems(30, (3, 4), "train", seed=2)
     assert {p.id.split("-")[1] for p in rl} == {"L3", "L4"}
-    assert all(task.split_of(spec.key) == "train" for spec in task.generate(30, (3, 4), "train", seed=2))
+    assert all(arith.split_of(spec.key) == "train" for spec in arith.generate(30, (3, 4), "train", seed=2))

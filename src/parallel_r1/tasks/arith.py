@@ -1,6 +1,4 @@
-"""The built-in tasks (no downloads, no API keys): their registry (`task_module`, and the functions that take a
-task name: `make_problems`, `make_eval_problems`, `teacher_examples`, `make_sft_records`), and the arithmetic
-task with its programmatic teacher. The search task, the study's default, is `search_task.py`.
+"""The built-in arithmetic task and its programmatic teacher.
 
 A problem is a short word problem over one quantity that goes through a chain of operations::
 
@@ -22,21 +20,16 @@ the held-out split never shares a computation with training, whatever the seeds 
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from parallel_r1 import search_task
-from parallel_r1.data import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, Problem, SFTRecord, build_prompt
+from parallel_r1.data import Problem
 from parallel_r1.format import PARALLEL_CLOSE, PARALLEL_OPEN, PATH_CLOSE, PATH_OPEN, SUMMARY_CLOSE, SUMMARY_OPEN
+from parallel_r1.tasks import generator
 
 SOURCE = "arith"
-SPLITS = ("train", "eval")
-EVAL_PERCENT = 10
-MAX_MISSES = 20_000
 NAMES = ("Ann", "Ben", "Cal", "Dot", "Eve", "Fin", "Gus", "Ivy")
 ITEMS = ("apples", "coins", "pens", "cards", "books", "eggs", "shells", "stamps")
 ADD_TEMPLATES = ("{name} gets {n} more.", "{name} finds {n} more.")
@@ -106,7 +99,7 @@ class ArithProblem:
 
     @property
     def id(self) -> str:
-        return f"arith-L{self.level}-{_digest(self.key)[:12]}"
+        return f"arith-L{self.level}-{generator.digest(self.key)[:12]}"
 
     def to_problem(self) -> Problem:
         return Problem(question=self.question, answer=str(self.answer), source=SOURCE, id=self.id)
@@ -124,13 +117,9 @@ def _run(start: int, steps: Sequence[Step]) -> list[int]:
     return values
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
 def split_of(key: str) -> str:
-    """`eval` for about EVAL_PERCENT% of all computations, `train` for the rest, fixed forever."""
-    return "eval" if int(_digest(key)[:8], 16) % 100 < EVAL_PERCENT else "train"
+    """`eval` for about `generator.EVAL_PERCENT`% of all computations, `train` for the rest, fixed forever."""
+    return generator.split_of(key)
 
 
 def _has_adjacent_addsub(mul_at: set[int], num_ops: int) -> bool:
@@ -168,43 +157,9 @@ def generate(
     n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0
 ) -> list[ArithProblem]:
     """`n` distinct problems of `split`, levels taken in turn; the same arguments give the same list."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(f"arith-{split}-{seed}")
-    seen: set[str] = set()
-    out: list[ArithProblem] = []
-    misses = 0
-    while len(out) < n:
-        problem = sample_problem(levels[len(out) % len(levels)], rng)
-        if problem.key in seen or split_of(problem.key) != split:
-            misses += 1
-            # Only small levels run out; tens of thousands of misses in a row mean they did.
-            if misses > MAX_MISSES:
-                raise ValueError(
-                    f"cannot draw {n} distinct {split} problems from levels {list(levels)} (found {len(out)}): "
-                    "ask for fewer, or add higher levels, which have many more distinct problems"
-                )
-            continue
-        misses = 0
-        seen.add(problem.key)
-        out.append(problem)
-    return out
-
-
-def make_problems(
-    n: int, levels: Sequence[int] | None = None, split: str = "train", seed: int = 0, task: str = "arith"
-) -> list[Problem]:
-    """`n` distinct `Problem`s of the built-in `task` (answer the integer as a string); empty `levels`:
-    the task's cold-start levels."""
-    module = task_module(task)
-    return [p.to_problem() for p in module.generate(n, tuple(levels or module.COLD_START_LEVELS), split, seed)]
-
-
-def make_eval_problems(
-    n: int, levels: Sequence[int] = tuple(LEVELS), seed: int = 0, task: str = "arith"
-) -> list[Problem]:
-    """Held-out problems: never the same computation as any training problem."""
-    return make_problems(n, levels, "eval", seed, task)
+    return generator.generate(
+        SOURCE, n, levels, split, seed, sample_problem, lambda p: p.key, lambda p, split: split_of(p.key) == split
+    )
 
 
 def _equation(x: int, op: str, n: int) -> str:
@@ -295,58 +250,7 @@ def teacher_solution(
     return main + block + SUMMARY_OPEN + summary + SUMMARY_CLOSE + final
 
 
-def teacher_examples(
-    n: int, levels: Sequence[int] | None = None, seed: int = 0, style: str = "parallel", task: str = "arith"
-) -> list:
-    """`n` train-split problems of `task`, each with a teacher solution of `style`; the same arguments
-    give the same list, so a parallel and a sequential recipe with one seed train on the same problems."""
-    module = task_module(task)
-    rng = random.Random(f"sft-teacher-{seed}")
-    problems = module.generate(n, tuple(levels or module.COLD_START_LEVELS), "train", seed)
-    return [(p, module.teacher_solution(p, style, rng)) for p in problems]
-
-
-def make_sft_records(
-    n: int,
-    levels: Sequence[int] | None = None,
-    seed: int = 0,
-    style: str = "parallel",
-    template: str = PROMPT_TEMPLATE,
-    task: str = "arith",
-) -> list[SFTRecord]:
-    """Cold-start records of `teacher_examples`, prompted with `template`."""
-    return [
-        SFTRecord(prompt=build_prompt(p.question, template), response=response, answer=str(p.answer))
-        for p, response in teacher_examples(n, levels, seed, style, task)
-    ]
-
-
 def path_hits(path: str, gold: str) -> bool:
     """Whether a path of a solution reaches the right answer (its last number is the gold)."""
     numbers = _NUMBER_RE.findall(path)
     return bool(numbers) and numbers[-1] == str(gold).strip()
-
-
-TASKS = ("arith", "search")
-
-
-def task_module(name: str):
-    """The module of the built-in task `name`: its `generate`, `teacher_solution`, `path_hits`, levels."""
-    if name == "arith":
-        return sys.modules[__name__]
-    if name == "search":
-        return search_task
-    raise ValueError(f"unknown built-in task {name!r}; tasks are {list(TASKS)}")
-
-
-def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
-    """Texts for `tiny.build_tokenizer`: questions and solutions of every level of every built-in task in
-    both styles, and the project's prompt templates (repeated, so their words become single tokens)."""
-    rng = random.Random(f"corpus-{seed}")
-    texts = [build_prompt("", template) for template in (PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE)] * max(1, n // 20)
-    for name in TASKS:
-        module = task_module(name)
-        for p in module.generate(n, tuple(module.LEVELS), "train", seed):
-            texts.append(p.question)
-            texts.append(module.teacher_solution(p, rng.choice(("parallel", "sequential")), rng))
-    return texts

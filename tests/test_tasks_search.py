@@ -1,0 +1,79 @@
+"""The built-in search task: generator, split, both teacher styles, the per-path check."""
+
+import random
+
+import pytest
+
+from parallel_r1.answers import is_correct
+from parallel_r1.format import parse
+from parallel_r1.tasks import search
+
+
+def test_every_problem_has_exactly_one_candidate_that_reaches_the_target():
+    for level in search.LEVELS:
+        for p in search.generate(50, (level,), "train", seed=3):
+            reaching = [c for c in p.candidates if search.value(c, p.factor, p.offset) == p.target]
+            assert reaching == [p.answer]
+            assert len(set(p.candidates)) == search.LEVELS[level].num_candidates
+            assert p.target > 0
+            assert f"={p.target}." in p.question and all(str(c) in p.question for c in p.candidates)
+
+
+def test_generation_is_deterministic_and_distinct():
+    a = search.generate(200, (2, 3), "train", seed=1)
+    assert [p.id for p in a] == [p.id for p in search.generate(200, (2, 3), "train", seed=1)]
+    assert [p.id for p in a] != [p.id for p in search.generate(200, (2, 3), "train", seed=2)]
+    assert len({p.id for p in a}) == 200
+
+
+def test_train_problems_never_try_the_computation_that_solves_a_heldout_problem():
+    heldout = search.generate(300, (2, 3, 4), "eval", seed=0)
+    solved = {p.key for p in heldout}
+    assert all(search.split_of(k) == "eval" for k in solved)
+    for seed in (0, 1):
+        for p in search.generate(2000, (1, 2, 3, 4), "train", seed=seed):
+            tried = {search.computation_key(p.factor, p.offset, c) for c in p.candidates}
+            assert not tried & solved
+
+
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+def test_teacher_solutions_are_well_formed_and_right(style):
+    rng = random.Random(0)
+    for level in search.LEVELS:
+        for p in search.generate(40, (level,), "train", seed=level):
+            text = search.teacher_solution(p, style, rng)
+            parsed = parse(text)
+            assert parsed.well_formed, (text, parsed.errors)
+            assert is_correct(text, str(p.answer))
+            assert (parsed.num_blocks > 0) == (style == "parallel")
+            assert text.count(f": {p.answer} works") == 1  # exactly the right candidate checks out
+            others = (
+                text.replace(f": {p.answer} works", "").replace(f">{p.answer} works<", "").replace(">none works<", "")
+            )
+            assert " works" not in others
+
+
+def test_both_styles_try_the_same_candidates_in_the_same_order():
+    for p in search.generate(60, (3, 4, 5), "train", seed=9):
+        parallel = search.teacher_solution(p, "parallel", random.Random(p.id))
+        sequential = search.teacher_solution(p, "sequential", random.Random(p.id))
+        tried_seq = [line.split("*")[0] for line in sequential.splitlines() if "*" in line]
+        tried_par = [line.split("*")[0].split(">")[-1] for line in parallel.split("<Path>")[1:]]
+        # The sequential teacher stops at the hit; the parallel one finishes the hit's block (and may re-try
+        # a ruled-out candidate to give its last block a second path).
+        order = list(dict.fromkeys(tried_par))
+        assert order[: len(tried_seq)] == tried_seq
+        assert len(order) - len(tried_seq) <= 1
+        assert tried_seq[-1] == str(p.answer)
+
+
+def test_path_hits_needs_the_right_candidate_and_its_verdict():
+    p = search.SearchProblem(3, (4, 9, 2, 7), answer=7, factor=3, offset=10)
+    right = search.try_lines(7, 3, 10, p.target)
+    wrong = search.try_lines(4, 3, 10, p.target)
+    assert right == "7*3=21\n21+10=31\n31 vs 31: 7 works"
+    assert wrong.endswith("22 vs 31: 4 fails")
+    assert search.path_hits(right, "7")
+    assert not search.path_hits(wrong, "7")
+    assert not search.path_hits(right.replace("works", "fails"), "7")
+    assert not search.path_hits(wrong.replace("fails", "works"), "7")
