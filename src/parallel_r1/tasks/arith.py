@@ -57,8 +57,9 @@ LEVELS: dict[int, Level] = {
     5: Level(num_ops=5, max_start=40, max_operand=30, num_mul=2, max_factor=4, max_value=499),
     6: Level(num_ops=6, max_start=99, max_operand=50, num_mul=2, max_factor=9, max_value=999),
 }
-# bench/learnability.py: after ~1000 SFT steps the tiny default (3.3 M) solves some level 1-2 problems
-# and none above; GRPO only learns where some samples of a group are right, hence these RL levels.
+# Measured before the trainers existed, by a plain SFT loop (bench/learnability.py, in git history only):
+# after ~1000 SFT steps the tiny default (3.3 M) solves some level 1-2 problems and none above; GRPO only
+# learns where some samples of a group are right, hence these RL levels.
 COLD_START_LEVELS = (1, 2)
 RL_EASY_LEVELS = (1, 2)
 RL_HARD_LEVELS = (2, 3)
