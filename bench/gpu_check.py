@@ -394,7 +394,7 @@ def _compare(a: Path, b: Path, rtol: float, weight_atol: float) -> tuple[bool, s
     near 0), the same rollouts when there are any, final weights within weight_atol."""
     from safetensors.torch import load_file
 
-    from parallel_r1.metrics import read_jsonl
+    from parallel_r1.files import read_jsonl
     from parallel_r1.trainer import final_model
 
     rows_a, rows_b = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
@@ -433,7 +433,7 @@ sys.exit(main(sys.argv[1:]))
 @guarded("FSDP resume")
 def check_fsdp(workdir: Path, gpus: int) -> None:
     from parallel_r1.checkpoint import checkpoint_info
-    from parallel_r1.metrics import read_jsonl
+    from parallel_r1.files import read_jsonl
     from parallel_r1.trainer import final_model
 
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from parallel_r1.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from parallel_r1.metrics import read_jsonl
+from parallel_r1.files import read_jsonl
 from parallel_r1.trainer import final_model
 
 ROOT = Path(__file__).resolve().parents[1]

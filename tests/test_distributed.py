@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file
 
 from parallel_r1.checkpoint import checkpoint_info, latest_checkpoint
-from parallel_r1.metrics import read_jsonl
+from parallel_r1.files import read_jsonl
 from parallel_r1.trainer import final_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from parallel_r1.analysis import read_rollouts
 from parallel_r1.cli import main
 from parallel_r1.config import parse_recipe
-from parallel_r1.metrics import read_jsonl
+from parallel_r1.files import read_jsonl
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.recipe import run_recipe
 from parallel_r1.trainer import final_model

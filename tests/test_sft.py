@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from parallel_r1.config import parse_recipe
+from parallel_r1.files import read_jsonl
 from parallel_r1.format import TagIds, canonicalize
-from parallel_r1.metrics import read_jsonl
 from parallel_r1.sft import Example, SFTTrainer, collate, encode_record, epoch_batches, response_nll_sum
 
 

@@ -179,8 +179,8 @@ def test_view_of_a_real_grpo_stage_shows_prediction_gold_and_question(tmp_path):
     from parallel_r1.answers import extract_answer
     from parallel_r1.cli import main
     from parallel_r1.config import parse_recipe
+    from parallel_r1.files import read_jsonl
     from parallel_r1.grpo import load_stage_problems
-    from parallel_r1.metrics import read_jsonl
     from parallel_r1.recipe import run_recipe
 
     recipe = parse_recipe(GRPO_STAGE)

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from parallel_r1.answers import extract_answer, verify
+from parallel_r1.files import atomic_write_text, iter_jsonl
 from parallel_r1.format import parse
-from parallel_r1.metrics import atomic_write_text, iter_jsonl
 from parallel_r1.rollout import upgrade_record
 
 POSITION_BINS = 10

@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from parallel_r1.metrics import iter_jsonl
+from parallel_r1.files import iter_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from rich.progress import Progress
 from parallel_r1.answers import verify
 from parallel_r1.data import PROMPT_TEMPLATE, build_prompt, load_problems
 from parallel_r1.engine import make_engine
-from parallel_r1.metrics import atomic_write_text
+from parallel_r1.files import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.rewards import score_response
 from parallel_r1.rollout import SamplingSettings, rollout_record, sampling_params, upgrade_record

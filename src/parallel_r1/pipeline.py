@@ -51,8 +51,8 @@ from parallel_r1.config import (
 from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
 from parallel_r1.engine import make_engine
 from parallel_r1.evaluate import EvalConfig, evaluate_benchmark, sample_record, write_results
+from parallel_r1.files import atomic_write_text
 from parallel_r1.layout import DONE_FILE, RUN_FILE, SUMMARY_FILE, eval_file, stage_dir
-from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.recipe import run_recipe
 from parallel_r1.report import write_report

@@ -16,9 +16,9 @@ import logging
 from pathlib import Path
 
 from parallel_r1.config import Recipe, dump_recipe, parse_recipe
+from parallel_r1.files import atomic_write_text
 from parallel_r1.grpo import GRPOTrainer
 from parallel_r1.layout import RECIPE_FILE, stage_dir
-from parallel_r1.metrics import atomic_write_text
 from parallel_r1.sft import SFTTrainer
 from parallel_r1.trainer import final_model, make_accelerator, stage_is_done
 

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from parallel_r1.analysis import analyze_records
+from parallel_r1.files import read_jsonl
 from parallel_r1.layout import EVAL_DIR, FIGURES_DIR, REPORT_FILE, RUN_FILE, STAGE_DIR, SUMMARY_FILE, eval_file
-from parallel_r1.metrics import read_jsonl
 from parallel_r1.viewer import CSS as VIEWER_CSS
 
 log = logging.getLogger(__name__)

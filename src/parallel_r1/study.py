@@ -43,9 +43,9 @@ from pathlib import Path
 from parallel_r1 import tasks as builtin_task
 from parallel_r1.config import ConfigError, Recipe, StageConfig, dump_recipe, load_recipe, override, parse_recipe
 from parallel_r1.data import Problem
+from parallel_r1.files import atomic_write_text, read_jsonl
 from parallel_r1.format import parse
 from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
-from parallel_r1.metrics import atomic_write_text, read_jsonl
 from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
 from parallel_r1.report import standard_error, write_study_report

@@ -34,9 +34,10 @@ from transformers import get_scheduler
 
 from parallel_r1.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from parallel_r1.config import LoggingConfig, StageConfig
+from parallel_r1.files import JsonlWriter, atomic_write_text
 from parallel_r1.format import TagIds
 from parallel_r1.layout import DONE_FILE
-from parallel_r1.metrics import JsonlWriter, MetricsLogger, atomic_write_text
+from parallel_r1.metrics import MetricsLogger
 from parallel_r1.models import TINY, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)

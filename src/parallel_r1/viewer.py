@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from parallel_r1.analysis import group_key, read_rollouts
+from parallel_r1.files import atomic_write_text
 from parallel_r1.format import TAGS, parse
-from parallel_r1.metrics import atomic_write_text
 from parallel_r1.rollout import upgrade_record
 
 DEFAULT_LIMIT = 2000
