@@ -21,13 +21,13 @@ from rich.logging import RichHandler
 from rich.markdown import Markdown
 
 from parallel_r1.analysis import run_analysis
+from parallel_r1.check import check_file, check_report
 from parallel_r1.coldstart import TeacherConfig, TeacherError, run_generate
 from parallel_r1.config import ConfigError, default_recipe, load_recipe, override
 from parallel_r1.data import PROMPT_TEMPLATES
 from parallel_r1.engine import BACKENDS, make_engine, render_rollout
 from parallel_r1.evaluate import DEFAULT_BENCHMARKS, EvalConfig, markdown_table, run_eval
 from parallel_r1.files import atomic_write_text
-from parallel_r1.format import check_file, check_report
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.pipeline import EvalSettings, default_specs, run_pipeline, run_pretrained
 from parallel_r1.recipe import run_recipe

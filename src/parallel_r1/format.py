@@ -9,11 +9,8 @@ Parsing, strict validation and rendering of responses live further down in this 
 
 from __future__ import annotations
 
-import json
 import re
-from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 PARALLEL_OPEN = "<Parallel>"
 PARALLEL_CLOSE = "</Parallel>"
@@ -473,65 +470,3 @@ def parse_ids(ids, tokenizer, lenient: bool = True) -> ParsedResponse:
             pos += len(name)
         run_start = i + 1
     return _Scanner("".join(pieces), len(ids), lenient).run(tags)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checking a file of responses (the `parallel-r1 check` command)
-# --------------------------------------------------------------------------------------------------
-
-
-class InputError(ValueError):
-    """A response file that cannot be read; the message names the file and, where known, the line."""
-
-
-def check_file(path: str | Path, field: str = "response") -> list[dict]:
-    """Strictly validate the `field` of every record of a JSONL file (blank lines are skipped).
-
-    Returns one dict per record: {"line", "valid", "blocks", "paths", "errors"}, where blocks and
-    paths count what is there (lenient parse) and errors are those of the strict check. Raises
-    InputError for a missing or unreadable file, a line that is not a JSON object, or a missing field.
-    """
-    results = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    results.append(_check_line(path, n, line, field))
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read: {e}") from e
-    return results
-
-
-def _check_line(path: str | Path, n: int, line: str, field: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{n}: not valid JSON: {e}") from e
-    if not isinstance(record, dict) or field not in record:
-        raise InputError(f"{path}:{n}: no field {field!r} in this record")
-    if not isinstance(record[field], str):
-        raise InputError(f"{path}:{n}: field {field!r} must be a string, not {type(record[field]).__name__}")
-    parsed = parse(record[field], lenient=True)
-    return {
-        "line": n,
-        "valid": parsed.well_formed,
-        "blocks": parsed.num_blocks,
-        "paths": parsed.paths_per_block,
-        "errors": [asdict(e) for e in parsed.errors],
-    }
-
-
-def check_report(path: str | Path, results: list[dict]) -> str:
-    """Plain-text report of `check_file` results: one line per error, then the totals."""
-    lines = [
-        f"{path}:{r['line']}: {e['kind']} at offset {e['offset']}: {e['message']}" for r in results for e in r["errors"]
-    ]
-    kinds = Counter(e["kind"] for r in results for e in r["errors"])
-    invalid = sum(not r["valid"] for r in results)
-    lines.append(
-        f"{len(results)} responses: {len(results) - invalid} valid, {invalid} invalid; "
-        f"{sum(r['blocks'] for r in results)} blocks, {sum(sum(r['paths']) for r in results)} paths"
-    )
-    if kinds:
-        lines.append("errors: " + ", ".join(f"{kind} {count}" for kind, count in kinds.most_common()))
-    return "\n".join(lines)
