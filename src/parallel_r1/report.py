@@ -11,7 +11,8 @@ It reads a run folder as the pipeline writes it::
 and writes `report.html` (plots as base64 PNGs, nothing fetched), the same figures under `figures/`, and
 `summary.json`: the evidence the page states (held-out accuracy after SFT and after RL per recipe, the
 parallel ratio at every stage, the baseline beside the parallel recipe). The evidence is embedded in the
-page too, as JSON in `<script type="application/json" id="evidence">`.
+page too, as JSON in `<script type="application/json" id="evidence">`. The page template and the figure
+helpers serve the study's report too (`study_report.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from parallel_r1.analysis import analyze_records
 from parallel_r1.files import read_jsonl
-from parallel_r1.layout import EVAL_DIR, FIGURES_DIR, REPORT_FILE, RUN_FILE, STAGE_DIR, SUMMARY_FILE, eval_file
+from parallel_r1.layout import FIGURES_DIR, REPORT_FILE, RUN_FILE, STAGE_DIR, SUMMARY_FILE, eval_file
 from parallel_r1.viewer import CSS as VIEWER_CSS
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def build_evidence(runs: list[RecipeRun], timings: dict[str, float] | None = Non
 # Figures.
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,10 +229,10 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -262,7 +263,7 @@ def _grpo_series(run: RecipeRun, key: str) -> tuple[list[int], list[float], list
 
 def plot_training(runs: list[RecipeRun]) -> bytes:
     """Reward, training accuracy and parallel ratio over the RL steps of every recipe, and the SFT loss."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
     panels = [
         ("reward", "reward (GRPO)", axes[0][0]),
@@ -295,12 +296,12 @@ def plot_training(runs: list[RecipeRun]) -> bytes:
     if ax.lines:
         ax.legend()
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_heldout(evidence: Evidence) -> bytes:
     """Held-out accuracy and parallel ratio after each stage, recipes side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     stages = list(dict.fromkeys(name for r in evidence.recipes for name in r.heldout_accuracy))
     width = 0.8 / max(1, len(evidence.recipes))
@@ -319,7 +320,7 @@ def plot_heldout(evidence: Evidence) -> bytes:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _training_rollouts(run: RecipeRun, buckets: int = STRATEGY_BUCKETS) -> list[dict]:
@@ -343,7 +344,7 @@ def _training_rollouts(run: RecipeRun, buckets: int = STRATEGY_BUCKETS) -> list[
 
 def plot_strategy(run: RecipeRun, directory: Path) -> Path | None:
     """Where blocks sit over training and their role (`analysis.plot_summaries`); None without blocks."""
-    from parallel_r1.analysis import analyze_records, plot_summaries
+    from parallel_r1.analysis import plot_summaries
 
     records = _training_rollouts(run)
     summaries = analyze_records(records) if records else []
@@ -368,7 +369,7 @@ img.plot{max-width:100%;background:#fff;border:1px solid #d8dbe0}
 """
 
 
-def _img(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img class="plot" alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{data}">'
 
@@ -487,7 +488,7 @@ def _rollouts_section(runs: list[RecipeRun]) -> str:
     return "".join(parts)
 
 
-def _timings_line(timings: dict[str, float]) -> str:
+def timings_line(timings: dict[str, float]) -> str:
     if not timings:
         return ""
     total = timings.get("total")
@@ -496,7 +497,7 @@ def _timings_line(timings: dict[str, float]) -> str:
     return f"<p>{head}{phases}.</p>"
 
 
-def _page(title: str, body: str, evidence_json: str) -> str:
+def html_page(title: str, body: str, evidence_json: str) -> str:
     """A self-contained report page: `body`, the styles, and the evidence embedded as JSON (`read_evidence`)."""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -522,7 +523,7 @@ def render_report(run_dir: str | Path, title: str | None = None) -> tuple[str, E
     strategy = [(run.label, plot_strategy(run, figures)) for run in runs]
     strategy_html = (
         "".join(
-            f"<h3>{html.escape(label)}</h3>{_img(path.read_bytes(), f'block positions, {label}')}"
+            f"<h3>{html.escape(label)}</h3>{img_tag(path.read_bytes(), f'block positions, {label}')}"
             for label, path in strategy
             if path is not None
         )
@@ -534,15 +535,15 @@ def render_report(run_dir: str | Path, title: str | None = None) -> tuple[str, E
     title = title or f"parallel-r1 run: {run_dir.name}"
     body = f"""<h1>{html.escape(title)}</h1>
 {_verdicts(evidence)}
-{_timings_line(evidence.timings)}
+{timings_line(evidence.timings)}
 <h2>Held-out evaluation</h2>
 <p>Problems the training never saw (the task's held-out split). {settings_line}</p>
 {results_table(runs)}
-{_img(heldout, "held-out accuracy and parallel ratio per stage")}
+{img_tag(heldout, "held-out accuracy and parallel ratio per stage")}
 <h2>Parallel ratio at every stage</h2>
 {_stage_table(runs, evidence)}
 <h2>Training</h2>
-{_img(training, "reward, accuracy, parallel ratio and SFT loss over training")}
+{img_tag(training, "reward, accuracy, parallel ratio and SFT loss over training")}
 <h2>Where blocks appear over training</h2>
 <p>Relative position of each block in its response, and its role: exploration (no candidate answer
 in the main thread yet) or verification (the main thread already stated one).</p>
@@ -550,7 +551,7 @@ in the main thread yet) or verification (the main thread already stated one).</p
 <h2>Rollouts</h2>
 <p>Held-out responses after the last stage; each block's paths side by side.</p>
 {_rollouts_section(runs)}"""
-    return _page(title, body, evidence_json), evidence
+    return html_page(title, body, evidence_json), evidence
 
 
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
@@ -570,159 +571,3 @@ def read_evidence(report: str | Path) -> dict:
     if match is None:
         raise ValueError(f"{report}: no embedded evidence (not a parallel-r1 report?)")
     return json.loads(match.group(1).replace("<\\/", "</"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The study report (`parallel-r1 study`).
-
-
-def plot_study(summary: dict) -> bytes:
-    """Held-out accuracy per arm (mean and standard error over seeds), as trained and with the ablations."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    arms = list(summary["arms"])
-    evals = (("heldout", "as trained"), ("no_blocks", "blocks banned"), ("seen_attention", "Seen attention"))
-    width = 0.8 / len(evals)
-    for i, (key, label) in enumerate(evals):
-        xs, ys, es = [], [], []
-        for j, arm in enumerate(arms):
-            stat = summary["arms"][arm]["stats"].get(key)
-            if stat:
-                xs.append(j + (i - 1) * width)
-                ys.append(stat["mean"])
-                es.append(stat["se"])
-        if xs:
-            bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=label, color=f"C{i}")
-            ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel("held-out accuracy (mean@k)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"after RL, mean ± standard error over seeds {summary['seeds']}")
-    ax.legend()
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _study_verdict(summary: dict) -> str:
-    arms = summary["arms"]
-    compared = {a: e["vs_baseline"] for a, e in arms.items() if e.get("vs_baseline")}
-    if not compared:
-        return "<p>No comparison with the sequential baseline yet (it or the parallel arms have no result).</p>"
-    best = max(compared, key=lambda a: compared[a]["diff"])
-    vs = compared[best]
-    if vs["significant"] and vs["diff"] > 0:
-        verdict = "beats the sequential baseline by more than two standard errors"
-    elif vs["significant"]:
-        verdict = "is below the sequential baseline by more than two standard errors"
-    else:
-        verdict = "is within two standard errors of the sequential baseline: no difference is shown"
-    stats = arms[best]["stats"]
-    text = (
-        f"The best parallel arm, <b>{html.escape(best)}</b>, {verdict}: held-out accuracy "
-        f"{stats['heldout']['mean']:.3f} ± {stats['heldout']['se']:.3f} against "
-        f"{arms['sequential']['stats']['heldout']['mean']:.3f} ± {arms['sequential']['stats']['heldout']['se']:.3f} "
-        f"(difference {vs['diff']:+.3f} ± {vs['se']:.3f}, {len(summary['seeds'])} seeds)."
-    )
-    if "no_blocks" in stats:
-        text += (
-            f" With blocks banned the same models score {stats['no_blocks']['mean']:.3f} ± "
-            f"{stats['no_blocks']['se']:.3f}: the blocks account for "
-            f"{stats['heldout']['mean'] - stats['no_blocks']['mean']:+.3f}."
-        )
-    return f'<p class="verdict">{text}</p>'
-
-
-def _oracle_table(summary: dict) -> str:
-    rows = []
-    for arm, entry in summary["arms"].items():
-        o = entry["sft"].get("oracle")
-        if o:
-            rows.append(
-                f"<tr><td>{html.escape(arm)}</td><td>{html.escape(entry['sft'].get('folder', ''))}</td>"
-                f"<td>{o['single_path']:.3f}</td><td>{o['best_of_block']:.3f}</td><td>{o['blocks']}</td></tr>"
-            )
-    if not rows:
-        return "<p>No parallel SFT model wrote a block.</p>"
-    return (
-        "<table><tr><th>arm</th><th>SFT model</th><th>one path reaches the answer</th>"
-        "<th>best path of the block does</th><th>blocks</th></tr>" + "".join(dict.fromkeys(rows)) + "</table>"
-    )
-
-
-def _strategy_table(study_dir: Path, summary: dict) -> str:
-    rows = []
-    for arm in summary["arms"]:
-        records = []
-        for seed in summary["seeds"]:
-            path = study_dir / arm / f"seed{seed}" / EVAL_DIR / "heldout.samples.jsonl"
-            if path.is_file():
-                records += [dict(r, model=arm) for r in read_jsonl(path)]
-        if not records:
-            continue
-        s = analyze_records(records)[0]
-
-        def fmt(v, digits=2):
-            return "-" if v is None else f"{v:.{digits}f}"
-
-        rows.append(
-            f"<tr><td>{html.escape(arm)}</td><td>{fmt(s.parallel_ratio)}</td><td>{fmt(s.blocks_per_response)}</td>"
-            f"<td>{fmt(s.mean_position)}</td><td>{fmt(s.exploration_share)}</td>"
-            f"<td>{fmt(s.verification_share)}</td><td>{fmt(s.path_agreement)}</td></tr>"
-        )
-    return (
-        "<table><tr><th>arm</th><th>block ratio</th><th>blocks / response</th><th>mean block position</th>"
-        "<th>exploration</th><th>verification</th><th>paths agree</th></tr>" + "".join(rows) + "</table>"
-    )
-
-
-def write_study_report(study_dir: str | Path, summary: dict, table: str) -> Path:
-    """`<study>/report.html`: the verdict, `table` (the study's markdown table), the plot, the oracle figure
-    and the strategies."""
-    study_dir = Path(study_dir)
-    figure = plot_study(summary)
-    (study_dir / FIGURES_DIR).mkdir(exist_ok=True)
-    (study_dir / FIGURES_DIR / "study.png").write_bytes(figure)
-    table_html = _markdown_table_html(table)
-    timings = summary.get("timings", {})
-    title = f"parallel-r1 study: {study_dir.name}"
-    body = f"""<h1>{html.escape(title)}</h1>
-{_study_verdict(summary)}
-<p>Task <code>{html.escape(summary["task"])}</code>. Every arm's RL stage has the same problems, steps, prompts
-and samples per step; tokens are reported beside accuracy because parallel responses are longer.
-"Positions" counts what a response occupies: with Unseen decoding a block's paths run side by side (main
-text plus the longest path of each block), with Seen decoding every token takes a position; it bounds
-latency and context.</p>
-{table_html}
-{_img(figure, "held-out accuracy per arm, with ablations")}
-<h2>Headroom before RL</h2>
-<p>On the SFT models' held-out responses: how often one path reaches the answer, and how often the best
-path of a block does. The gap is what a summary that chooses well can win.</p>
-{_oracle_table(summary)}
-<h2>Strategies after RL</h2>
-<p>Held-out responses of every seed: where blocks appear (relative position) and their role.</p>
-{_strategy_table(study_dir, summary)}
-{_timings_line(timings)}"""
-    page = _page(title, body, json.dumps(summary, indent=1).replace("</", "<\\/"))
-    out = study_dir / REPORT_FILE
-    out.write_text(page, encoding="utf-8")
-    return out
-
-
-def _markdown_table_html(markdown: str) -> str:
-    """The study's markdown table as HTML (its first paragraph and footnote as text)."""
-    parts = []
-    rows = [line for line in markdown.splitlines() if line.startswith("|")]
-    header, body = rows[0], rows[2:]
-
-    def cells(line):
-        return [html.escape(c.strip()) for c in line.strip("|").split("|")]
-
-    parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells(header)) + "</tr>")
-    parts += ["<tr>" + "".join(f"<td>{c}</td>" for c in cells(line)) + "</tr>" for line in body]
-    parts.append("</table>")
-    notes = [line for line in markdown.splitlines() if line and not line.startswith("|")]
-    return (
-        "".join(f"<p>{html.escape(n)}</p>" for n in notes[:1])
-        + "".join(parts)
-        + "".join(f"<p>{html.escape(n)}</p>" for n in notes[1:])
-    )

@@ -48,7 +48,8 @@ from parallel_r1.format import parse
 from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
 from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
-from parallel_r1.report import standard_error, write_study_report
+from parallel_r1.report import standard_error
+from parallel_r1.study_report import write_study_report
 from parallel_r1.trainer import final_model
 
 log = logging.getLogger(__name__)
