@@ -329,7 +329,7 @@ def check_vllm(workdir: Path) -> None:
         return
     import torch
 
-    from parallel_r1.engine import make_engine
+    from parallel_r1.backends import make_engine
     from parallel_r1.models import save_model
     from parallel_r1.rollout import SamplingParams
 

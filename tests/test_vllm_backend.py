@@ -169,7 +169,7 @@ needs_vllm = pytest.mark.skipif(
 @pytest.mark.gpu
 @needs_vllm
 def test_vllm_generates_parsable_blocks(tiny_model, tiny_tokenizer, tmp_path):
-    from parallel_r1.engine import make_engine
+    from parallel_r1.backends import make_engine
 
     tiny_model.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
@@ -202,7 +202,8 @@ def test_load_weights_reaches_the_engines_model_and_drops_the_prefix_cache(tiny_
 
 
 def test_make_engine_knows_two_backends(tiny_model, tiny_tokenizer):
-    from parallel_r1.engine import ParallelEngine, make_engine
+    from parallel_r1.backends import make_engine
+    from parallel_r1.engine import ParallelEngine
 
     assert isinstance(make_engine("hf", tiny_model, tiny_tokenizer, max_batch_size=4), ParallelEngine)
     with pytest.raises(ValueError, match="backend must be one of hf, vllm"):

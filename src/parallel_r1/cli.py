@@ -21,11 +21,11 @@ from rich.logging import RichHandler
 from rich.markdown import Markdown
 
 from parallel_r1.analysis import run_analysis
+from parallel_r1.backends import BACKENDS, make_engine
 from parallel_r1.check import check_file, check_report
 from parallel_r1.coldstart import TeacherConfig, TeacherError, run_generate
 from parallel_r1.config import ConfigError, default_recipe, load_recipe, override
 from parallel_r1.data import PROMPT_TEMPLATES
-from parallel_r1.engine import BACKENDS, make_engine, render_rollout
 from parallel_r1.evaluate import DEFAULT_BENCHMARKS, EvalConfig, markdown_table, run_eval
 from parallel_r1.files import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
@@ -33,7 +33,7 @@ from parallel_r1.pipeline import EvalSettings, default_specs, run_pipeline, run_
 from parallel_r1.recipe import run_recipe
 from parallel_r1.rollout import SAMPLING_FIELDS, VARIANTS, SamplingParams, SamplingSettings, rollout_record
 from parallel_r1.study import ARMS, SEEDS, SWEEP_LRS, StudySettings, run_study, run_sweep
-from parallel_r1.viewer import write_viewer
+from parallel_r1.viewer import render_rollout, write_viewer
 
 log = logging.getLogger("parallel_r1")
 

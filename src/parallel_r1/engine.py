@@ -20,11 +20,10 @@ decode in one forward pass, and the summary attends to the paths' own cached key
 is replaced by a waiting sample (continuous batching); rows with many pending tokens (a prompt, a
 "threads" re-feed) run in a forward of their own so that decoding rows are not padded to their width.
 
-Sampling is counter-based: a token's uniform is a hash of (seed, the sample's key, sample index, its
-stream, its index in the stream), so a sample does not depend on which other samples share its batch.
-
-`make_engine(backend, ...)` is the one way to get an engine: this one ("hf") or the vLLM one
-(`vllm_backend.VLLMEngine`); the settings and the `Rollout` both return live in `rollout.py`.
+Sampling is counter-based (`sampler.py`): a token's uniform is a hash of (seed, the sample's key, sample
+index, its stream, its index in the stream), so a sample does not depend on which other samples share its
+batch. The cache and its slot metadata are `kv_cache.py`; `backends.make_engine` is the one way to get an
+engine, this one ("hf") or the vLLM one.
 """
 
 from __future__ import annotations
@@ -36,19 +35,15 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from rich.console import Group
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from parallel_r1.format import TagIds
+from parallel_r1.kv_cache import SlotCache, SlotMeta
 from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
-from parallel_r1.vllm_backend import VLLMEngine
+from parallel_r1.sampler import sample_tokens, uniforms_for
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +69,17 @@ class _Slot:
     block: int = -1
     path: int = -1  # row-unique path id, -1 outside a path
     stream: int | None = None  # which stream samples from this slot's logits (None: nobody)
+
+
+class _Target(NamedTuple):
+    """A query of a step whose logits a stream samples from: its place in the step's grid (row, column),
+    the stream, its ban-table row, and its counter (block, stream, index) for the sampler."""
+
+    row: int
+    column: int
+    stream: int
+    ban_row: int
+    counter: tuple[int, int, int]
 
 
 @dataclass
@@ -260,186 +266,6 @@ def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tens
     return table
 
 
-# --- counter-based uniforms: splitmix64 in int64 torch arithmetic (multiplication wraps modulo 2**64) ---
-
-
-def _int64(value: int) -> int:
-    """`value` modulo 2**64 as a signed 64-bit integer."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
-
-
-def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 values (torch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix64(z: torch.Tensor) -> torch.Tensor:
-    z = z + _GOLDEN
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
-
-
-def counter_uniforms(counters: torch.Tensor) -> torch.Tensor:
-    """Uniforms in [0, 1) (float64, 53 random bits) [M] from integer counters [M, F]: splitmix64 chained over
-    the F fields, so each uniform is a pure function of its row of counters."""
-    counters = counters.to(torch.int64)
-    h = torch.zeros(counters.shape[0], dtype=torch.int64, device=counters.device)
-    for f in range(counters.shape[1]):
-        h = _splitmix64(h ^ counters[:, f])
-    return _shift_right(h, 11).double() * 2.0**-53
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64_int(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def uniforms_for(counters: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
-    """`counter_uniforms` of a few rows of counters, computed with Python integers where that is faster
-    (the two give the same numbers bit for bit)."""
-    if len(counters) > 64:
-        return counter_uniforms(torch.tensor([[_int64(c) for c in row] for row in counters], device=device))
-    values = []
-    for row in counters:
-        h = 0
-        for c in row:
-            h = _splitmix64_int(h ^ (c & _MASK64))
-        values.append((h >> 11) * 2.0**-53)
-    return torch.tensor(values, dtype=torch.float64, device=device)
-
-
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Per row of probs [M, V], the first token whose cumulative probability exceeds u * total (u [M] in
-    [0, 1)); tokens of probability 0 are never drawn."""
-    cdf = probs.double().cumsum(-1)
-    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    banned: torch.Tensor,
-    params: SamplingParams,
-    noise: torch.Tensor | torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of logits [M, V] with tags `banned` [M, V] masked out.
-
-    Inverse-CDF sampling from softmax(banned, top-k/top-p-warped logits / T) with the uniforms `noise`
-    ([M] in [0, 1), e.g. `counter_uniforms`), or uniforms drawn from a `torch.Generator`, or fresh ones
-    (None). Returns (tokens [M], logprobs [M]); the log-prob is under softmax(logits / T) of the full
-    vocabulary, before banning, top-k and top-p (T = 1 for greedy decoding, temperature 0).
-    """
-    logits = logits.float()
-    temperature = params.temperature if params.temperature > 0 else 1.0
-    scaled = logits / temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    scores = scaled.masked_fill(banned, float("-inf"))
-    if params.temperature == 0:
-        tokens = scores.argmax(dim=-1)
-    else:
-        if params.top_k > 0:
-            scores = TopKLogitsWarper(params.top_k)(None, scores)
-        if params.top_p < 1.0:
-            scores = TopPLogitsWarper(params.top_p)(None, scores)
-        if not isinstance(noise, torch.Tensor):
-            noise = torch.rand(scores.shape[0], generator=noise, dtype=torch.float64, device=scores.device)
-        tokens = inverse_cdf(torch.softmax(scores, dim=-1), noise)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
-
-
-# --- the preallocated KV cache ---
-
-
-class _SlotLayer(CacheLayerMixin):
-    """One layer of a `SlotCache`: keys/values [rows, kv heads, capacity, head dim], written in place."""
-
-    is_sliding = False
-
-    def __init__(self, owner: SlotCache):
-        super().__init__()
-        self.owner = owner
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        rows, capacity = self.owner.batch_capacity, self.owner.capacity
-        self.keys = key_states.new_zeros((rows, key_states.shape[1], capacity, key_states.shape[-1]))
-        self.values = value_states.new_zeros((rows, value_states.shape[1], capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return self.owner.write(self, key_states, value_states)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.kv_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.owner.kv_length
-
-    def get_max_length(self) -> int:
-        return self.owner.capacity
-
-
-class SlotCache(Cache):
-    """A preallocated KV cache of `batch_capacity` rows x `capacity` slots per layer, written in place.
-
-    Before each forward the engine sets the step's plan: `rows` (the cache rows of the step's batch rows:
-    a slice, read as a view, or an index tensor, gathered), `row_index` [b, 1] and `slots` [b, Q] (where
-    each query's key/value goes) and `kv_length` (how many slots the step attends over). `grow` enlarges
-    the capacity, `move_row` copies a row (compaction), `swap_rows` exchanges two.
-    """
-
-    def __init__(self, num_layers: int, batch_capacity: int, capacity: int):
-        self.batch_capacity, self.capacity = batch_capacity, capacity
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
-        self.rows: torch.Tensor | slice = slice(0)
-        self.row_index: torch.Tensor | None = None
-        self.slots: torch.Tensor | None = None
-        self.kv_length = 0
-
-    def plan(self, rows: torch.Tensor | slice, row_index: torch.Tensor, slots: torch.Tensor, kv_length: int) -> None:
-        self.rows, self.row_index, self.slots, self.kv_length = rows, row_index, slots, kv_length
-
-    def write(self, layer: _SlotLayer, key_states: torch.Tensor, value_states: torch.Tensor):
-        layer.keys[self.row_index, :, self.slots] = key_states.transpose(1, 2)
-        layer.values[self.row_index, :, self.slots] = value_states.transpose(1, 2)
-        return layer.keys[self.rows, :, : self.kv_length], layer.values[self.rows, :, : self.kv_length]
-
-    def grow(self, capacity: int) -> None:
-        for layer in self.layers:
-            if layer.is_initialized:
-                for name in ("keys", "values"):
-                    old = getattr(layer, name)
-                    new = old.new_zeros((*old.shape[:2], capacity, old.shape[-1]))
-                    new[:, :, : old.shape[2]] = old
-                    setattr(layer, name, new)
-        self.capacity = capacity
-
-    def swap_rows(self, a: int, b: int, length: int) -> None:
-        for layer in self.layers:
-            if layer.is_initialized:
-                for tensor in (layer.keys, layer.values):
-                    kept = tensor[a, :, :length].clone()
-                    tensor[a, :, :length] = tensor[b, :, :length]
-                    tensor[b, :, :length] = kept
-
-    def move_row(self, source: int, target: int, length: int) -> None:
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys[target, :, :length] = layer.keys[source, :, :length]
-                layer.values[target, :, :length] = layer.values[source, :, :length]
-
-
 def output_layer(head: torch.nn.Module, hidden: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """`head(hidden)` for hidden [M, d]; on CPU a large vocabulary goes in `chunk`-row slices of the weight,
     which keeps each output block in cache (1.2-1.4x faster than one matmul for M > 1 on a 49k vocabulary)."""
@@ -585,7 +411,7 @@ class ParallelEngine:
         batch = min(self.max_batch_size, len(rows))
         capacity = max(len(r.prompt_ids) for r in rows) + 2 * params.num_paths + 64
         cache = SlotCache(self.model.config.num_hidden_layers, batch, capacity)
-        meta = _SlotMeta(batch, capacity, device)
+        meta = SlotMeta(batch, capacity, device)
         waiting = deque(rows)
         live: list[_Row] = []
         light = params.num_paths + 2  # the most tokens a decoding row feeds in one step
@@ -624,7 +450,7 @@ class ParallelEngine:
                 meta.lengths.pop()
             self.stats.seconds["schedule"] += time.perf_counter() - started
 
-    def _split(self, live: list[_Row], cache: SlotCache, meta: _SlotMeta) -> list[list[int]]:
+    def _split(self, live: list[_Row], cache: SlotCache, meta: SlotMeta) -> list[list[int]]:
         """The decoding rows as one group, or as two (one-token rows, then rows inside blocks) when padding
         the first to the width of the second would waste more than `split_waste` of the step's slots. For
         two groups the rows are first ordered (by swapping cache rows) so that each group is a range."""
@@ -648,7 +474,7 @@ class ParallelEngine:
             live[i], live[j] = live[j], live[i]
         return [everyone[:i], everyone[i:]]
 
-    def _step(self, live, group, cache: SlotCache, meta: _SlotMeta, bans, params, seed) -> None:
+    def _step(self, live, group, cache: SlotCache, meta: SlotMeta, bans, params, seed) -> None:
         """One forward over the rows `group` of `live`: feed their pending tokens, sample, advance."""
         seconds = self.stats.seconds
         started = time.perf_counter()
@@ -665,7 +491,7 @@ class ParallelEngine:
         # the metadata writes [4, n] (cache row, slot, block, path) of the real tokens.
         ids, pos, q_block, q_path, q_slot = [], [], [], [], []
         written: list[list[int]] = [[], [], [], []]
-        targets = []  # (row in step, column, stream, ban row, block, stream id, index)
+        targets: list[_Target] = []
         for i, (b, r, start) in enumerate(zip(group, rows, lengths)):
             pending = r.pending
             pad = width - len(pending)
@@ -682,7 +508,7 @@ class ParallelEngine:
             written[3].extend(paths)
             for col, s in enumerate(pending):
                 if s.stream is not None:
-                    targets.append((i, col, s.stream, r.ban_row(s.stream), *r.counter(s.stream)))
+                    targets.append(_Target(i, col, s.stream, r.ban_row(s.stream), r.counter(s.stream)))
             if r.hide_paths:
                 meta.hide(b, r.hide_paths)
                 r.hide_paths = []
@@ -698,7 +524,7 @@ class ParallelEngine:
         mask = query_mask(key_valid, key_block, key_path, grid[4], grid[2], grid[3], dtype)
         seconds["mask"] += time.perf_counter() - started
         started = time.perf_counter()
-        target_t = torch.tensor([t[:4] for t in targets], device=device)
+        target_t = torch.tensor([(t.row, t.column, t.ban_row) for t in targets], device=device)
         inputs = {"input_ids": grid[0], "position_ids": grid[1], "attention_mask": mask, "use_cache": True}
         inputs[self._cache_kwarg] = cache
         if self._decoder is not None:
@@ -713,15 +539,15 @@ class ParallelEngine:
         started = time.perf_counter()
         noise = None
         if params.temperature > 0:
-            counters = [(seed, rows[t[0]].key, rows[t[0]].sample_index, t[4], t[5], t[6]) for t in targets]
+            counters = [(seed, rows[t.row].key, rows[t.row].sample_index, *t.counter) for t in targets]
             noise = uniforms_for(counters, device)
-        tokens, logprobs = sample_tokens(logits, bans[target_t[:, 3]], params, noise)
+        tokens, logprobs = sample_tokens(logits, bans[target_t[:, 2]], params, noise)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         seconds["sample"] += time.perf_counter() - started
         started = time.perf_counter()
         per_row: list[dict[int, tuple[int, float]]] = [{} for _ in rows]
         for t, tok, lp in zip(targets, tokens, logprobs):
-            per_row[t[0]][t[2]] = (tok, lp)
+            per_row[t.row][t.stream] = (tok, lp)
         useful = 0
         now = time.perf_counter()
         for b, r, samples in zip(group, rows, per_row):
@@ -745,105 +571,3 @@ class ParallelEngine:
             [t.sampled for t in tokens], [t.logprob for t in tokens], row.finish_reason,
             ends_with_eos=bool(ids) and ids[-1] in self.eos_ids,
         )  # fmt: skip
-
-
-class _SlotMeta:
-    """Per cache row: how many slots are used, and per slot valid / block id / path id ([rows, capacity])."""
-
-    def __init__(self, rows: int, capacity: int, device: torch.device):
-        self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
-        self.block = torch.full((rows, capacity), -1, dtype=torch.long, device=device)
-        self.path = torch.full((rows, capacity), -1, dtype=torch.long, device=device)
-        self.lengths: list[int] = []
-
-    def reset(self, row: int) -> None:
-        """Row `row` starts a new sample (appended when row == len(lengths))."""
-        self.valid[row] = False
-        if row == len(self.lengths):
-            self.lengths.append(0)
-        else:
-            self.lengths[row] = 0
-
-    def grow(self, capacity: int) -> None:
-        for name, fill in (("valid", False), ("block", -1), ("path", -1)):
-            old = getattr(self, name)
-            new = torch.full((old.shape[0], capacity), fill, dtype=old.dtype, device=old.device)
-            new[:, : old.shape[1]] = old
-            setattr(self, name, new)
-
-    def write(self, written: torch.Tensor) -> None:
-        """Mark slots used: `written` [4, n] holds per slot its cache row, slot index, block id, path id."""
-        index = (written[0], written[1])
-        self.valid[index] = True
-        self.block[index] = written[2]
-        self.path[index] = written[3]
-
-    def hide(self, row: int, path_ids: list[int]) -> None:
-        self.valid[row] &= ~torch.isin(self.path[row], torch.tensor(path_ids, device=self.path.device))
-
-    def move_row(self, source: int, target: int) -> None:
-        for tensor in (self.valid, self.block, self.path):
-            tensor[target] = tensor[source]
-        self.lengths[target] = self.lengths[source]
-
-    def swap_rows(self, a: int, b: int) -> None:
-        for tensor in (self.valid, self.block, self.path):
-            tensor[[a, b]] = tensor[[b, a]]
-        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
-
-    def view(self, rows: torch.Tensor | slice, kv_length: int):
-        return self.valid[rows, :kv_length], self.block[rows, :kv_length], self.path[rows, :kv_length]
-
-
-BACKENDS = ("hf", "vllm")
-
-
-def make_engine(
-    backend: str, model, tokenizer=None, *, max_batch_size: int = 64, colocate: bool = False, **vllm_kwargs
-):
-    """The rollout engine of `backend`; both have `generate(prompts, n, params) -> list[Rollout]`.
-
-    "hf": `ParallelEngine` on an in-memory model (`max_batch_size` rows decoded together). "vllm":
-    `vllm_backend.VLLMEngine` on a model directory, Hub id or `vllm.LLM` (vLLM loads its own copy of the
-    weights; the tokenizer defaults to the model's own; `vllm_kwargs` go to `vllm.LLM`). `colocate`: a
-    vLLM engine in this process next to a model being trained (`VLLMEngine.colocated`; `load_weights`
-    then copies the trained weights into it).
-    """
-    if backend == "hf":
-        return ParallelEngine(model, tokenizer, max_batch_size=max_batch_size)
-    if backend == "vllm":
-        if colocate:
-            return VLLMEngine.colocated(model, tokenizer, **vllm_kwargs)
-        return VLLMEngine(model, tokenizer, **vllm_kwargs)
-    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-
-def render_rollout(rollout: Rollout):
-    """A rich renderable of one rollout: main text, each block's paths side by side, then its summary."""
-    structure = rollout.structure
-    text = structure.text
-    parts, cursor = [], 0
-    for number, block in enumerate(structure.blocks, start=1):
-        if text[cursor : block.span.start].strip():
-            parts.append(Text(text[cursor : block.span.start]))
-        row = Table.grid(expand=True, padding=(0, 1))
-        for _ in block.paths:
-            row.add_column(ratio=1)
-        row.add_row(
-            *(
-                Panel(
-                    Text(text[p.content.start : p.content.end]), title=f"block {number} path {k}", border_style="cyan"
-                )
-                for k, p in enumerate(block.paths, start=1)
-            )
-        )
-        parts.append(row)
-        if block.summary is not None:
-            parts.append(
-                Panel(Text(text[block.summary.start : block.summary.end]), title="summary", border_style="green")
-            )
-        cursor = block.span.end
-    if text[cursor:].strip():
-        parts.append(Text(text[cursor:]))
-    subtitle = f"{rollout.finish_reason}, {len(rollout.response_ids)} tokens, {structure.num_blocks} blocks"
-    return Panel(Group(*parts), title=f"prompt {rollout.prompt_index} sample {rollout.sample_index}", subtitle=subtitle)

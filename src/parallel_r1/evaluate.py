@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.progress import Progress
 
 from parallel_r1.answers import verify
+from parallel_r1.backends import make_engine
 from parallel_r1.data import PROMPT_TEMPLATE, build_prompt, load_problems
-from parallel_r1.engine import make_engine
 from parallel_r1.files import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.rewards import score_response
@@ -196,7 +196,7 @@ def summarize(
 def evaluate_benchmark(
     engine, problems: Sequence, cfg: EvalConfig, model_name: str, benchmark: str
 ) -> tuple[BenchmarkResult, list[dict]]:
-    """Sample cfg.k responses per problem with `engine` (`engine.make_engine`), score and aggregate them.
+    """Sample cfg.k responses per problem with `engine` (`backends.make_engine`), score and aggregate them.
 
     Problems go to the engine in chunks of about max_batch_size rollouts, so the progress bar moves;
     each chunk gets its own seed (cfg.seed + chunk index) so that results do not depend on chunking luck.

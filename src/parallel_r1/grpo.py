@@ -35,9 +35,9 @@ from accelerate.utils import gather_object
 
 from parallel_r1 import data, tasks
 from parallel_r1.attention import response_logprobs
+from parallel_r1.backends import make_engine
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.data import build_prompt, prompt_template
-from parallel_r1.engine import make_engine
 from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.rewards import score_batch

@@ -37,6 +37,7 @@ import torch
 from rich.console import Console
 
 from parallel_r1 import tasks as builtin_task
+from parallel_r1.backends import make_engine
 from parallel_r1.config import (
     BASELINE_RECIPE,
     DEFAULT_RECIPE,
@@ -49,7 +50,6 @@ from parallel_r1.config import (
     recipe_from_dict,
 )
 from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
-from parallel_r1.engine import make_engine
 from parallel_r1.evaluate import EvalConfig, evaluate_benchmark, sample_record, write_results
 from parallel_r1.files import atomic_write_text
 from parallel_r1.layout import DONE_FILE, RUN_FILE, SUMMARY_FILE, eval_file, stage_dir

@@ -1,6 +1,7 @@
-"""A self-contained HTML page for reading rollouts: each block's paths side by side, tags highlighted,
-the summary below them, reward and answers per sample, and filters (correct / incorrect, with / without
-blocks, step or checkpoint, free text).
+"""Reading rollouts: a self-contained HTML page (each block's paths side by side, tags highlighted, the
+summary below them, reward and answers per sample, and filters: correct / incorrect, with / without
+blocks, step or checkpoint, free text), and the same layout on the console for `parallel-r1 generate`
+(`render_rollout`).
 
 All text goes through `html.escape` and the page's script only toggles `hidden` and writes counts, so
 model output cannot inject markup. The filter state lives in the URL fragment (``page.html#correct=no&
@@ -14,10 +15,15 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
 from parallel_r1.analysis import group_key, read_rollouts
 from parallel_r1.files import atomic_write_text
 from parallel_r1.format import TAGS, parse
-from parallel_r1.rollout import upgrade_record
+from parallel_r1.rollout import Rollout, upgrade_record
 
 DEFAULT_LIMIT = 2000
 # The page loads nothing and runs only its own inline script.
@@ -209,3 +215,34 @@ def write_viewer(inputs: Sequence[str | Path], out: str | Path, limit: int | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, render_html(shown, title, total=len(records)))
     return out
+
+
+def render_rollout(rollout: Rollout):
+    """A rich renderable of one rollout: main text, each block's paths side by side, then its summary."""
+    structure = rollout.structure
+    text = structure.text
+    parts, cursor = [], 0
+    for number, block in enumerate(structure.blocks, start=1):
+        if text[cursor : block.span.start].strip():
+            parts.append(Text(text[cursor : block.span.start]))
+        row = Table.grid(expand=True, padding=(0, 1))
+        for _ in block.paths:
+            row.add_column(ratio=1)
+        row.add_row(
+            *(
+                Panel(
+                    Text(text[p.content.start : p.content.end]), title=f"block {number} path {k}", border_style="cyan"
+                )
+                for k, p in enumerate(block.paths, start=1)
+            )
+        )
+        parts.append(row)
+        if block.summary is not None:
+            parts.append(
+                Panel(Text(text[block.summary.start : block.summary.end]), title="summary", border_style="green")
+            )
+        cursor = block.span.end
+    if text[cursor:].strip():
+        parts.append(Text(text[cursor:]))
+    subtitle = f"{rollout.finish_reason}, {len(rollout.response_ids)} tokens, {structure.num_blocks} blocks"
+    return Panel(Group(*parts), title=f"prompt {rollout.prompt_index} sample {rollout.sample_index}", subtitle=subtitle)
