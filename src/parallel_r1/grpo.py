@@ -234,29 +234,17 @@ def policy_update(
         mb = batch.micro_batch(order[start : start + cfg.micro_batch_size])
         sync = accelerator.no_sync(model) if k < len(starts) - 1 else nullcontext()
         with sync:
-            logp_BT, entropy_BT = response_logprobs(
-                model,
-                mb.input_ids_BT,
-                mb.attention_mask_BT,
-                tags,
-                variant=variant,
-                temperature=cfg.rollout.temperature,
-                with_entropy=True,
-            )
+            # The policy and the reference score the same tokens the same way.
+            inputs = (mb.input_ids_BT, mb.attention_mask_BT, tags)
+            scoring = {"variant": variant, "temperature": cfg.rollout.temperature}
+            logp_BT, entropy_BT = response_logprobs(model, *inputs, **scoring, with_entropy=True)
             per_token_BT, clipped_BT = clipped_policy_loss(
                 logp_BT, mb.old_logp_BT, mb.adv_B, cfg.clip_low, cfg.clip_high
             )
             per_token_BT = per_token_BT * mb.weight_BT
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp_BT, _ = response_logprobs(
-                        ref_model,
-                        mb.input_ids_BT,
-                        mb.attention_mask_BT,
-                        tags,
-                        variant=variant,
-                        temperature=cfg.rollout.temperature,
-                    )
+                    ref_logp_BT, _ = response_logprobs(ref_model, *inputs, **scoring)
                 kl_BT = kl_k3(logp_BT, ref_logp_BT)
                 per_token_BT = per_token_BT + cfg.kl_coef * kl_BT
                 sums["kl"] += (kl_BT.detach() * mb.loss_mask_BT).sum().item()
