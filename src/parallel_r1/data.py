@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -242,15 +243,14 @@ def _local_rows(source: str, split: str | None) -> Iterator[tuple[str, str, dict
             yield path.stem, where, row
 
 
-def _load_hub(
-    name: str, split: str | None, limit: int | None, question_field: str | None, answer_field: str | None
-) -> list[Problem]:
+def _hub_problems(
+    name: str, split: str | None, question_field: str | None, answer_field: str | None
+) -> Iterator[Problem]:
     spec = BENCHMARKS[name]
     split = split or spec.split
     question_path, answer_path = question_field or spec.question, answer_field or spec.answer
     logger.info("loading %s from the Hub (%s, config %s, split %s)", name, spec.path, spec.config, split)
     rows = datasets.load_dataset(spec.path, spec.config, split=split)
-    problems: list[Problem] = []
     seen: set[str] = set()
     for i, row in enumerate(rows):
         where = f"{spec.path} ({split}), row {i + 1}"
@@ -266,10 +266,19 @@ def _load_hub(
                 continue
             seen.add(question)
         row_id = _row_id(row, spec.id, i) if spec.id else str(i)
-        problems.append(Problem(question, answer, name, f"{name}/{row_id}"))
-        if limit is not None and len(problems) >= limit:
-            break
-    return problems
+        yield Problem(question, answer, name, f"{name}/{row_id}")
+
+
+def _local_problems(
+    source: str, split: str | None, question_field: str | None, answer_field: str | None
+) -> Iterator[Problem]:
+    question_path, answer_path = question_field or "question", answer_field or "answer"
+    for n, (stem, where, row) in enumerate(_local_rows(source, split)):
+        question = _text_field(row, question_path, where).strip()
+        answer = _text_field(row, answer_path, where).strip()
+        if "####" in answer:
+            answer = gsm8k_final_answer(answer)
+        yield Problem(question, answer, stem, f"{stem}/{_row_id(row, 'id', n)}")
 
 
 def load_problems(
@@ -289,19 +298,11 @@ def load_problems(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if source in BENCHMARKS and not Path(source).exists():
-        return _load_hub(source, split, limit, question_field, answer_field)
-    question_path, answer_path = question_field or "question", answer_field or "answer"
-    problems: list[Problem] = []
-    for stem, where, row in _local_rows(source, split):
-        question = _text_field(row, question_path, where).strip()
-        answer = _text_field(row, answer_path, where).strip()
-        if "####" in answer:
-            answer = gsm8k_final_answer(answer)
-        row_id = _row_id(row, "id", len(problems))
-        problems.append(Problem(question, answer, stem, f"{stem}/{row_id}"))
-        if limit is not None and len(problems) >= limit:
-            break
-    return problems
+        problems = _hub_problems(source, split, question_field, answer_field)
+    else:
+        problems = _local_problems(source, split, question_field, answer_field)
+    # islice stops before reading the row after the last one kept.
+    return list(islice(problems, limit))
 
 
 def load_sft_records(
