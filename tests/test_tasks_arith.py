@@ -171,7 +171,7 @@ def test_sft_records_and_rl_problems_are_ready_for_the_trainers():
 
     records = tasks.make_sft_records(20, levels=(1, 2), seed=5)
     assert all(isinstance(r, SFTRecord) for r in records)
-    specs = arith.generate(20, (1, 2), "train", seed=5)
+    specs = arith.generate(20, (1, 2), "train", seed=5, pool="sft")
     for record, spec in zip(records, specs):
         assert spec.question in record.prompt and "<Parallel>" in record.prompt
         assert validate(record.response) == [] and parse(record.response).has_parallel

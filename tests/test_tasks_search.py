@@ -1,4 +1,4 @@
-"""The built-in search task: generator, split, both teacher styles, the per-path check."""
+"""The built-in search task: generator, splits, the teacher styles, the per-path check."""
 
 import random
 
@@ -36,7 +36,7 @@ def test_train_problems_never_try_the_computation_that_solves_a_heldout_problem(
             assert not tried & solved
 
 
-@pytest.mark.parametrize("style", ["parallel", "sequential"])
+@pytest.mark.parametrize("style", search.STYLES)
 def test_teacher_solutions_are_well_formed_and_right(style):
     rng = random.Random(0)
     for level in search.LEVELS:
@@ -45,10 +45,17 @@ def test_teacher_solutions_are_well_formed_and_right(style):
             parsed = parse(text)
             assert parsed.well_formed, (text, parsed.errors)
             assert is_correct(text, str(p.answer))
-            assert (parsed.num_blocks > 0) == (style == "parallel")
+            if style in ("parallel", "mixed"):
+                assert (parsed.num_blocks > 0) == (style == "parallel" or level > 1)
+            else:
+                assert parsed.num_blocks == 0 and "<" not in text
             assert text.count(f": {p.answer} works") == 1  # exactly the right candidate checks out
             others = (
-                text.replace(f": {p.answer} works", "").replace(f">{p.answer} works<", "").replace(">none works<", "")
+                text.replace(f": {p.answer} works", "")
+                .replace(f">{p.answer} works<", "")
+                .replace(">none works<", "")
+                .replace(f"So {p.answer} works\n", "")
+                .replace("So none works\n", "")
             )
             assert " works" not in others
 
@@ -77,3 +84,67 @@ def test_path_hits_needs_the_right_candidate_and_its_verdict():
     assert not search.path_hits(wrong, "7")
     assert not search.path_hits(right.replace("works", "fails"), "7")
     assert not search.path_hits(wrong.replace("fails", "works"), "7")
+
+
+def _tries(text: str) -> list[int]:
+    """The candidates a solution of any style tries, in order."""
+    return [int(line.split("*")[0].split(">")[-1]) for line in text.splitlines() if "*" in line]
+
+
+def test_the_controls_hold_the_parallel_script_and_change_one_thing():
+    for p in search.generate(80, (2, 3, 4, 5), "train", seed=4):
+        parallel, plain, thorough, sequential = (
+            search.teacher_solution(p, style, random.Random(p.id))
+            for style in ("parallel", "plain", "thorough", "sequential")
+        )
+        # plain: the same text but for the tags, each replaced by its delimiter.
+        expected = parallel
+        for tag, delimiter in search.PLAIN_DELIMITERS.items():
+            expected = expected.replace(tag, delimiter)
+        assert plain == expected
+        # thorough: exactly the parallel script's tries, re-tries included, as sequential text.
+        assert _tries(thorough) == _tries(parallel) == _tries(plain)
+        assert thorough.split("\nFinal Answer")[0].split("\n\n") == [
+            search.try_lines(c, p.factor, p.offset, p.target) for c in _tries(parallel)
+        ]
+        assert _tries(sequential) == list(dict.fromkeys(_tries(parallel)))[: len(_tries(sequential))]
+
+
+def test_mixed_opens_a_block_only_while_three_candidates_remain():
+    for p in search.generate(120, (1, 2, 3, 4, 5), "train", seed=5):
+        text = search.teacher_solution(p, "mixed", random.Random(p.id))
+        order = list(p.candidates)
+        random.Random(p.id).shuffle(order)
+        parsed = parse(text)
+        tried = 0
+        for block in parsed.blocks:
+            assert len(order) - tried >= 3 and len(block.paths) == 2
+            tried += 2
+        tries = _tries(text)
+        assert tries == order[: len(tries)]  # no re-tries
+        ends_in_block = text.endswith("</Summary>" + f"Final Answer: {p.answer}")
+        assert p.answer in (tries[-2:] if ends_in_block else tries[-1:])  # stops at the hit
+        assert len(tries) - 2 * parsed.num_blocks <= 2  # single tries only for the last two candidates
+
+
+def test_splits_are_apart_by_computation_and_valid_problems_never_try_a_heldout_one():
+    heldout = {p.key for p in search.generate(200, (2, 3, 4), "eval", seed=0)}
+    valid = search.generate(200, (2, 3, 4), "valid", seed=0)
+    assert all(search.split_of(p.key) == "valid" for p in valid)
+    for p in valid:
+        assert not {search.computation_key(p.factor, p.offset, c) for c in p.candidates} & heldout
+    train = search.generate(1000, (1, 2, 3, 4), "train", seed=0)
+    tried = {search.computation_key(p.factor, p.offset, c) for p in train for c in p.candidates}
+    assert not tried & ({p.key for p in valid} | heldout)
+    shares = [
+        search.split_of(search.computation_key(f, o, n))
+        for f in range(2, 8)
+        for o in range(-29, 30)
+        for n in range(2, 10)
+    ]
+    assert 0.05 < shares.count("valid") / len(shares) < 0.15 and 0.05 < shares.count("eval") / len(shares) < 0.15
+
+
+def test_path_candidate_reads_the_try():
+    assert search.path_candidate(search.try_lines(7, 3, 10, 31)) == 7
+    assert search.path_candidate("none works") is None

@@ -282,7 +282,7 @@ def load_stage_problems(stage: StageConfig, seed: int) -> list:
     cfg = stage.data
     if cfg.source == "task":
         levels = cfg.task_levels or tasks.task_module(cfg.task).RL_EASY_LEVELS
-        return tasks.make_problems(cfg.limit or cfg.task_size, levels, "train", seed, cfg.task)
+        return tasks.make_problems(cfg.limit or cfg.task_size, levels, "train", seed, cfg.task, pool="rl")
     return data.load_problems(cfg.source, split=cfg.split, limit=cfg.limit)
 
 

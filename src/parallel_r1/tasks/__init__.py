@@ -14,6 +14,7 @@ from parallel_r1.data import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, Problem, SFTR
 from parallel_r1.tasks import arith, search
 
 TASKS = ("arith", "search")
+STYLES = ("parallel", "sequential")  # the teacher styles every task writes (search has more: search.STYLES)
 
 
 def task_module(name: str):
@@ -26,12 +27,18 @@ def task_module(name: str):
 
 
 def make_problems(
-    n: int, levels: Sequence[int] | None = None, split: str = "train", seed: int = 0, task: str = "arith"
+    n: int,
+    levels: Sequence[int] | None = None,
+    split: str = "train",
+    seed: int = 0,
+    task: str = "arith",
+    pool: str | None = None,
 ) -> list[Problem]:
     """`n` distinct `Problem`s of the built-in `task` (answer the integer as a string); empty `levels`:
-    the task's cold-start levels."""
+    the task's cold-start levels; `pool`: "rl" for an RL stage's problems, which no SFT stage trains on."""
     module = task_module(task)
-    return [p.to_problem() for p in module.generate(n, tuple(levels or module.COLD_START_LEVELS), split, seed)]
+    levels = tuple(levels or module.COLD_START_LEVELS)
+    return [p.to_problem() for p in module.generate(n, levels, split, seed, pool=pool)]
 
 
 def make_eval_problems(
@@ -44,11 +51,12 @@ def make_eval_problems(
 def teacher_examples(
     n: int, levels: Sequence[int] | None = None, seed: int = 0, style: str = "parallel", task: str = "arith"
 ) -> list:
-    """`n` train-split problems of `task`, each with a teacher solution of `style`; the same arguments
-    give the same list, so a parallel and a sequential recipe with one seed train on the same problems."""
+    """`n` problems of the training split's SFT pool, each with a teacher solution of `style`; the same
+    arguments give the same list, so recipes of different styles with one seed train on the same problems,
+    with the candidates tried in the same order."""
     module = task_module(task)
     rng = random.Random(f"sft-teacher-{seed}")
-    problems = module.generate(n, tuple(levels or module.COLD_START_LEVELS), "train", seed)
+    problems = module.generate(n, tuple(levels or module.COLD_START_LEVELS), "train", seed, pool="sft")
     return [(p, module.teacher_solution(p, style, rng)) for p in problems]
 
 
@@ -67,14 +75,23 @@ def make_sft_records(
     ]
 
 
+def cluster_key(problem: Problem, task: str) -> str:
+    """The computation that solves `problem` (a built-in task's): held-out problems that share one are not
+    independent, so standard errors are clustered by it. The arithmetic task's id is already its computation."""
+    if task == "search":
+        return search.cluster_of(problem.question, problem.answer)
+    task_module(task)
+    return problem.id
+
+
 def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Texts for `tiny.build_tokenizer`: questions and solutions of every level of every built-in task in
-    both styles, and the project's prompt templates (repeated, so their words become single tokens)."""
+    every style, and the project's prompt templates (repeated, so their words become single tokens)."""
     rng = random.Random(f"corpus-{seed}")
     texts = [build_prompt("", template) for template in (PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE)] * max(1, n // 20)
     for name in TASKS:
         module = task_module(name)
         for p in module.generate(n, tuple(module.LEVELS), "train", seed):
             texts.append(p.question)
-            texts.append(module.teacher_solution(p, rng.choice(("parallel", "sequential")), rng))
+            texts.append(module.teacher_solution(p, rng.choice(getattr(module, "STYLES", STYLES)), rng))
     return texts

@@ -155,11 +155,12 @@ def sample_problem(level: int, rng: random.Random) -> ArithProblem:
 
 
 def generate(
-    n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0
+    n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0, pool: str | None = None
 ) -> list[ArithProblem]:
-    """`n` distinct problems of `split`, levels taken in turn; the same arguments give the same list."""
+    """`n` distinct problems of `split` (and of `pool`, see `generator`), levels taken in turn; the same
+    arguments give the same list. The arithmetic task has no `valid` split."""
     return generator.generate(
-        SOURCE, n, levels, split, seed, sample_problem, lambda p: p.key, lambda p, split: split_of(p.key) == split
+        SOURCE, n, levels, split, seed, sample_problem, lambda p: p.key, lambda p, split: split_of(p.key) == split, pool
     )
 
 

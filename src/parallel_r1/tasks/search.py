@@ -9,21 +9,31 @@ candidates, and each try is checked locally against the target. This is the kind
 several independent attempts, reconciled by a summary, can beat one line of reasoning: a path tries
 one candidate and says ``yes`` or ``no``, the summary keeps the one that checked out.
 
-The programmatic teacher writes both styles with the same information, the candidates tried in the
-same (shuffled) order:
+The programmatic teacher writes every style from the same candidates in the same (shuffled) order, so the
+styles differ in one thing at a time (docs/study.md):
 
 * ``parallel``: blocks of `num_paths` paths, one candidate a path; the summary names the candidate that
-  checked out (``7 works``) or says ``none works`` and the next block tries the next candidates;
-* ``sequential``: one try after another (a blank line between tries), stopping at the one that works.
+  checked out (``7 works``) or says ``none works`` and the next block tries the next candidates. It finishes
+  the block that holds the hit, and fills a last block of one candidate with a re-try of one ruled out;
+* ``plain``: the parallel text with its six tags replaced by plain-text delimiters (``Block:``, ``Try:``,
+  ``So``): the same script and the same tries, no structure (a control, trained and decoded causally);
+* ``sequential``: one try after another (a blank line between tries), stopping at the one that works;
+* ``thorough``: sequential text with exactly the parallel script's tries (re-tries included): as broad as
+  the parallel teacher, without blocks or summaries (a control);
+* ``mixed``: a block of two paths only while three or more candidates remain untried, single tries
+  otherwise, so that opening a block is a choice that depends on the problem.
 
-Levels grade the difficulty (more candidates, bigger multipliers, subtraction). Train and held-out
-problems are told apart by a hash of the computation that solves them (multiplier, offset, answer):
-no training problem tries the computation that solves a held-out one.
+Levels grade the difficulty (more candidates, bigger multipliers, subtraction). Splits are fixed by a hash
+of the computation that solves a problem (multiplier, offset, answer): about 10 % held out (`eval`), 10 %
+for validation (`valid`), the rest `train`; no training problem even tries a computation of another split.
+The hash salt was changed once (`SPLIT_SALT`) to redraw the held-out split after the task's format had been
+chosen with the old one in view.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +43,20 @@ from parallel_r1.tasks import generator
 
 SOURCE = "search"
 CANDIDATES = tuple(range(2, 10))
+_QUESTION_RE = re.compile(r"with n\*(\d+)([+-])(\d+)=")
+_CANDIDATE_RE = re.compile(r"\s*(\d+)\*")
+STYLES = ("parallel", "plain", "sequential", "thorough", "mixed")
+SPLIT_SALT = "search-v2/"
+VALID_PERCENT = 10
+# The plain control's delimiters in place of the tags (the tags' order is that of format.TAGS).
+PLAIN_DELIMITERS = {
+    PARALLEL_OPEN: "Block:\n",
+    PATH_OPEN: "Try:\n",
+    PATH_CLOSE: "\n",
+    PARALLEL_CLOSE: "",
+    SUMMARY_OPEN: "So ",
+    SUMMARY_CLOSE: "\n",
+}
 
 
 @dataclass(frozen=True)
@@ -101,9 +125,9 @@ def computation_key(factor: int, offset: int, n: int) -> str:
 
 
 def split_of(key: str) -> str:
-    """`eval` for about `generator.EVAL_PERCENT`% of all computations, `train` for the rest, fixed forever;
-    a new salt would redraw the held-out split."""
-    return generator.split_of("search/" + key)
+    """`eval` for about `generator.EVAL_PERCENT`% of all computations, `valid` for VALID_PERCENT%, `train` for
+    the rest, fixed forever; a new SPLIT_SALT redraws them."""
+    return generator.split_of(SPLIT_SALT + key, VALID_PERCENT)
 
 
 def sample_problem(level: int, rng: random.Random) -> SearchProblem:
@@ -123,18 +147,33 @@ def sample_problem(level: int, rng: random.Random) -> SearchProblem:
 
 
 def _in_split(problem: SearchProblem, split: str) -> bool:
-    # A training problem may not even try (as a wrong candidate) a computation that solves a held-out one.
+    # A training problem may not even try (as a wrong candidate) a computation of another split, and a
+    # validation problem none of the held-out split.
     if split == "eval":
         return split_of(problem.key) == "eval"
-    return all(split_of(computation_key(problem.factor, problem.offset, c)) == "train" for c in problem.candidates)
+    tried = [split_of(computation_key(problem.factor, problem.offset, c)) for c in problem.candidates]
+    if split == "valid":
+        return split_of(problem.key) == "valid" and "eval" not in tried
+    return all(s == "train" for s in tried)
 
 
 def generate(
-    n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0
+    n: int, levels: Sequence[int] = COLD_START_LEVELS, split: str = "train", seed: int = 0, pool: str | None = None
 ) -> list[SearchProblem]:
-    """`n` distinct problems of `split`, levels taken in turn; the same arguments give the same list. Two
-    problems are the same when they list the same candidates for the same computation."""
-    return generator.generate(SOURCE, n, levels, split, seed, sample_problem, lambda p: p.id, _in_split)
+    """`n` distinct problems of `split` (and of `pool`, see `generator`), levels taken in turn; the same
+    arguments give the same list. Two problems are the same when they list the same candidates for the same
+    computation."""
+    return generator.generate(SOURCE, n, levels, split, seed, sample_problem, lambda p: p.id, _in_split, pool)
+
+
+def cluster_of(question: str, answer: str) -> str:
+    """The computation that solves a problem, read back from its question and answer: what the study's standard
+    errors cluster by (problems that share it are not independent)."""
+    match = _QUESTION_RE.search(question)
+    if not match:
+        raise ValueError(f"not a search-task question: {question!r}")
+    factor, sign, offset = int(match.group(1)), match.group(2), int(match.group(3))
+    return computation_key(factor, offset if sign == "+" else -offset, int(answer))
 
 
 def try_lines(n: int, factor: int, offset: int, target: int) -> str:
@@ -152,29 +191,73 @@ def try_lines(n: int, factor: int, offset: int, target: int) -> str:
 def teacher_solution(
     problem: SearchProblem, style: str = "parallel", rng: random.Random | None = None, num_paths: int = 2
 ) -> str:
-    """A worked solution ending with `Final Answer: <n>`: the candidates tried in a shuffled order."""
-    if style not in ("parallel", "sequential"):
-        raise ValueError(f"style must be 'parallel' or 'sequential', got {style!r}")
+    """A worked solution in `style` (see the module docstring) ending with `Final Answer: <n>`: the candidates
+    tried in a shuffled order."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     rng = rng or random.Random(problem.id)
     order = list(problem.candidates)
     rng.shuffle(order)
-    hit = order.index(problem.answer)
     final = f"Final Answer: {problem.answer}"
-    tries = [try_lines(c, problem.factor, problem.offset, problem.target) for c in order]
     if style == "sequential":
         # A blank line between tries: the sequential trace gets a separator of its own, as paths get tags.
-        return "\n\n".join(tries[: hit + 1]) + "\n" + final
-    blocks = []
+        return "\n\n".join(_try(problem, c) for c in order[: order.index(problem.answer) + 1]) + "\n" + final
+    if style == "mixed":
+        return _mixed(problem, order) + final
+    groups = _parallel_groups(problem, order, num_paths)
+    if style == "thorough":
+        return "\n\n".join(_try(problem, c) for group in groups for c in group) + "\n" + final
+    text = "".join(_block(problem, group) for group in groups) + final
+    if style == "plain":
+        for tag, delimiter in PLAIN_DELIMITERS.items():
+            text = text.replace(tag, delimiter)
+    return text
+
+
+def _try(problem: SearchProblem, n: int) -> str:
+    return try_lines(n, problem.factor, problem.offset, problem.target)
+
+
+def _parallel_groups(problem: SearchProblem, order: list[int], num_paths: int) -> list[list[int]]:
+    """The candidates of each block of the parallel script, up to the block that holds the answer."""
+    hit = order.index(problem.answer)
+    groups = []
     for start in range(0, hit + 1, num_paths):
         group = order[start : start + num_paths]
         if len(group) < 2:  # a block needs two paths: the last one re-tries a candidate already ruled out
             group = [order[start - 1], *group] if start else group + group
-        paths = "".join(
-            PATH_OPEN + try_lines(c, problem.factor, problem.offset, problem.target) + PATH_CLOSE for c in group
-        )
-        summary = f"{problem.answer} works" if problem.answer in group else "none works"
-        blocks.append(PARALLEL_OPEN + paths + PARALLEL_CLOSE + SUMMARY_OPEN + summary + SUMMARY_CLOSE)
-    return "".join(blocks) + final
+        groups.append(group)
+    return groups
+
+
+def _block(problem: SearchProblem, group: list[int]) -> str:
+    paths = "".join(PATH_OPEN + _try(problem, c) + PATH_CLOSE for c in group)
+    summary = f"{problem.answer} works" if problem.answer in group else "none works"
+    return PARALLEL_OPEN + paths + PARALLEL_CLOSE + SUMMARY_OPEN + summary + SUMMARY_CLOSE
+
+
+def _mixed(problem: SearchProblem, order: list[int]) -> str:
+    """Blocks of two while three or more candidates remain untried, single tries after; stops at the hit."""
+    text, i = "", 0
+    while True:
+        if len(order) - i >= 3:
+            group = order[i : i + 2]
+            text += _block(problem, group)
+            if problem.answer in group:
+                return text
+            i += 2
+            continue
+        text += _try(problem, order[i])
+        if order[i] == problem.answer:
+            return text + "\n"
+        text += "\n\n"
+        i += 1
+
+
+def path_candidate(path: str) -> int | None:
+    """The candidate a path (or a try) tries: the number its first equation multiplies."""
+    match = _CANDIDATE_RE.match(path)
+    return int(match.group(1)) if match else None
 
 
 def path_hits(path: str, gold: str) -> bool:
