@@ -1,76 +1,109 @@
-"""`parallel-r1 study`: the paper's comparison on the embedded task, at equal budget, over seeds.
+"""`parallel-r1 study`: the controlled comparison on the embedded task, at equal budget, over seeds.
 
-Six arms, one recipe each in `parallel_r1/recipes/study/` (an SFT stage, then GRPO):
+Arms, one recipe each in `parallel_r1/recipes/study/` (an SFT stage, then two GRPO stages):
 
-    sequential     SFT on the teacher's plain solutions, GRPO with the accuracy reward, blocks banned
-    seen           SFT and GRPO with the causal mask, parallel reward
-    unseen_s1      SFT and GRPO with the structured (Unseen) mask, parallel reward
-    unseen_s2      Unseen, the alternating reward (accuracy alone on most steps, + parallel on some)
-    mid_training   Unseen, the parallel reward for the first steps, then accuracy alone
-    threads        paths isolated, the summary reading them as sequential text (re-prefill), parallel reward
+    sequential   SFT on the teacher's plain tries (stops at the first that works), accuracy reward, no blocks
+    thorough     SFT on sequential text with exactly the parallel script's tries: as broad, no blocks (control)
+    plain        SFT on the parallel script with plain delimiters instead of tags, causal (control)
+    seen         SFT and GRPO on the parallel script with the causal mask, parallel reward first
+    unseen       the same with the structured (Unseen) mask
+    unseen_kl    Unseen with a KL penalty to its SFT model (the intervention on Unseen's RL)
+    mixed_*      Unseen from a mixed cold start (blocks only while three candidates remain), four reward
+                 schedules: s1 (parallel, then accuracy), s2 (alternating), mid (parallel for the first steps
+                 of the harder stage), acc (accuracy alone)
 
-Equal budget: every arm's GRPO stages take the same problems, steps, prompts and samples per step
-(checked at load time); the generated tokens are reported beside the accuracy. SFT stages that are the
-same (data, variant, settings) are trained once and shared. The GRPO stages run once per seed, and every
-model is evaluated on the task's held-out split three ways: as trained, with blocks banned
-(`max_blocks: 0`), and, for Unseen arms, with Seen attention, so that the report can say how much the
-blocks themselves contribute. Everything is resumable: finished stages and evaluations are kept.
+`PRIMARY` is the parallel arm the verdict is about, declared before the study ran (the first study's best).
 
-`run_sweep` is the tuning run that precedes it: the RL learning rate of every arm, chosen on a
-validation split of training problems (never the held-out split); its table goes in docs/study.md and
-its choice in the recipe files.
+Equal budget: every arm's GRPO stages take the same problems, steps, prompts and samples per step (checked at
+load time); test-time tokens and positions are reported, and compared at equal value (`study_summary`).
+Every seed trains its own SFT model (shared by the arms whose SFT is the same), so the spread covers SFT and
+RL; RL problems come from the training pool no SFT draws from. Every model, after SFT and after RL, is
+sampled k times on the task's held-out split. Jobs (an SFT with its evaluation, or an arm's GRPO stages with
+theirs) run `workers` at a time in processes of their own; everything is resumable: finished stages and
+evaluations are kept.
+
+`run_sweep` is the tuning run that precedes it: each arm's RL learning rate, chosen on the task's validation
+split (never the held-out one), "no RL" included.
 
 Layout::
 
-    <study>/study.json                 settings, arms, seeds, timings
-    <study>/data/heldout.jsonl          (sweep: validation.jsonl)
-    <study>/sft/<key>/                 a shared SFT stage (a run_recipe folder) and eval/<name>.json
-    <study>/<arm>/seed<k>/             the arm's GRPO stages for one seed and eval/<name>.json
+    <study>/study.json                   settings, arms, seeds, timings
+    <study>/data/heldout.jsonl           (sweep: validation.jsonl)
+    <study>/sft/<key>/seed<k>/           an SFT stage (a run_recipe folder) and eval/heldout.json
+    <study>/<arm>/seed<k>/               the arm's GRPO stages for one seed and eval/heldout.json
+    <study>/logs/<job>.log               what a job printed
     <study>/summary.json, study.md, report.html
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import hashlib
 import json
 import logging
-import math
+import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from parallel_r1 import tasks as builtin_task
+from parallel_r1 import tasks
 from parallel_r1.config import ConfigError, Recipe, StageConfig, dump_recipe, load_recipe, override, parse_recipe
 from parallel_r1.data import Problem
-from parallel_r1.files import atomic_write_text, read_jsonl
-from parallel_r1.format import parse
-from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
+from parallel_r1.files import atomic_write_text
+from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE
 from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
-from parallel_r1.report import standard_error
-from parallel_r1.study_report import write_study_report
 from parallel_r1.trainer import final_model
 
 log = logging.getLogger(__name__)
 
 STUDY_RECIPES = Path(__file__).resolve().parent / "recipes" / "study"
-ARMS = ("sequential", "seen", "unseen_s1", "unseen_s2", "mid_training", "threads")
+ARMS = (
+    "sequential",
+    "thorough",
+    "plain",
+    "seen",
+    "unseen",
+    "unseen_kl",
+    "mixed_s1",
+    "mixed_s2",
+    "mixed_mid",
+    "mixed_acc",
+)
 BASELINE = "sequential"
+PRIMARY = "seen"
+CONTROLS = ("plain", "thorough", "sequential")
+SCHEDULES = ("mixed_s1", "mixed_s2", "mixed_mid", "mixed_acc")
 SEEDS = (0, 1, 2)
-SWEEP_LRS = (1.0e-4, 2.0e-4, 4.0e-4)
-VALIDATION_SEED = 10_007  # validation problems: the task's train split, drawn apart from every training set
-ARMS_FILE = "arms.json"  # in a shared SFT folder: the arms that start from it
-EVALS = ("heldout", "no_blocks", "seen_attention")
+SWEEP_LRS = (3.0e-5, 1.0e-4, 3.0e-4)
+VALIDATION_SEED = 10_007
+HELDOUT = "heldout"
 _BUDGET_FIELDS = ("max_steps", "data.task", "data.task_size", "data.task_levels", "grpo.prompts_per_step", "grpo.n")
+
+
+def study_eval_settings() -> EvalSettings:
+    """The study's evaluation: 64 held-out problems of each evaluated level, 8 samples each (maj@m up to 8)."""
+    return EvalSettings(problems_per_level=64, k=8)
 
 
 @dataclass
 class StudySettings:
     arms: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = SEEDS
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalSettings = field(default_factory=study_eval_settings)
     recipes_dir: Path = STUDY_RECIPES
+    workers: int = 2  # jobs run side by side, each in a process of its own
+    threads: int = 1  # torch threads per worker process
+
+    def __post_init__(self) -> None:
+        if not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"study arms must be distinct and at least one, got {list(self.arms)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"study seeds must be distinct and at least one, got {list(self.seeds)}")
+        if self.workers < 1 or self.threads < 1:
+            raise ConfigError(f"workers and threads must be >= 1, got {self.workers} and {self.threads}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,15 +151,21 @@ def rl_budget(recipe: Recipe) -> list[tuple]:
 
 
 def sft_key(recipe: Recipe) -> str:
-    """A folder name for the SFT stages: equal for arms whose SFT is the same, whatever their names."""
+    """A folder name for the SFT stages: equal for arms whose SFT is the same, whatever their names and seeds."""
     sft, _ = split_stages(recipe)
-    text = dump_recipe(Recipe(name="sft", seed=recipe.seed, stages=sft))
+    text = dump_recipe(Recipe(name="sft", seed=0, stages=sft))
     style = sft[-1].data.task_style if sft[-1].data.source == "task" else "data"
     return f"{sft[-1].variant}-{style}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def sft_recipe(recipe: Recipe, seed: int) -> Recipe:
+    """The arm's SFT stages with `seed` (initialisation, data and order)."""
+    sft, _ = split_stages(recipe)
+    return replace(recipe, seed=seed, stages=sft)
+
+
 def rl_recipe(recipe: Recipe, sft_model: Path, seed: int, lr: float | None = None) -> Recipe:
-    """The arm's GRPO stages, starting from the shared SFT model, with `seed` (and `lr` when given)."""
+    """The arm's GRPO stages, starting from its SFT model, with `seed` (and `lr` when given)."""
     _, rl = split_stages(recipe)
     rl[0] = replace(rl[0], model=replace(rl[0].model, name_or_path=str(sft_model)))
     if lr is not None:
@@ -138,172 +177,157 @@ def is_parallel(recipe: Recipe) -> bool:
     return split_stages(recipe)[1][-1].grpo.rollout.max_blocks > 0
 
 
+def sft_dir(study_dir: Path, recipe: Recipe, seed: int) -> Path:
+    return study_dir / "sft" / sft_key(recipe) / f"seed{seed}"
+
+
+def sft_final(folder: Path, recipe: Recipe) -> Path:
+    sft, _ = split_stages(recipe)
+    return final_model(folder / f"{len(sft) - 1:02d}-{sft[-1].name}")
+
+
+def resolve_eval(settings: StudySettings, recipes: dict[str, Recipe]) -> EvalSettings:
+    ev, name = settings.eval, recipe_task(next(iter(recipes.values())))
+    return replace(ev, task=ev.task or name, levels=tuple(ev.levels or tasks.task_module(ev.task or name).EVAL_LEVELS))
+
+
 # ---------------------------------------------------------------------------------------------------
-# Evaluations of one model.
+# Jobs: what one worker process does.
 
 
-def eval_variants(recipe: Recipe) -> dict[str, dict]:
-    """Name -> sampling overrides of the evaluations a model of this arm gets."""
-    last = recipe.stages[-1]
-    out = {"heldout": {}}
-    if is_parallel(recipe):
-        out["no_blocks"] = {"max_blocks": 0}
-        if last.variant != "seen":
-            out["seen_attention"] = {"variant": "seen"}
+@dataclass
+class Job:
+    """One unit of work: train into `run_dir` (resuming), then evaluate the final model on `problems` into
+    `eval_out` unless that file exists. Without `init_from`, the arm's SFT stages; with it, the arm's GRPO
+    stages from the SFT model in `init_from` (at `lr` when given). `after`: the job this one waits for."""
+
+    name: str
+    arm_recipe: Recipe  # the arm's whole recipe: the evaluation takes its caps and prompt from it
+    seed: int
+    run_dir: Path
+    problems: list[Problem]
+    settings: EvalSettings
+    eval_out: Path
+    benchmark: str = HELDOUT
+    init_from: Path | None = None
+    lr: float | None = None
+    after: str | None = None
+    log_file: Path | None = None
+    threads: int = 1
+    study_dir: Path | None = None  # where a sweep run of the same GRPO stages may be reused from
+    arm: str = ""
+
+
+def run_job(job: Job) -> dict:
+    """Run `job` in this process; returns its name and seconds."""
+    started = time.time()
+    if job.init_from is None:
+        recipe = sft_recipe(job.arm_recipe, job.seed)
+    else:
+        recipe = rl_recipe(job.arm_recipe, sft_final(job.init_from, job.arm_recipe), job.seed, job.lr)
+        if job.study_dir is not None:
+            _reuse_sweep_run(job.study_dir, job.arm, recipe, job.run_dir)
+    final = run_recipe(recipe, job.run_dir)
+    if not job.eval_out.is_file():
+        ev = job.settings
+        variant = recipe.stages[-1].variant
+        evaluate_model(final, job.arm_recipe, job.problems, ev, job.name, job.eval_out, job.benchmark, variant)
+    return {"name": job.name, "seconds": round(time.time() - started, 1)}
+
+
+def _run_job_in_worker(job: Job) -> dict:
+    """`run_job` in a pool process: its output goes to the job's log file, torch uses `job.threads`."""
+    import torch
+
+    torch.set_num_threads(job.threads)
+    if job.log_file is not None:
+        job.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log_file, "a") as out:
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, force=True)
+    return run_job(job)
+
+
+def run_jobs(jobs: list[Job], workers: int, on_done=None) -> None:
+    """Run `jobs`, each after the job it names in `after`; `workers` > 1 runs them side by side in spawned
+    processes (a worker's failure stops the study with its error once running jobs end)."""
+    names = {job.name for job in jobs}
+    missing = sorted({job.after for job in jobs if job.after and job.after not in names})
+    if missing:
+        raise ValueError(f"jobs wait for jobs that are not there: {missing}")
+    if workers <= 1:
+        for job in _order(jobs):
+            result = run_job(job)
+            if on_done:
+                on_done(result)
+        return
+    pending, done = list(jobs), set()
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict[futures.Future, Job] = {}
+        while pending or running:
+            ready = [j for j in pending if j.after is None or j.after in done]
+            while ready and len(running) < workers:
+                job = ready.pop(0)
+                pending.remove(job)
+                log.info("start %s", job.name)
+                running[pool.submit(_run_job_in_worker, job)] = job
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                result = future.result()
+                done.add(job.name)
+                log.info("done %s (%.0f s)", job.name, result["seconds"])
+                if on_done:
+                    on_done(result)
+
+
+def _order(jobs: list[Job]) -> list[Job]:
+    """Jobs in an order where each comes after the one it waits for."""
+    out, placed = [], set()
+    while len(out) < len(jobs):
+        for job in jobs:
+            if job.name not in placed and (job.after is None or job.after in placed):
+                out.append(job)
+                placed.add(job.name)
     return out
 
 
-def evaluate_all(
-    model_dir: Path,
-    recipe: Recipe,
+def study_jobs(
+    recipes: dict[str, Recipe],
+    seeds: tuple[int, ...],
+    study_dir: Path,
     problems: list[Problem],
-    settings: EvalSettings,
-    name: str,
-    eval_dir: Path,
-    benchmark: str = "heldout",
-) -> dict[str, dict]:
-    """Every evaluation of `eval_variants` for one model; finished ones are read back."""
-    results = {}
-    for ev, changes in eval_variants(recipe).items():
-        out = eval_dir / f"{ev}.json"
-        if out.is_file():
-            results[ev] = json.loads(out.read_text())["results"][0]
-            continue
-        results[ev] = evaluate_model(model_dir, recipe, problems, settings, f"{name}/{ev}", out, benchmark, **changes)
-        log.info(
-            "%s %s: accuracy %.3f, parallel ratio %.2f",
-            name,
-            ev,
-            results[ev]["mean_at_k"],
-            results[ev]["parallel_ratio"],
-        )
-    return results
-
-
-def oracle(samples: list[dict], task_name: str) -> dict[str, float] | None:
-    """Headroom of the blocks: the share of paths that reach the answer (one attempt) against the share of
-    blocks with at least one such path (the best of the block), over every block of every response."""
-    hits = builtin_task.task_module(task_name).path_hits
-    paths = blocks = path_hits = block_hits = 0
-    for record in samples:
-        text = record["response"]
-        for block in parse(text).blocks:
-            found = [hits(text[p.content.start : p.content.end], record["gold"]) for p in block.paths]
-            paths += len(found)
-            path_hits += sum(found)
-            blocks += 1
-            block_hits += any(found)
-    if not blocks:
-        return None
-    return {"single_path": path_hits / paths, "best_of_block": block_hits / blocks, "blocks": blocks}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Statistics.
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample standard deviation / sqrt(n); 0 for one value)."""
-    return sum(values) / len(values), standard_error(values)
-
-
-def compare(arm: list[float], baseline: list[float]) -> dict[str, float | bool]:
-    """Difference of means with its standard error; `significant`: larger than two standard errors."""
-    (m1, s1), (m0, s0) = mean_se(arm), mean_se(baseline)
-    diff, se = m1 - m0, math.sqrt(s1**2 + s0**2)
-    return {"diff": diff, "se": se, "significant": bool(se > 0 and abs(diff) > 2 * se)}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The study.
-
-
-def _save(path: Path, info: dict) -> None:
-    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
-
-
-def _train_sft(recipes: dict[str, Recipe], study_dir: Path) -> dict[str, Path]:
-    """Train each distinct SFT once; arm -> its SFT folder."""
-    folders = {}
-    for arm, recipe in recipes.items():
-        folder = study_dir / "sft" / sft_key(recipe)
-        if folder not in folders.values():
-            sft, _ = split_stages(recipe)
-            log.info("SFT %s (for %s)", folder.name, arm)
-            run_recipe(replace(recipe, stages=sft), folder)
-        folders[arm] = folder
-    for folder in set(folders.values()):
-        atomic_write_text(folder / ARMS_FILE, json.dumps(sorted(a for a, f in folders.items() if f == folder)) + "\n")
-    return folders
-
-
-def _generated_tokens(run_dir: Path) -> int:
-    """Response tokens sampled during the GRPO stages of one run (from their metrics)."""
-    total = 0
-    for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
-        for row in read_jsonl(metrics, allow_cut_last_line=True):
-            total += int(row.get("generated_tokens", 0))
-    return total
-
-
-def run_study(
-    study_dir: str | Path | None = None,
-    settings: StudySettings | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> Path:
-    """SFT (shared), GRPO per arm and seed, the three evaluations of every model, then the report."""
-    settings = settings or StudySettings()
-    study_dir = Path(study_dir or Path("runs") / f"study-{datetime.now():%Y%m%d-%H%M%S}")
-    recipes = load_arms(settings, list(overrides))
-    first = next(iter(recipes.values()))
-    task_name = recipe_task(first)
-    ev = settings.eval
-    ev = replace(ev, task=ev.task or task_name, levels=ev.levels or builtin_task.task_module(task_name).EVAL_LEVELS)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    info_path = study_dir / STUDY_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"timings": {}}
-    info.update(
-        {
-            "arms": list(recipes),
-            "seeds": list(settings.seeds),
-            "task": task_name,
-            "eval": asdict(ev),
-            "overrides": list(overrides),
-            "recipes_dir": str(settings.recipes_dir),
-        }
-    )
-    _save(info_path, info)
-    heldout = write_problems(ev, study_dir / "data" / "heldout.jsonl")
-
-    t0 = time.time()
-    sft_dirs = _train_sft(recipes, study_dir)
-    for arm, recipe in recipes.items():
-        folder = sft_dirs[arm]
-        evaluate_all(_sft_final(folder, recipe), recipe, heldout, ev, f"sft/{folder.name}", folder / EVAL_DIR)
-    info["timings"]["sft"] = info["timings"].get("sft", 0) + round(time.time() - t0, 1)
-    _save(info_path, info)
-
-    for seed in settings.seeds:
+    ev: EvalSettings,
+    threads: int = 1,
+) -> list[Job]:
+    """Per seed, each distinct SFT (with its evaluation) and each arm's GRPO stages (with theirs)."""
+    jobs: dict[str, Job] = {}
+    logs = study_dir / "logs"
+    for seed in seeds:
+        for recipe in recipes.values():
+            folder = sft_dir(study_dir, recipe, seed)
+            name = f"sft/{folder.parent.name}/seed{seed}"
+            log_file = logs / f"sft-{folder.parent.name}-seed{seed}.log"
+            eval_out = folder / EVAL_DIR / f"{HELDOUT}.json"
+            job = Job(name, recipe, seed, folder, problems, ev, eval_out, log_file=log_file, threads=threads)
+            jobs.setdefault(name, job)
         for arm, recipe in recipes.items():
-            t0 = time.time()
+            folder = sft_dir(study_dir, recipe, seed)
             run_dir = study_dir / arm / f"seed{seed}"
-            rl = rl_recipe(recipe, _sft_final(sft_dirs[arm], recipe), seed)
-            _reuse_sweep_run(study_dir, arm, rl, run_dir)
-            final = run_recipe(rl, run_dir)
-            evaluate_all(final, recipe, heldout, ev, f"{arm}/seed{seed}", run_dir / EVAL_DIR)
-            info["timings"][f"{arm}/seed{seed}"] = info["timings"].get(f"{arm}/seed{seed}", 0) + round(
-                time.time() - t0, 1
-            )
-            _save(info_path, info)
-
-    summary = summarize_study(study_dir)
-    return write_study_report(study_dir, summary, markdown_table(summary))
+            jobs[f"{arm}/seed{seed}"] = Job(
+                f"{arm}/seed{seed}", recipe, seed, run_dir, problems, ev, run_dir / EVAL_DIR / f"{HELDOUT}.json",
+                init_from=folder, after=f"sft/{folder.parent.name}/seed{seed}", log_file=logs / f"{arm}-seed{seed}.log",
+                threads=threads, study_dir=study_dir, arm=arm,
+            )  # fmt: skip
+    return list(jobs.values())
 
 
 def _reuse_sweep_run(study_dir: Path, arm: str, rl: Recipe, run_dir: Path) -> None:
-    """Link `run_dir` to the sweep's run of the same arm when that run is this one (same GRPO stages, seed and
-    learning rate): retraining it would give the same model."""
-    source = study_dir / "sweep" / arm / f"lr{rl.stages[0].lr:g}"
+    """Link `run_dir` to the sweep's run of the same arm when that run is this one (same SFT model, GRPO
+    stages, seed and learning rate): retraining it would give the same model."""
+    source = study_dir / "sweep" / arm / f"seed{rl.seed}-lr{rl.stages[0].lr:g}"
     recorded = source / RECIPE_FILE
     if run_dir.exists() or not recorded.is_file():
         return
@@ -313,44 +337,67 @@ def _reuse_sweep_run(study_dir: Path, arm: str, rl: Recipe, run_dir: Path) -> No
         log.info("%s: the sweep's run %s is this run; reusing it", run_dir, source)
 
 
-def _sft_final(folder: Path, recipe: Recipe) -> Path:
-    sft, _ = split_stages(recipe)
-    return final_model(folder / f"{len(sft) - 1:02d}-{sft[-1].name}")
+# ---------------------------------------------------------------------------------------------------
+# The study.
+
+
+def _save(path: Path, info: dict) -> None:
+    atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def run_study(
+    study_dir: str | Path | None = None,
+    settings: StudySettings | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Path:
+    """Every SFT and GRPO job of every arm and seed, the evaluations, then the summary and the report."""
+    from parallel_r1.study_summary import summarize_study, write_study_outputs
+
+    settings = settings or StudySettings()
+    study_dir = Path(study_dir or Path("runs") / f"study-{datetime.now():%Y%m%d-%H%M%S}")
+    recipes = load_arms(settings, list(overrides))
+    ev = resolve_eval(settings, recipes)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    info_path = study_dir / STUDY_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"timings": {}}
+    info.update(
+        arms=list(recipes),
+        seeds=list(settings.seeds),
+        task=ev.task,
+        eval=asdict(ev),
+        overrides=list(overrides),
+        recipes_dir=str(settings.recipes_dir),
+        workers=settings.workers,
+        threads=settings.threads,
+        primary=PRIMARY if PRIMARY in recipes else None,
+        parallel_arms=[a for a, r in recipes.items() if is_parallel(r)],
+    )
+    _save(info_path, info)
+    heldout = write_problems(ev, study_dir / "data" / f"{HELDOUT}.jsonl")
+    started = time.time()
+
+    def record(result: dict) -> None:
+        info["timings"][result["name"]] = result["seconds"]
+        _save(info_path, info)
+
+    run_jobs(study_jobs(recipes, settings.seeds, study_dir, heldout, ev, settings.threads), settings.workers, record)
+    info["timings"]["total"] = round(time.time() - started, 1)
+    _save(info_path, info)
+    return write_study_outputs(study_dir, summarize_study(study_dir))
 
 
 # ---------------------------------------------------------------------------------------------------
 # The sweep: each arm's RL learning rate, chosen on validation problems.
 
 
-def validation_problems(recipes: dict[str, Recipe], seeds: tuple[int, ...], ev: EvalSettings) -> list[Problem]:
-    """Train-split problems drawn apart (VALIDATION_SEED), minus every problem an SFT or RL stage of any arm
-    trains on with any of `seeds`; `ev.problems_per_level` of each evaluated level. Never the held-out split."""
-    from parallel_r1.grpo import load_stage_problems
-
-    module = builtin_task.task_module(ev.task)
-    used: set[str] = set()
-    for recipe in recipes.values():
-        sft, rl = split_stages(recipe)
-        for stage in sft:
-            if stage.data.source == "task":
-                cfg = stage.data
-                used |= {
-                    p.id
-                    for p in builtin_task.make_problems(
-                        cfg.limit or cfg.task_size, cfg.task_levels, "train", recipe.stage_seed(stage), cfg.task
-                    )
-                }
-        for seed in seeds:
-            for stage in rl:
-                used |= {p.id for p in load_stage_problems(stage, replace(recipe, seed=seed).stage_seed(stage))}
-    out = []
-    for level in ev.levels or module.EVAL_LEVELS:
-        pool = builtin_task.make_problems(ev.problems_per_level * 4, (level,), "train", VALIDATION_SEED, ev.task)
-        fresh = [p for p in pool if p.id not in used][: ev.problems_per_level]
-        if len(fresh) < ev.problems_per_level:
-            raise ConfigError(f"only {len(fresh)} validation problems of level {level} are unused by training")
-        out += fresh
-    return out
+def validation_problems(ev: EvalSettings) -> list[Problem]:
+    """`ev.problems_per_level` problems of each evaluated level from the task's validation split: solving
+    computations that no training problem tries and that are not held out."""
+    return [
+        p
+        for level in ev.levels
+        for p in tasks.make_problems(ev.problems_per_level, (level,), "valid", VALIDATION_SEED, ev.task)
+    ]
 
 
 def run_sweep(
@@ -359,178 +406,63 @@ def run_sweep(
     overrides: list[str] | tuple[str, ...] = (),
     lrs: tuple[float, ...] = SWEEP_LRS,
 ) -> dict:
-    """For every arm and learning rate: the arm's GRPO stages (first study seed) from its shared SFT model,
-    scored on validation problems. Writes <study>/sweep/sweep.json and sweep.md; returns the table."""
+    """For every arm and learning rate: the arm's GRPO stages (first study seed) from its SFT model of that
+    seed, scored on validation problems; "no RL" is the SFT model itself. Writes <study>/sweep/sweep.json and
+    sweep.md; returns the table."""
     settings = settings or StudySettings()
     study_dir = Path(study_dir)
     recipes = load_arms(settings, list(overrides))
-    task_name = recipe_task(next(iter(recipes.values())))
-    ev = settings.eval
-    ev = replace(ev, task=ev.task or task_name, levels=ev.levels or builtin_task.task_module(task_name).EVAL_LEVELS)
+    ev = resolve_eval(settings, recipes)
     sweep_dir = study_dir / "sweep"
-    problems = validation_problems(recipes, settings.seeds, ev)
-    write_problems(ev, sweep_dir / "validation.jsonl", problems)
-    sft_dirs = _train_sft(recipes, study_dir)
+    problems = write_problems(ev, sweep_dir / "validation.jsonl", validation_problems(ev))
     seed = settings.seeds[0]
+    jobs: dict[str, Job] = {}
+    logs = study_dir / "logs"
+    for arm, recipe in recipes.items():
+        folder = sft_dir(study_dir, recipe, seed)
+        sft_name = f"sft/{folder.parent.name}/seed{seed}"
+        eval_out = folder / EVAL_DIR / "validation.json"
+        log_file = logs / f"sweep-sft-{folder.parent.name}.log"
+        jobs.setdefault(
+            sft_name, Job(sft_name, recipe, seed, folder, problems, ev, eval_out, "validation", log_file=log_file,
+                          threads=settings.threads)
+        )  # fmt: skip
+        for lr in lrs:
+            run_dir = sweep_dir / arm / f"seed{seed}-lr{lr:g}"
+            jobs[f"{arm}/lr{lr:g}"] = Job(
+                f"{arm}/lr{lr:g}", recipe, seed, run_dir, problems, ev, run_dir / EVAL_DIR / "validation.json",
+                "validation", init_from=folder, lr=lr, after=sft_name, log_file=logs / f"sweep-{arm}-lr{lr:g}.log",
+                threads=settings.threads,
+            )  # fmt: skip
+    run_jobs(list(jobs.values()), settings.workers)
     table: dict[str, dict[str, float]] = {}
     for arm, recipe in recipes.items():
+        row = {"no RL": _accuracy(sft_dir(study_dir, recipe, seed) / EVAL_DIR / "validation.json")}
         for lr in lrs:
-            run_dir = sweep_dir / arm / f"lr{lr:g}"
-            final = run_recipe(rl_recipe(recipe, _sft_final(sft_dirs[arm], recipe), seed, lr), run_dir)
-            out = run_dir / EVAL_DIR / "validation.json"
-            if out.is_file():
-                result = json.loads(out.read_text())["results"][0]
-            else:
-                result = evaluate_model(final, recipe, problems, ev, f"{arm}/lr{lr:g}", out, "validation")
-            table.setdefault(arm, {})[f"{lr:g}"] = result["mean_at_k"]
-            log.info("sweep %s lr %g: validation accuracy %.3f", arm, lr, result["mean_at_k"])
-    best = {arm: max(row, key=row.get) for arm, row in table.items()}
-    result = {
-        "seed": seed,
-        "lrs": [f"{lr:g}" for lr in lrs],
-        "validation": table,
-        "best_lr": best,
-        "problems": len(problems),
-        "k": ev.k,
-    }
+            row[f"{lr:g}"] = _accuracy(sweep_dir / arm / f"seed{seed}-lr{lr:g}" / EVAL_DIR / "validation.json")
+        table[arm] = row
+    best = {arm: max((k for k in row if k != "no RL"), key=row.get) for arm, row in table.items()}
+    result = {"seed": seed, "lrs": [f"{lr:g}" for lr in lrs], "validation": table, "best_lr": best}
+    result.update(problems=len(problems), k=ev.k)
     atomic_write_text(sweep_dir / "sweep.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(result))
     return result
 
 
+def _accuracy(path: Path) -> float:
+    return json.loads(path.read_text())["results"][0]["mean_at_k"]
+
+
 def sweep_markdown(result: dict) -> str:
+    columns = ["no RL", *result["lrs"]]
     lines = [
-        f"Validation accuracy (mean@{result['k']} on {result['problems']} training-split problems no stage trains on), "
+        f"Validation accuracy (mean@{result['k']} on {result['problems']} problems of the validation split), "
         f"seed {result['seed']}, by RL learning rate; the best of each arm in bold.",
         "",
-        "| arm | " + " | ".join(f"lr {lr}" for lr in result["lrs"]) + " |",
-        "| --- |" + " --- |" * len(result["lrs"]),
+        "| arm | " + " | ".join(c if c == "no RL" else f"lr {c}" for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
     ]
     for arm, row in result["validation"].items():
-        cells = [f"**{row[lr]:.3f}**" if lr == result["best_lr"][arm] else f"{row[lr]:.3f}" for lr in result["lrs"]]
+        cells = [f"**{row[c]:.3f}**" if c == result["best_lr"][arm] else f"{row[c]:.3f}" for c in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Summary.
-
-
-def _read_eval(path: Path) -> tuple[dict, list[dict], str] | None:
-    """(result, samples, the variant it sampled with) of an evaluation written by `evaluate.write_results`."""
-    if not path.is_file():
-        return None
-    payload = json.loads(path.read_text())
-    samples = path.with_name(payload.get("samples", ""))
-    variant = payload.get("config", {}).get("variant", "unseen")
-    return payload["results"][0], (read_jsonl(samples) if samples.is_file() else []), variant
-
-
-def summarize_study(study_dir: str | Path) -> dict:
-    """Read every evaluation back and aggregate over seeds; writes summary.json and study.md."""
-    study_dir = Path(study_dir)
-    info = json.loads((study_dir / STUDY_FILE).read_text())
-    arms: dict[str, dict] = {}
-    for arm in info["arms"]:
-        seeds: dict[str, dict] = {}
-        for seed in info["seeds"]:
-            run_dir = study_dir / arm / f"seed{seed}"
-            row = {}
-            for ev in EVALS:
-                found = _read_eval(run_dir / EVAL_DIR / f"{ev}.json")
-                if found:
-                    row[ev] = found[0]["mean_at_k"]
-                    if ev == "heldout":
-                        result = found[0]
-                        row.update(
-                            parallel_ratio=result["parallel_ratio"],
-                            response_tokens=result["mean_response_tokens"],
-                            longest_path_tokens=_positions(found[1], found[2]),
-                        )
-            if row:
-                row["train_generated_tokens"] = _generated_tokens(run_dir)
-                seeds[str(seed)] = row
-        stats = {}
-        for key in (*EVALS, "parallel_ratio", "response_tokens", "longest_path_tokens", "train_generated_tokens"):
-            values = [row[key] for row in seeds.values() if row.get(key) is not None]
-            if values:
-                mean, se = mean_se(values)
-                stats[key] = {"mean": mean, "se": se, "n": len(values), "values": values}
-        sft = _sft_summary(study_dir, arm, info["task"])
-        arms[arm] = {"seeds": seeds, "stats": stats, "sft": sft}
-    baseline = arms.get(BASELINE, {}).get("stats", {}).get("heldout")
-    for arm, entry in arms.items():
-        held = entry["stats"].get("heldout")
-        if arm != BASELINE and held and baseline:
-            entry["vs_baseline"] = compare(held["values"], baseline["values"])
-    summary = {"task": info["task"], "seeds": info["seeds"], "arms": arms, "timings": info.get("timings", {})}
-    atomic_write_text(study_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(study_dir / "study.md", markdown_table(summary))
-    return summary
-
-
-def _positions(samples: list[dict], variant: str) -> float | None:
-    """Mean over responses of the positions a response occupies: with Unseen decoding a block's paths run
-    side by side, so main-text tokens plus, per block, its longest path (what bounds latency and context);
-    with Seen decoding every token takes a position of its own, and so with threads, whose summary re-reads
-    the paths one after another."""
-    if not samples or "path_tokens" not in samples[0]:
-        return None
-    if variant != "unseen":
-        return sum(r["response_tokens"] for r in samples) / len(samples)
-    total = 0.0
-    for r in samples:
-        paths = r.get("path_tokens") or []
-        flat = [t for block in paths for t in block] if paths and isinstance(paths[0], list) else paths
-        longest = sum(max(block) for block in paths) if paths and isinstance(paths[0], list) else max(paths, default=0)
-        total += r["response_tokens"] - sum(flat) + longest
-    return total / len(samples)
-
-
-def _sft_summary(study_dir: Path, arm: str, task_name: str) -> dict:
-    """The arm's shared SFT model: its evaluations and, for parallel models, the oracle figure."""
-    for folder in sorted((study_dir / "sft").glob("*")):
-        marker = folder / ARMS_FILE
-        if not marker.is_file() or arm not in json.loads(marker.read_text()):
-            continue
-        out: dict = {"folder": folder.name}
-        for ev in EVALS:
-            found = _read_eval(folder / EVAL_DIR / f"{ev}.json")
-            if found:
-                out[ev] = found[0]["mean_at_k"]
-                if ev == "heldout":
-                    out["oracle"] = oracle(found[1], task_name)
-        return out
-    return {}
-
-
-def _fmt(stat: dict | None, digits: int = 3) -> str:
-    if not stat:
-        return "-"
-    return f"{stat['mean']:.{digits}f} ± {stat['se']:.{digits}f}"
-
-
-def markdown_table(summary: dict) -> str:
-    """The study's table: held-out accuracy (mean ± standard error over seeds) and its ablations."""
-    lines = [
-        f"Task `{summary['task']}`, seeds {summary['seeds']}; mean ± standard error over seeds.",
-        "",
-        "| arm | after SFT | after RL | vs sequential | blocks banned | Seen attention | block ratio "
-        "| tokens / response | positions / response | RL tokens generated |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for arm, entry in summary["arms"].items():
-        s, sft = entry["stats"], entry["sft"]
-        vs = entry.get("vs_baseline")
-        vs_text = f"{vs['diff']:+.3f} ± {vs['se']:.3f}{' *' if vs['significant'] else ''}" if vs else "-"
-        tokens = s.get("train_generated_tokens")
-        sft_acc = f"{sft['heldout']:.3f}" if "heldout" in sft else "-"
-        tokens_text = f"{tokens['mean']:.0f}" if tokens else "-"
-        lines.append(
-            f"| {arm} | {sft_acc} | {_fmt(s.get('heldout'))} | {vs_text} "
-            f"| {_fmt(s.get('no_blocks'))} | {_fmt(s.get('seen_attention'))} | {_fmt(s.get('parallel_ratio'), 2)} "
-            f"| {_fmt(s.get('response_tokens'), 1)} | {_fmt(s.get('longest_path_tokens'), 1)} "
-            f"| {tokens_text} |"
-        )
-    lines += ["", "`*`: the difference is larger than two standard errors."]
     return "\n".join(lines) + "\n"

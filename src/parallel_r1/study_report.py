@@ -1,6 +1,7 @@
-"""The HTML report of a `parallel-r1 study`: the verdict against the sequential baseline, the study's table,
-the plot over seeds, the SFT models' headroom and the strategies after RL, on the page template of the
-run's report (`report.html_page`)."""
+"""The HTML report of a `parallel-r1 study`: the verdict about the primary parallel arm against its controls,
+the study's tables (`study_summary.markdown`) and four plots (accuracy per arm; majority vote against
+test-time tokens; accuracy under a position cap; block use of the reward-schedule arms step by step), on the
+page template of the run's report (`report.html_page`)."""
 
 from __future__ import annotations
 
@@ -8,159 +9,142 @@ import html
 import json
 from pathlib import Path
 
-from parallel_r1.analysis import analyze_records
-from parallel_r1.files import read_jsonl
-from parallel_r1.layout import EVAL_DIR, FIGURES_DIR, REPORT_FILE
+from parallel_r1.layout import FIGURES_DIR, REPORT_FILE
 from parallel_r1.report import html_page, img_tag, png_bytes, pyplot, timings_line
 
 
-def plot_study(summary: dict) -> bytes:
-    """Held-out accuracy per arm (mean and standard error over seeds), as trained and with the ablations."""
+def plot_accuracy(summary: dict) -> bytes:
+    """Held-out accuracy per arm after SFT and after RL (mean and standard error over seeds and problems)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 4.2))
     arms = list(summary["arms"])
-    evals = (("heldout", "as trained"), ("no_blocks", "blocks banned"), ("seen_attention", "Seen attention"))
-    width = 0.8 / len(evals)
-    for i, (key, label) in enumerate(evals):
-        xs, ys, es = [], [], []
-        for j, arm in enumerate(arms):
-            stat = summary["arms"][arm]["stats"].get(key)
-            if stat:
-                xs.append(j + (i - 1) * width)
-                ys.append(stat["mean"])
-                es.append(stat["se"])
+    for i, (key, label) in enumerate((("sft", "after SFT"), ("rl", "after RL"))):
+        xs = [j + (i - 0.5) * 0.4 for j, arm in enumerate(arms) if summary["arms"][arm].get(key)]
+        stats = [summary["arms"][arm][key] for arm in arms if summary["arms"][arm].get(key)]
         if xs:
-            bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=label, color=f"C{i}")
-            ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel("held-out accuracy (mean@k)")
+            bars = ax.bar(xs, [s["mean"] for s in stats], 0.4, yerr=[s["se"] for s in stats], capsize=3, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"after RL, mean ± standard error over seeds {summary['seeds']}")
     ax.legend()
     fig.tight_layout()
     return png_bytes(fig)
 
 
-def _study_verdict(summary: dict) -> str:
-    arms = summary["arms"]
-    compared = {a: e["vs_baseline"] for a, e in arms.items() if e.get("vs_baseline")}
-    if not compared:
-        return "<p>No comparison with the sequential baseline yet (it or the parallel arms have no result).</p>"
-    best = max(compared, key=lambda a: compared[a]["diff"])
-    vs = compared[best]
-    if vs["significant"] and vs["diff"] > 0:
-        verdict = "beats the sequential baseline by more than two standard errors"
-    elif vs["significant"]:
-        verdict = "is below the sequential baseline by more than two standard errors"
-    else:
-        verdict = "is within two standard errors of the sequential baseline: no difference is shown"
-    stats = arms[best]["stats"]
-    text = (
-        f"The best parallel arm, <b>{html.escape(best)}</b>, {verdict}: held-out accuracy "
-        f"{stats['heldout']['mean']:.3f} ± {stats['heldout']['se']:.3f} against "
-        f"{arms['sequential']['stats']['heldout']['mean']:.3f} ± {arms['sequential']['stats']['heldout']['se']:.3f} "
-        f"(difference {vs['diff']:+.3f} ± {vs['se']:.3f}, {len(summary['seeds'])} seeds)."
-    )
-    if "no_blocks" in stats:
-        text += (
-            f" With blocks banned the same models score {stats['no_blocks']['mean']:.3f} ± "
-            f"{stats['no_blocks']['se']:.3f}: the blocks account for "
-            f"{stats['heldout']['mean'] - stats['no_blocks']['mean']:+.3f}."
+def plot_budgets(summary: dict) -> bytes:
+    """Left: maj@m accuracy against mean test-time tokens; right: accuracy under a position cap."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for arm, row in summary["arms"].items():
+        curve = row.get("rl_majority") or []
+        if curve:
+            left.plot([r["tokens"] for r in curve], [r["accuracy"] for r in curve], marker="o", ms=3, label=arm)
+        caps = row.get("rl_caps") or {}
+        if caps:
+            xs = sorted(int(c) for c in caps)
+            right.plot(xs, [caps[str(c)]["mean"] for c in xs], marker="o", ms=3, label=arm)
+    left.set_xlabel("test-time tokens (m samples)")
+    left.set_ylabel("maj@m accuracy")
+    left.set_xscale("log")
+    right.set_xlabel("position cap")
+    right.set_ylabel("accuracy within the cap")
+    right.set_xscale("log")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def plot_schedules(summary: dict) -> bytes | None:
+    """Parallel ratio of the rollouts per GRPO step (mean over seeds) of the reward-schedule arms."""
+    rows = {arm: summary["arms"][arm]["trajectory"] for arm in summary.get("schedules", {})}
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for arm, by_seed in rows.items():
+        series = [[r["parallel_ratio"] for r in t] for t in by_seed.values() if t]
+        if series:
+            n = min(len(s) for s in series)
+            ax.plot(range(1, n + 1), [sum(s[i] for s in series) / len(series) for i in range(n)], label=arm)
+    ax.set_xlabel("GRPO step (both stages)")
+    ax.set_ylabel("parallel ratio")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def verdict(summary: dict) -> str:
+    """One paragraph: the primary arm against each control at equal training budget and at equal tokens."""
+    primary = summary.get("primary")
+    comp = summary["comparisons"]
+    if not primary or not comp["primary"]:
+        return "<p>No comparison yet: the primary parallel arm or its controls have no result.</p>"
+    parts = []
+    for arm, d in comp["primary"].items():
+        if d["t_significant"] or d["significant"]:
+            word = "above" if d["diff"] > 0 else "below"
+            how = "beyond Student's t threshold" if d["t_significant"] else "beyond two standard errors only"
+            parts.append(f"{word} <b>{html.escape(arm)}</b> ({d['diff']:+.3f} ± {d['se']:.3f}, {how})")
+        else:
+            parts.append(f"level with <b>{html.escape(arm)}</b> ({d['diff']:+.3f} ± {d['se']:.3f})")
+    text = f"After RL, <b>{html.escape(primary)}</b> is " + "; ".join(parts) + "."
+    tokens = comp["equal_tokens"]
+    if tokens:
+        text += " At equal test-time tokens (the other arm's majority vote): " + "; ".join(
+            f"{html.escape(arm)} maj@{e['m']} {e['diff']:+.3f} ± {e['se']:.3f}" for arm, e in tokens.items()
         )
+        text += "."
     return f'<p class="verdict">{text}</p>'
 
 
-def _oracle_table(summary: dict) -> str:
-    rows = []
-    for arm, entry in summary["arms"].items():
-        o = entry["sft"].get("oracle")
-        if o:
-            rows.append(
-                f"<tr><td>{html.escape(arm)}</td><td>{html.escape(entry['sft'].get('folder', ''))}</td>"
-                f"<td>{o['single_path']:.3f}</td><td>{o['best_of_block']:.3f}</td><td>{o['blocks']}</td></tr>"
-            )
-    if not rows:
-        return "<p>No parallel SFT model wrote a block.</p>"
-    return (
-        "<table><tr><th>arm</th><th>SFT model</th><th>one path reaches the answer</th>"
-        "<th>best path of the block does</th><th>blocks</th></tr>" + "".join(dict.fromkeys(rows)) + "</table>"
-    )
+def markdown_html(markdown: str) -> str:
+    """The study's markdown (headings, paragraphs, tables) as HTML."""
+    out, table = [], []
 
+    def cells(line: str) -> list[str]:
+        return [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
 
-def _strategy_table(study_dir: Path, summary: dict) -> str:
-    rows = []
-    for arm in summary["arms"]:
-        records = []
-        for seed in summary["seeds"]:
-            path = study_dir / arm / f"seed{seed}" / EVAL_DIR / "heldout.samples.jsonl"
-            if path.is_file():
-                records += [dict(r, model=arm) for r in read_jsonl(path)]
-        if not records:
+    def flush() -> None:
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-", " "}]
+            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells(rows[0])) + "</tr>")
+            out.extend("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>" for r in rows[1:])
+            out.append("</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
             continue
-        s = analyze_records(records)[0]
-
-        def fmt(v, digits=2):
-            return "-" if v is None else f"{v:.{digits}f}"
-
-        rows.append(
-            f"<tr><td>{html.escape(arm)}</td><td>{fmt(s.parallel_ratio)}</td><td>{fmt(s.blocks_per_response)}</td>"
-            f"<td>{fmt(s.mean_position)}</td><td>{fmt(s.exploration_share)}</td>"
-            f"<td>{fmt(s.verification_share)}</td><td>{fmt(s.path_agreement)}</td></tr>"
-        )
-    return (
-        "<table><tr><th>arm</th><th>block ratio</th><th>blocks / response</th><th>mean block position</th>"
-        "<th>exploration</th><th>verification</th><th>paths agree</th></tr>" + "".join(rows) + "</table>"
-    )
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
 
 
-def write_study_report(study_dir: str | Path, summary: dict, table: str) -> Path:
-    """`<study>/report.html`: the verdict, `table` (the study's markdown table), the plot, the oracle figure
-    and the strategies."""
+def write_study_report(study_dir: str | Path, summary: dict, markdown: str) -> Path:
+    """`<study>/report.html`: the verdict, the tables of `markdown` and the plots (also in figures/)."""
     study_dir = Path(study_dir)
-    figure = plot_study(summary)
+    figures = {"study": plot_accuracy(summary), "budgets": plot_budgets(summary)}
+    schedules = plot_schedules(summary)
+    if schedules:
+        figures["schedules"] = schedules
     (study_dir / FIGURES_DIR).mkdir(exist_ok=True)
-    (study_dir / FIGURES_DIR / "study.png").write_bytes(figure)
-    table_html = _markdown_table_html(table)
-    timings = summary.get("timings", {})
+    for name, png in figures.items():
+        (study_dir / FIGURES_DIR / f"{name}.png").write_bytes(png)
     title = f"parallel-r1 study: {study_dir.name}"
+    images = "\n".join(img_tag(png, name) for name, png in figures.items())
     body = f"""<h1>{html.escape(title)}</h1>
-{_study_verdict(summary)}
-<p>Task <code>{html.escape(summary["task"])}</code>. Every arm's RL stage has the same problems, steps, prompts
-and samples per step; tokens are reported beside accuracy because parallel responses are longer.
-"Positions" counts what a response occupies: with Unseen decoding a block's paths run side by side (main
-text plus the longest path of each block), with Seen decoding every token takes a position; it bounds
-latency and context.</p>
-{table_html}
-{img_tag(figure, "held-out accuracy per arm, with ablations")}
-<h2>Headroom before RL</h2>
-<p>On the SFT models' held-out responses: how often one path reaches the answer, and how often the best
-path of a block does. The gap is what a summary that chooses well can win.</p>
-{_oracle_table(summary)}
-<h2>Strategies after RL</h2>
-<p>Held-out responses of every seed: where blocks appear (relative position) and their role.</p>
-{_strategy_table(study_dir, summary)}
-{timings_line(timings)}"""
+{verdict(summary)}
+{images}
+{markdown_html(markdown)}
+{timings_line(summary.get("timings", {}))}"""
     page = html_page(title, body, json.dumps(summary, indent=1).replace("</", "<\\/"))
     out = study_dir / REPORT_FILE
     out.write_text(page, encoding="utf-8")
     return out
-
-
-def _markdown_table_html(markdown: str) -> str:
-    """The study's markdown table as HTML (its first paragraph and footnote as text)."""
-    parts = []
-    rows = [line for line in markdown.splitlines() if line.startswith("|")]
-    header, body = rows[0], rows[2:]
-
-    def cells(line):
-        return [html.escape(c.strip()) for c in line.strip("|").split("|")]
-
-    parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells(header)) + "</tr>")
-    parts += ["<tr>" + "".join(f"<td>{c}</td>" for c in cells(line)) + "</tr>" for line in body]
-    parts.append("</table>")
-    notes = [line for line in markdown.splitlines() if line and not line.startswith("|")]
-    return (
-        "".join(f"<p>{html.escape(n)}</p>" for n in notes[:1])
-        + "".join(parts)
-        + "".join(f"<p>{html.escape(n)}</p>" for n in notes[1:])
-    )
