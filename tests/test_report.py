@@ -161,3 +161,18 @@ def test_bad_run_folders_get_clear_errors(tmp_path):
     (run / "parallel" / "eval" / "00-sft.json").write_text("{}")
     with pytest.raises(ValueError, match="00-sft.json: not an evaluation result"):
         report.load_run(run)
+
+
+def test_the_first_recipe_is_set_against_every_other_with_clustered_errors(tmp_path):
+    run = make_run(tmp_path)
+    runs = report.load_run(run)
+    evidence = report.build_evidence(runs)
+    par = evidence.recipes[0]
+    # 15 of 20 right against 11 of 20: the same first problems right, so the paired difference is 4/20.
+    plain = par.vs_others["sequential"]
+    assert plain["diff"] == pytest.approx(0.2) and plain["problems"] == 20
+    assert par.vs_baseline == plain
+    # Problems that share a solving computation move together: two clusters of ten widen the error.
+    clusters = {f"eval/arith-L{1 + i % 2}-{i:04d}": str(i < 10) for i in range(20)}
+    clustered = report.build_evidence(runs, cluster_of=clusters).recipes[0].vs_others["sequential"]
+    assert clustered["diff"] == pytest.approx(0.2) and clustered["se"] > plain["se"]

@@ -1,17 +1,15 @@
-"""`parallel-r1 study`: arms at equal budget, shared SFT, seeds, ablations, summary, resumption, sweep."""
+"""`parallel-r1 study`: arms at equal budget, SFT per seed, jobs and their order, summary, resumption, sweep."""
 
 import json
-import math
 from dataclasses import replace
 
 import pytest
 
-from parallel_r1 import study
+from parallel_r1 import study, tasks
 from parallel_r1.config import ConfigError
 from parallel_r1.pipeline import EvalSettings
-from parallel_r1.report import read_evidence
 
-# A study small enough for a test: a few SFT and RL steps, two problems per level, one sample each.
+# A study small enough for a test: a few SFT and RL steps, two problems per level, two samples each.
 QUICK = [
     "stages.sft.max_steps=4",
     "stages.sft.save_every=4",
@@ -29,32 +27,24 @@ QUICK = [
         "grpo.rollout.max_response_tokens=48",
     )
 ]
-QUICK_EVAL = EvalSettings(problems_per_level=2, levels=(2, 3), k=1, batch_size=16)
+QUICK_EVAL = EvalSettings(problems_per_level=2, levels=(2, 3), k=2, batch_size=16)
 
 
-def test_mean_and_standard_error():
-    mean, se = study.mean_se([0.2, 0.4, 0.6])
-    assert mean == pytest.approx(0.4)
-    assert se == pytest.approx(0.2 / math.sqrt(3))
-    assert study.mean_se([0.5]) == (0.5, 0.0)
-
-
-def test_compare_flags_only_differences_beyond_two_standard_errors():
-    clear = study.compare([0.60, 0.62, 0.61], [0.40, 0.41, 0.39])
-    assert clear["significant"] and clear["diff"] == pytest.approx(0.21)
-    noisy = study.compare([0.5, 0.7, 0.3], [0.45, 0.55, 0.35])
-    assert not noisy["significant"]
-
-
-def test_arms_have_equal_rl_budgets_and_unseen_arms_share_their_sft():
+def test_arms_have_equal_rl_budgets_and_share_sft_where_it_is_the_same():
     recipes = study.load_arms(study.StudySettings(), [])
     assert list(recipes) == list(study.ARMS)
     keys = {arm: study.sft_key(r) for arm, r in recipes.items()}
-    assert keys["unseen_s1"] == keys["unseen_s2"] == keys["mid_training"]
-    assert len({keys["sequential"], keys["seen"], keys["unseen_s1"], keys["threads"]}) == 4
+    assert keys["unseen"] == keys["unseen_kl"]
+    assert len({keys[a] for a in study.SCHEDULES}) == 1
+    assert len(set(keys.values())) == 6  # sequential, thorough, plain, seen, unseen, mixed
     assert len({str(study.rl_budget(r)) for r in recipes.values()}) == 1
-    assert not study.is_parallel(recipes["sequential"])
-    assert all(study.is_parallel(recipes[a]) for a in study.ARMS if a != "sequential")
+    assert not any(study.is_parallel(recipes[a]) for a in study.CONTROLS)
+    assert all(study.is_parallel(recipes[a]) for a in study.ARMS if a not in study.CONTROLS)
+    # The controls hold the parallel script: plain and thorough differ from seen's SFT in the style only.
+    styles = {a: r.stages[0].data.task_style for a, r in recipes.items()}
+    assert styles["plain"] == "plain" and styles["thorough"] == "thorough" and styles["seen"] == "parallel"
+    assert all(styles[a] == "mixed" for a in study.SCHEDULES)
+    assert study.PRIMARY in recipes and recipes["unseen_kl"].stages[1].grpo.kl_coef > 0
 
 
 def test_a_different_rl_budget_is_refused(tmp_path):
@@ -68,91 +58,97 @@ def test_a_different_rl_budget_is_refused(tmp_path):
         study.load_arms(settings, [])
 
 
-def test_evaluations_per_arm():
-    recipes = study.load_arms(study.StudySettings(), [])
-    assert list(study.eval_variants(recipes["sequential"])) == ["heldout"]
-    assert list(study.eval_variants(recipes["seen"])) == ["heldout", "no_blocks"]
-    assert study.eval_variants(recipes["unseen_s1"]) == {
-        "heldout": {},
-        "no_blocks": {"max_blocks": 0},
-        "seen_attention": {"variant": "seen"},
-    }
-    assert study.eval_variants(recipes["threads"]) == study.eval_variants(recipes["unseen_s1"])
+def test_settings_are_validated():
+    with pytest.raises(ConfigError, match="distinct"):
+        study.StudySettings(seeds=(0, 0))
+    with pytest.raises(ConfigError, match="workers"):
+        study.StudySettings(workers=0)
 
 
-def test_oracle_counts_paths_and_blocks_that_reach_the_answer():
-    hit = "<Path>7*3=21\n21+10=31\n31 vs 31: 7 works</Path>"
-    miss = "<Path>4*3=12\n12+10=22\n22 vs 31: 4 fails</Path>"
-    block = "<Parallel>{}{}</Parallel><Summary>s</Summary>"
-    samples = [
-        {"response": block.format(hit, miss) + "Final Answer: 7", "gold": "7"},
-        {"response": block.format(miss, miss) + "Final Answer: 4", "gold": "7"},
-    ]
-    figure = study.oracle(samples, "search")
-    assert figure == {"single_path": 0.25, "best_of_block": 0.5, "blocks": 2}
-    assert study.oracle([{"response": "Final Answer: 7", "gold": "7"}], "search") is None
+def test_every_seed_trains_its_own_sft_and_rl_jobs_wait_for_it(tmp_path):
+    settings = study.StudySettings(arms=("sequential", "unseen", "unseen_kl"), seeds=(0, 1))
+    recipes = study.load_arms(settings, [])
+    jobs = study.study_jobs(recipes, settings.seeds, tmp_path, [], QUICK_EVAL)
+    names = [j.name for j in jobs]
+    sft = [n for n in names if n.startswith("sft/")]
+    assert len(sft) == 4  # two distinct SFTs x two seeds: unseen and unseen_kl share theirs
+    by_name = {j.name: j for j in jobs}
+    for arm in settings.arms:
+        for seed in settings.seeds:
+            job = by_name[f"{arm}/seed{seed}"]
+            assert job.after in sft and job.after.endswith(f"seed{seed}") and job.seed == seed
+            assert job.init_from == study.sft_dir(tmp_path, recipes[arm], seed)
+    assert by_name["unseen/seed1"].after == by_name["unseen_kl/seed1"].after
+    assert study.sft_recipe(recipes["unseen"], 1).seed == 1
+
+
+def test_jobs_run_after_the_job_they_wait_for():
+    a = study.Job("a", None, 0, None, [], QUICK_EVAL, None)
+    b = study.Job("b", None, 0, None, [], QUICK_EVAL, None, after="a")
+    c = study.Job("c", None, 0, None, [], QUICK_EVAL, None, after="b")
+    assert [j.name for j in study._order([c, b, a])] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="not there"):
+        study.run_jobs([b], workers=1)
+
+
+def test_validation_problems_come_from_the_validation_split():
+    ev = replace(QUICK_EVAL, task="search", problems_per_level=30)
+    problems = study.validation_problems(ev)
+    assert len(problems) == 60
+    keys = [tasks.cluster_key(p, "search") for p in problems]
+    assert all(tasks.search.split_of(k) == "valid" for k in keys)
+    heldout = {p.id for p in tasks.make_eval_problems(200, (2, 3), 0, "search")}
+    assert not {p.id for p in problems} & heldout
 
 
 @pytest.mark.slow
-def test_study_runs_resumes_and_reports(tmp_path):
-    settings = study.StudySettings(arms=("sequential", "unseen_s1", "unseen_s2"), seeds=(0, 1), eval=QUICK_EVAL)
+def test_study_runs_side_by_side_resumes_and_reports(tmp_path):
+    settings = study.StudySettings(arms=("sequential", "plain", "seen"), seeds=(0, 1), eval=QUICK_EVAL, workers=2)
     report = study.run_study(tmp_path, settings, QUICK)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert read_evidence(report)["arms"].keys() == summary["arms"].keys()
-    # Unseen S1 and S2 start from one shared SFT model; the baseline from its own.
-    assert len(list((tmp_path / "sft").iterdir())) == 2
+    assert report.is_file() and "parallel-r1 study" in report.read_text()
+    assert len(list((tmp_path / "sft").iterdir())) == 3
+    assert all(len(list(d.iterdir())) == 2 for d in (tmp_path / "sft").iterdir())  # one SFT per seed
     for arm in settings.arms:
-        entry = summary["arms"][arm]
-        assert sorted(entry["seeds"]) == ["0", "1"]
-        assert entry["stats"]["heldout"]["n"] == 2
-        assert "heldout" in entry["sft"]
-    assert "no_blocks" in summary["arms"]["unseen_s1"]["stats"]
-    assert "seen_attention" in summary["arms"]["unseen_s2"]["stats"]
-    assert "no_blocks" not in summary["arms"]["sequential"]["stats"]
-    assert "vs_baseline" in summary["arms"]["unseen_s1"]
+        row = summary["arms"][arm]
+        assert row["seeds"] == ["0", "1"] and row["rl"]["seeds"] == 2 and row["sft"]["seeds"] == 2
+        assert [r["m"] for r in row["rl_majority"]] == [1, 2]
+        assert "rl_gain" in row and set(row["rl_caps"]) == {str(c) for c in study_caps()}
+        assert all(len(t) == 4 for t in row["trajectory"].values())  # 2 + 2 GRPO steps per seed
+    comp = summary["comparisons"]
+    assert set(comp["primary"]) == {"sequential", "plain"}
+    assert set(comp["vs_baseline"]) == {"plain", "seen"}
+    assert comp["primary"]["plain"]["df"] == 2
     table = (tmp_path / "study.md").read_text()
     assert all(f"| {arm} |" in table for arm in settings.arms)
-    # The two seeds trained differently (their RL problems and sampling differ).
-    seeds = summary["arms"]["unseen_s1"]["seeds"]
-    assert seeds["0"]["train_generated_tokens"] > 0 and seeds["1"]["train_generated_tokens"] > 0
+    assert (tmp_path / "logs").is_dir() and any((tmp_path / "logs").iterdir())
 
     # Resuming retrains nothing and re-evaluates nothing.
     stamps = {p: p.stat().st_mtime for p in tmp_path.rglob("DONE")} | {
         p: p.stat().st_mtime for p in tmp_path.rglob("eval/*.json")
     }
-    study.run_study(tmp_path, settings, QUICK)
+    study.run_study(tmp_path, replace(settings, workers=1), QUICK)
     assert {p: p.stat().st_mtime for p in stamps} == stamps
 
 
+def study_caps():
+    from parallel_r1.study_summary import CAPS
+
+    return CAPS
+
+
 @pytest.mark.slow
-def test_sweep_scores_learning_rates_on_validation_problems_only(tmp_path):
-    settings = study.StudySettings(arms=("sequential", "seen"), seeds=(0,), eval=QUICK_EVAL)
+def test_sweep_scores_learning_rates_on_validation_problems_and_the_study_reuses_its_run(tmp_path):
+    settings = study.StudySettings(arms=("sequential", "seen"), seeds=(0,), eval=QUICK_EVAL, workers=1)
     result = study.run_sweep(tmp_path, settings, QUICK, lrs=(1e-4, 3e-4))
     assert set(result["validation"]) == {"sequential", "seen"}
-    assert all(set(row) == {"0.0001", "0.0003"} for row in result["validation"].values())
+    assert all(set(row) == {"no RL", "0.0001", "0.0003"} for row in result["validation"].values())
     assert result["best_lr"]["seen"] in ("0.0001", "0.0003")
-    validation = [json.loads(line)["id"] for line in (tmp_path / "sweep" / "validation.jsonl").read_text().splitlines()]
-    heldout = study.builtin_task.make_eval_problems(50, (2, 3), 0, "search")
-    assert not set(validation) & {p.id for p in heldout}
     assert "| seen |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
-    # The study's first seed at a swept learning rate is the sweep's run: it is linked, not retrained.
     chosen = [f"stages.{stage}.lr=0.0001" for stage in ("rl_easy", "rl_hard")]
     study.run_study(tmp_path, replace(settings, arms=("sequential",)), QUICK + chosen)
     reused = tmp_path / "sequential" / "seed0"
-    assert reused.is_symlink() and reused.resolve() == (tmp_path / "sweep" / "sequential" / "lr0.0001").resolve()
+    assert reused.is_symlink()
+    assert reused.resolve() == (tmp_path / "sweep" / "sequential" / "seed0-lr0.0001").resolve()
     assert (reused / "eval" / "heldout.json").is_file() and (reused / "eval" / "validation.json").is_file()
-
-
-def test_validation_problems_exclude_every_training_problem():
-    settings = study.StudySettings(arms=("sequential",), seeds=(0, 1))
-    recipes = study.load_arms(
-        settings,
-        ["stages.sft.data.task_size=300", "stages.rl_easy.data.task_size=300", "stages.rl_hard.data.task_size=300"],
-    )
-    ev = replace(QUICK_EVAL, task="search", problems_per_level=40)
-    problems = study.validation_problems(recipes, settings.seeds, ev)
-    assert len(problems) == 80
-    recipe = recipes["sequential"]
-    sft_ids = {p.id for p in study.builtin_task.make_problems(300, [1, 2, 3], "train", recipe.seed, "search")}
-    assert not {p.id for p in problems} & sft_ids

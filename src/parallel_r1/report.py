@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from parallel_r1 import stats
 from parallel_r1.analysis import analyze_records
 from parallel_r1.files import read_jsonl
 from parallel_r1.layout import FIGURES_DIR, REPORT_FILE, RUN_FILE, STAGE_DIR, SUMMARY_FILE, eval_file
@@ -70,6 +71,7 @@ class RecipeEvidence:
     rl_gain: float | None  # rl_accuracy - sft_accuracy
     final_se: float | None = None  # standard error of the last stage's held-out accuracy, over problems
     vs_baseline: dict | None = None  # last stage against the baseline's on the same problems: diff, se, significant
+    vs_others: dict[str, dict] = field(default_factory=dict)  # label -> the same against every other recipe
 
 
 @dataclass
@@ -167,24 +169,31 @@ def per_problem_accuracy(samples: Path | None) -> dict[str, float]:
     return {pid: sum(v) / len(v) for pid, v in groups.items()}
 
 
-def standard_error(values: list[float]) -> float:
-    """Standard error of the mean of `values` (0 for fewer than two)."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
-
-
-def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict | None:
-    """Mean of a - b over the problems both were evaluated on, its standard error, and whether it exceeds
-    two standard errors (problems are the unit: the same problems, so the difference is paired)."""
+def paired_difference(
+    a: dict[str, float], b: dict[str, float], cluster_of: dict[str, str] | None = None
+) -> dict | None:
+    """Mean of a - b over the problems both were evaluated on, its standard error (clustered by solving
+    computation when `cluster_of` maps problems to it: problems that share one are not independent), and
+    whether it exceeds two standard errors. Problems are the unit: the same problems, so the difference is
+    paired; one training seed, so the seeds' spread is not in it."""
     shared = sorted(set(a) & set(b))
     if len(shared) < 2:
         return None
-    diffs = [a[p] - b[p] for p in shared]
-    diff, se = sum(diffs) / len(diffs), standard_error(diffs)
+    diffs = {p: a[p] - b[p] for p in shared}
+    diff = stats.mean(list(diffs.values()))
+    se = stats.clustered_se(diffs, cluster_of) if cluster_of else stats.standard_error(list(diffs.values()))
     return {"diff": diff, "se": se, "problems": len(shared), "significant": bool(se > 0 and abs(diff) > 2 * se)}
+
+
+def heldout_clusters(run_dir: Path, task: str | None) -> dict[str, str] | None:
+    """Problem id -> solving computation, for the held-out problems of a run on a built-in task."""
+    path = run_dir / "data" / "heldout.jsonl"
+    if not task or not path.is_file():
+        return None
+    from parallel_r1 import tasks
+    from parallel_r1.data import load_problems
+
+    return {p.id: tasks.cluster_key(p, task) for p in load_problems(str(path))}
 
 
 def recipe_evidence(run: RecipeRun) -> RecipeEvidence:
@@ -202,16 +211,22 @@ def recipe_evidence(run: RecipeRun) -> RecipeEvidence:
     rl_acc = acc.get(last.name) if last.kind == "grpo" else None
     gain = rl_acc - sft_acc if rl_acc is not None and sft_acc is not None else None
     final = per_problem_accuracy(last.eval_samples)
-    final_se = standard_error(list(final.values())) if final else None
+    final_se = stats.standard_error(list(final.values())) if final else None
     return RecipeEvidence(run.label, acc, par, train_par, sft_acc, rl_acc, gain, final_se)
 
 
-def build_evidence(runs: list[RecipeRun], timings: dict[str, float] | None = None) -> Evidence:
+def build_evidence(
+    runs: list[RecipeRun], timings: dict[str, float] | None = None, cluster_of: dict[str, str] | None = None
+) -> Evidence:
     recipes = [recipe_evidence(r) for r in runs]
-    # The first recipe is the parallel one, the others are set against it on the same held-out problems.
+    # The first recipe is the parallel one, the others (its controls, the baseline last) are set against it on
+    # the same held-out problems.
+    first = per_problem_accuracy(runs[0].stages[-1].eval_samples)
+    for run in runs[1:]:
+        other = per_problem_accuracy(run.stages[-1].eval_samples)
+        recipes[0].vs_others[run.label] = paired_difference(first, other, cluster_of)
     if len(runs) > 1:
-        baseline = per_problem_accuracy(runs[-1].stages[-1].eval_samples)
-        recipes[0].vs_baseline = paired_difference(per_problem_accuracy(runs[0].stages[-1].eval_samples), baseline)
+        recipes[0].vs_baseline = recipes[0].vs_others[runs[-1].label]
     beats = {r.label: r.rl_gain > 0 for r in recipes if r.rl_gain is not None}
     return Evidence(recipes, beats, dict(timings or {}))
 
@@ -443,16 +458,22 @@ def _verdicts(evidence: Evidence) -> str:
         out.append(
             f'<p class="verdict">Final held-out accuracy, same budget (± standard error over problems): {text}.</p>'
         )
-        vs = finals[0].vs_baseline
-        if vs:
+        for label, vs in finals[0].vs_others.items():
+            if not vs:
+                continue
             if not vs["significant"]:
                 how = "within two standard errors: this run shows no difference"
             else:
-                how = "more than two standard errors " + ("above" if vs["diff"] > 0 else "below") + " the baseline"
+                how = "more than two standard errors " + ("above" if vs["diff"] > 0 else "below")
             out.append(
-                f'<p class="verdict">{html.escape(finals[0].label)} minus {html.escape(finals[-1].label)}, paired over '
-                f"{vs['problems']} held-out problems: {vs['diff']:+.3f} ± {vs['se']:.3f} ({how}). One training seed; "
-                "<code>parallel-r1 study</code> repeats the comparison over seeds.</p>"
+                f'<p class="verdict">{html.escape(finals[0].label)} minus {html.escape(label)}, paired over '
+                f"{vs['problems']} held-out problems (standard error clustered by solving computation): "
+                f"{vs['diff']:+.3f} ± {vs['se']:.3f} ({how}).</p>"
+            )
+        if finals[0].vs_others:
+            out.append(
+                '<p class="verdict">One training seed: the figures move from seed to seed (SFT included), and '
+                "<code>parallel-r1 study</code> repeats the comparison over seeds with their spread.</p>"
             )
     return "".join(out)
 
@@ -514,7 +535,7 @@ def render_report(run_dir: str | Path, title: str | None = None) -> tuple[str, E
     run_dir = Path(run_dir)
     info = _read_run_file(run_dir)
     runs = load_run(run_dir)
-    evidence = build_evidence(runs, info.get("timings"))
+    evidence = build_evidence(runs, info.get("timings"), heldout_clusters(run_dir, info.get("eval", {}).get("task")))
     figures = run_dir / FIGURES_DIR
     figures.mkdir(parents=True, exist_ok=True)
     training, heldout = plot_training(runs), plot_heldout(evidence)
