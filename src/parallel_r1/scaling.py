@@ -19,9 +19,11 @@ not depend on the cap), so counting it as wrong beyond the cap is what a cap wou
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import random
 from itertools import combinations
+from math import comb
 
-MAX_SUBSETS = 200  # per problem and m; beyond it, evenly spread subsets stand in for all of them
+MAX_SUBSETS = 200  # per problem and m; beyond it, seeded random subsets stand in for all of them
 
 
 def response_positions(record: dict, variant: str) -> int:
@@ -71,11 +73,11 @@ def vote_credit(group: Sequence[dict]) -> float:
 
 
 def _subsets(k: int, m: int) -> list[tuple[int, ...]]:
-    every = list(combinations(range(k), m))
-    if len(every) <= MAX_SUBSETS:
-        return every
-    step = len(every) / MAX_SUBSETS
-    return [every[int(i * step)] for i in range(MAX_SUBSETS)]
+    """Every m-subset of range(k), or MAX_SUBSETS of them drawn with a fixed seed when there are more."""
+    if comb(k, m) <= MAX_SUBSETS:
+        return list(combinations(range(k), m))
+    rng = random.Random(f"subsets-{k}-{m}")
+    return [tuple(sorted(rng.sample(range(k), m))) for _ in range(MAX_SUBSETS)]
 
 
 def majority_curve(records: Iterable[dict], variant: str, ms: Sequence[int] | None = None) -> list[dict]:

@@ -73,6 +73,19 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _majority_over_seeds(by_seed: dict[str, list[dict]], variant: str) -> list[dict]:
+    """`scaling.majority_curve` of each seed's model (a vote is among one model's samples), averaged."""
+    curves = [scaling.majority_curve(records, variant) for records in by_seed.values()]
+    n = min(len(c) for c in curves)
+    return [
+        {
+            "m": curves[0][i]["m"],
+            **{key: stats.mean([c[i][key] for c in curves]) for key in ("accuracy", "tokens", "positions")},
+        }
+        for i in range(n)
+    ]
+
+
 def _trajectory(run_dir: Path) -> list[dict]:
     """Per GRPO step of a run (stages in order): the step's parallel ratio, accuracy and generated tokens."""
     rows = []
@@ -125,7 +138,7 @@ def summarize_study(study_dir: str | Path) -> dict:
             row[f"{when}_tokens"] = _mean([r["response_tokens"] for r in records])
             row[f"{when}_positions"] = _mean([scaling.response_positions(r, variant) for r in records])
             row[f"{when}_parallel_ratio"] = _mean([r["num_blocks"] > 0 for r in records])
-            row[f"{when}_majority"] = scaling.majority_curve(records, variant)
+            row[f"{when}_majority"] = _majority_over_seeds(by_seed, variant)
             row[f"{when}_caps"] = {
                 str(cap): stats.arm_summary(
                     {s: scaling.per_problem_at_cap(rs, variant, cap) for s, rs in by_seed.items()}, cluster_of
@@ -167,12 +180,20 @@ def compare_arms(results: dict, arms: dict, cluster_of: dict[str, str], primary:
     """The primary arm against every other arm at equal training budget, at equal test-time tokens (the other
     arm's maj@m) and under each position cap; every parallel arm against the baseline; RL gains against the
     baseline's."""
-    out: dict = {"vs_baseline": {}, "primary": {}, "equal_tokens": {}, "caps": {}, "rl_gain_vs_baseline": {}}
+    out: dict = {
+        "vs_baseline": {},
+        "primary": {},
+        "equal_tokens": {},
+        "caps": {},
+        "caps_vs_baseline": {},
+        "rl_gain_vs_baseline": {},
+    }
     rl = {arm: _scores(e["rl"]) for arm, e in results.items() if e["rl"]}
     base = study.BASELINE
     for arm in rl:
         if arm != base and base in rl:
             out["vs_baseline"][arm] = stats.arm_difference(rl[arm], rl[base], cluster_of)
+            out["caps_vs_baseline"][arm] = _caps_difference(results, arms, arm, base, cluster_of)
             a, b = arms[arm].get("rl_gain"), arms[base].get("rl_gain")
             if a and b:
                 out["rl_gain_vs_baseline"][arm] = stats.gain_difference(
@@ -196,16 +217,21 @@ def compare_arms(results: dict, arms: dict, cluster_of: dict[str, str], primary:
                 "primary_tokens": tokens,
                 **stats.arm_difference(rl[primary], voted, cluster_of),
             }
-        pv, av = arms[primary]["variant"], arms[arm]["variant"]
-        out["caps"][arm] = {
-            str(cap): stats.arm_difference(
-                {s: scaling.per_problem_at_cap(rs, pv, cap) for s, rs in results[primary]["rl"].items()},
-                {s: scaling.per_problem_at_cap(rs, av, cap) for s, rs in results[arm]["rl"].items()},
-                cluster_of,
-            )
-            for cap in CAPS
-        }
+        out["caps"][arm] = _caps_difference(results, arms, primary, arm, cluster_of)
     return out
+
+
+def _caps_difference(results: dict, arms: dict, a: str, b: str, cluster_of: dict[str, str]) -> dict:
+    """Cap -> arm a minus arm b when a response must fit in the cap."""
+    va, vb = arms[a]["variant"], arms[b]["variant"]
+    return {
+        str(cap): stats.arm_difference(
+            {s: scaling.per_problem_at_cap(rs, va, cap) for s, rs in results[a]["rl"].items()},
+            {s: scaling.per_problem_at_cap(rs, vb, cap) for s, rs in results[b]["rl"].items()},
+            cluster_of,
+        )
+        for cap in CAPS
+    }
 
 
 def schedule_table(arms: dict) -> dict:
@@ -333,6 +359,16 @@ def markdown(summary: dict) -> str:
             "| --- |" + " --- |" * len(CAPS),
         ]
         for arm, by_cap in comp["caps"].items():
+            lines.append(f"| {arm} | " + " | ".join(_diff(by_cap.get(str(c))) for c in CAPS) + " |")
+    if comp.get("caps_vs_baseline"):
+        lines += [
+            "",
+            "Each arm minus sequential under the same cap:",
+            "",
+            "| arm | " + " | ".join(f"cap {c}" for c in CAPS) + " |",
+            "| --- |" + " --- |" * len(CAPS),
+        ]
+        for arm, by_cap in comp["caps_vs_baseline"].items():
             lines.append(f"| {arm} | " + " | ".join(_diff(by_cap.get(str(c))) for c in CAPS) + " |")
     if summary["schedules"]:
         keys = list(dict.fromkeys(k for row in summary["schedules"].values() for k in row))
