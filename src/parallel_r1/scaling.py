@@ -18,8 +18,8 @@ not depend on the cap), so counting it as wrong beyond the cap is what a cap wou
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 import random
+from collections.abc import Iterable, Sequence
 from itertools import combinations
 from math import comb
 
