@@ -1,3 +1,6 @@
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -5,13 +8,17 @@ import pytest
 from parallel_r1.config import (
     BASELINE_RECIPE,
     DEFAULT_RECIPE,
+    RECIPES,
     ConfigError,
+    StageConfig,
     default_recipe,
     dump_recipe,
     load_recipe,
     override,
     parse_recipe,
+    recipe_to_dict,
 )
+from parallel_r1.settings import DEFAULT_VARIANT, EvalConfig, EvalSettings, SamplingParams, StudySettings
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 TINY_RECIPE = DEFAULT_RECIPE.read_text()
@@ -113,8 +120,7 @@ def test_override_errors():
 
 
 def test_sampling_and_reward_checks_live_where_the_values_are_used_and_name_the_line():
-    from parallel_r1.evaluate import EvalConfig
-    from parallel_r1.rollout import SAMPLING_FIELDS, SamplingParams, sampling_params
+    from parallel_r1.rollout import SAMPLING_FIELDS, sampling_params
 
     text = TINY_RECIPE.replace("        num_paths: 2\n", "        num_paths: 1\n", 1)
     line = text.splitlines().index("      rollout:") + 1  # the section whose values do not go together
@@ -134,3 +140,71 @@ def test_sampling_and_reward_checks_live_where_the_values_are_used_and_name_the_
     params = sampling_params(rollout, variant="seen", seed=3)
     assert knobs(params) == knobs(rollout) and (params.variant, params.seed) == ("seen", 3)
     assert knobs(EvalConfig()) == knobs(SamplingParams())
+
+
+def test_the_configuration_layer_imports_nothing_else_of_the_package_and_no_torch():
+    code = (
+        "import sys; import parallel_r1.config, parallel_r1.settings; "
+        "print(sorted(m for m in sys.modules if m.startswith('parallel_r1') or m.split('.')[0] == 'torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(["parallel_r1", "parallel_r1.config", "parallel_r1.settings"])
+
+
+def test_one_default_variant():
+    assert StageConfig(name="s", kind="sft").variant == DEFAULT_VARIANT
+    assert SamplingParams().variant == EvalConfig().variant == DEFAULT_VARIANT
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"problems_per_level": 0}, "problems_per_level must be >= 1"),
+        ({"levels": ()}, "levels must name at least one level"),
+        ({"levels": (0, 2)}, "levels must be >= 1"),
+        ({"task": "chess"}, "task must be one of arith, search"),
+        ({"k": 0}, "k must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+    ],
+)
+def test_eval_settings_are_checked_when_built(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalSettings(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"arms": ()}, "at least one arm"),
+        ({"arms": ("seen", "seen")}, "arms must be distinct"),
+        ({"arms": ("seen", "unsen")}, r"unknown study arm\(s\) unsen"),
+        ({"seeds": ()}, "at least one seed"),
+        ({"seeds": (1, 1)}, "seeds must be distinct"),
+        ({"seeds": (-1,)}, "seeds must be integers >= 0"),
+        ({"eval": {"k": 2}}, "eval must be an EvalSettings"),
+    ],
+)
+def test_study_settings_are_checked_when_built(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        StudySettings(**changes)
+
+
+def test_a_study_folder_of_its_own_may_name_arms_of_its_own(tmp_path):
+    assert StudySettings(arms=("mine",), recipes_dir=tmp_path).arms == ("mine",)
+
+
+def test_evaluation_defaults_are_declared_once_per_command():
+    # `eval` samples more per problem than the evaluation after every stage of `run` and `study`.
+    assert (EvalConfig().k, EvalConfig().max_batch_size) == (16, 64)
+    assert (EvalSettings().k, EvalSettings().batch_size) == (4, 128)
+    assert (EvalSettings().temperature, EvalSettings().seed) == (EvalConfig().temperature, EvalConfig().seed)
+
+
+RECIPE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "recipes.json"
+
+
+@pytest.mark.parametrize("name", sorted(json.loads(RECIPE_FIXTURE.read_text())))
+def test_the_embedded_recipes_load_as_they_did_before_they_extended_a_base(name):
+    # recipes.json: every embedded recipe as it loaded when each was a complete copy of its settings.
+    assert recipe_to_dict(load_recipe(RECIPES / name)) == json.loads(RECIPE_FIXTURE.read_text())[name]

@@ -7,6 +7,7 @@ import pytest
 from parallel_r1 import pipeline, task
 from parallel_r1.config import ConfigError, recipe_to_dict
 from parallel_r1.format import parse
+from parallel_r1.settings import STUDY_RECIPES, EvalSettings
 
 
 def _recipes():
@@ -40,8 +41,8 @@ def test_default_recipes_are_the_studys_arms():
     from parallel_r1.config import load_recipe
 
     _, (par, seq) = _recipes()
-    assert seq.stages == load_recipe(study.STUDY_RECIPES / "sequential.yaml").stages
-    assert any(par.stages == load_recipe(study.STUDY_RECIPES / f"{arm}.yaml").stages for arm in study.ARMS)
+    assert seq.stages == load_recipe(STUDY_RECIPES / "sequential.yaml").stages
+    assert any(par.stages == load_recipe(STUDY_RECIPES / f"{arm}.yaml").stages for arm in study.ARMS)
 
 
 def test_curriculum_goes_from_easy_to_harder_problems():
@@ -80,7 +81,7 @@ def test_data_generation_writes_both_styles_on_the_same_problems(tmp_path):
 
 
 def test_heldout_problems_never_share_a_computation_with_training(tmp_path):
-    settings = pipeline.EvalSettings(problems_per_level=10, levels=(1, 3), task="arith")
+    settings = EvalSettings(problems_per_level=10, levels=(1, 3), task="arith")
     problems = pipeline.write_problems(settings, tmp_path / "h.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
     assert len(rows) == len(problems) == 20
@@ -91,19 +92,19 @@ def test_heldout_problems_never_share_a_computation_with_training(tmp_path):
 
 def test_eval_settings_take_the_recipes_task_and_its_levels():
     _, (par, _) = _recipes()
-    settings = pipeline.resolve_settings(pipeline.EvalSettings(), par)
+    settings = pipeline.resolve_settings(EvalSettings(), par)
     assert settings.task == "search" and settings.levels == task.task_module("search").EVAL_LEVELS
-    assert pipeline.resolve_settings(pipeline.EvalSettings(levels=(1,)), par).levels == (1,)
+    assert pipeline.resolve_settings(EvalSettings(levels=(1,)), par).levels == (1,)
 
 
 def test_eval_config_uses_the_last_grpo_stages_caps_and_the_given_variant():
     _, (par, _) = _recipes()
     par = pipeline.override(par, ["stages.rl_hard.grpo.rollout.max_path_tokens=33"])
-    config = pipeline.eval_config(par, "unseen", pipeline.EvalSettings(temperature=0.5))
+    config = pipeline.eval_config(par, "unseen", EvalSettings(temperature=0.5))
     assert config.variant == "unseen" and config.max_path_tokens == 33 and config.temperature == 0.5
     assert config.max_response_tokens == par.stages[-1].grpo.rollout.max_response_tokens
     assert config.template == "Problem: {question}\n"
-    assert pipeline.eval_config(par, "seen", pipeline.EvalSettings(), max_blocks=0).max_blocks == 0
+    assert pipeline.eval_config(par, "seen", EvalSettings(), max_blocks=0).max_blocks == 0
 
 
 def test_pretrained_recipe_trains_a_few_steps_on_the_file_with_the_parallel_prompt(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 
 from parallel_r1 import study
 from parallel_r1.config import ConfigError
-from parallel_r1.pipeline import EvalSettings
 from parallel_r1.report import read_evidence
+from parallel_r1.settings import STUDY_RECIPES, EvalSettings, StudySettings
 
 # A study small enough for a test: a few SFT and RL steps, two problems per level, one sample each.
 QUICK = [
@@ -47,7 +47,7 @@ def test_compare_flags_only_differences_beyond_two_standard_errors():
 
 
 def test_arms_have_equal_rl_budgets_and_unseen_arms_share_their_sft():
-    recipes = study.load_arms(study.StudySettings(), [])
+    recipes = study.load_arms(StudySettings(), [])
     assert list(recipes) == list(study.ARMS)
     keys = {arm: study.sft_key(r) for arm, r in recipes.items()}
     assert keys["unseen_s1"] == keys["unseen_s2"] == keys["mid_training"]
@@ -59,17 +59,17 @@ def test_arms_have_equal_rl_budgets_and_unseen_arms_share_their_sft():
 
 def test_a_different_rl_budget_is_refused(tmp_path):
     for arm in ("sequential", "seen"):
-        text = (study.STUDY_RECIPES / f"{arm}.yaml").read_text()
+        text = (STUDY_RECIPES / f"{arm}.yaml").read_text()
         if arm == "seen":
             text = text.replace("max_steps: 20\n", "max_steps: 21\n", 1)
         (tmp_path / f"{arm}.yaml").write_text(text)
-    settings = study.StudySettings(arms=("sequential", "seen"), recipes_dir=tmp_path)
+    settings = StudySettings(arms=("sequential", "seen"), recipes_dir=tmp_path)
     with pytest.raises(ConfigError, match="different RL budgets"):
         study.load_arms(settings, [])
 
 
 def test_evaluations_per_arm():
-    recipes = study.load_arms(study.StudySettings(), [])
+    recipes = study.load_arms(StudySettings(), [])
     assert list(study.eval_variants(recipes["sequential"])) == ["heldout"]
     assert list(study.eval_variants(recipes["seen"])) == ["heldout", "no_blocks"]
     assert study.eval_variants(recipes["unseen_s1"]) == {
@@ -95,7 +95,7 @@ def test_oracle_counts_paths_and_blocks_that_reach_the_answer():
 
 @pytest.mark.slow
 def test_study_runs_resumes_and_reports(tmp_path):
-    settings = study.StudySettings(arms=("sequential", "unseen_s1", "unseen_s2"), seeds=(0, 1), eval=QUICK_EVAL)
+    settings = StudySettings(arms=("sequential", "unseen_s1", "unseen_s2"), seeds=(0, 1), eval=QUICK_EVAL)
     report = study.run_study(tmp_path, settings, QUICK)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert read_evidence(report)["arms"].keys() == summary["arms"].keys()
@@ -126,7 +126,7 @@ def test_study_runs_resumes_and_reports(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_scores_learning_rates_on_validation_problems_only(tmp_path):
-    settings = study.StudySettings(arms=("sequential", "seen"), seeds=(0,), eval=QUICK_EVAL)
+    settings = StudySettings(arms=("sequential", "seen"), seeds=(0,), eval=QUICK_EVAL)
     result = study.run_sweep(tmp_path, settings, QUICK, lrs=(1e-4, 3e-4))
     assert set(result["validation"]) == {"sequential", "seen"}
     assert all(set(row) == {"0.0001", "0.0003"} for row in result["validation"].values())
@@ -145,7 +145,7 @@ def test_sweep_scores_learning_rates_on_validation_problems_only(tmp_path):
 
 
 def test_validation_problems_exclude_every_training_problem():
-    settings = study.StudySettings(arms=("sequential",), seeds=(0, 1))
+    settings = StudySettings(arms=("sequential",), seeds=(0, 1))
     recipes = study.load_arms(
         settings,
         ["stages.sft.data.task_size=300", "stages.rl_easy.data.task_size=300", "stages.rl_hard.data.task_size=300"],

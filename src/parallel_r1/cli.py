@@ -25,14 +25,25 @@ from parallel_r1.coldstart import TeacherConfig, TeacherError, run_generate
 from parallel_r1.config import ConfigError, default_recipe, load_recipe, override
 from parallel_r1.data import PROMPT_TEMPLATES
 from parallel_r1.engine import BACKENDS, make_engine, render_rollout
-from parallel_r1.evaluate import DEFAULT_BENCHMARKS, EvalConfig, markdown_table, run_eval
+from parallel_r1.evaluate import DEFAULT_BENCHMARKS, markdown_table, run_eval
 from parallel_r1.format import check_file, check_report
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
-from parallel_r1.pipeline import EvalSettings, default_specs, run_pipeline, run_pretrained
+from parallel_r1.pipeline import default_specs, run_pipeline, run_pretrained
 from parallel_r1.recipe import run_recipe
-from parallel_r1.rollout import SAMPLING_FIELDS, VARIANTS, SamplingParams, SamplingSettings, rollout_record
-from parallel_r1.study import ARMS, SEEDS, SWEEP_LRS, StudySettings, run_study, run_sweep
+from parallel_r1.rollout import rollout_record
+from parallel_r1.settings import (
+    DEFAULT_VARIANT,
+    SAMPLING_FIELDS,
+    SEEDS,
+    VARIANTS,
+    EvalConfig,
+    EvalSettings,
+    SamplingParams,
+    SamplingSettings,
+    StudySettings,
+)
+from parallel_r1.study import ARMS, SWEEP_LRS, run_study, run_sweep
 from parallel_r1.viewer import write_viewer
 
 log = logging.getLogger("parallel_r1")
@@ -54,7 +65,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampling flags, derived from `rollout.SamplingSettings`.
+# Sampling flags, derived from `settings.SamplingSettings`.
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +81,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
             default=default,
             help=f"{field.metadata['help']} (default: {default})",
         )
-    parser.add_argument("--variant", choices=VARIANTS, default="unseen", help="decoding variant (default: unseen)")
+    parser.add_argument(
+        "--variant", choices=VARIANTS, default=DEFAULT_VARIANT, help=f"decoding variant (default: {DEFAULT_VARIANT})"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -110,11 +123,17 @@ def _add_eval_parser(sub) -> None:
         default=",".join(DEFAULT_BENCHMARKS),
         help=f"comma-separated names ({', '.join(DEFAULT_BENCHMARKS)}) or name=path.jsonl",
     )
-    ev.add_argument("--k", type=int, default=16, help="samples per problem")
+    defaults = EvalConfig()
+    ev.add_argument("--k", type=int, default=defaults.k, help=f"samples per problem (default: {defaults.k})")
     ev.add_argument("--data-dir", help="read benchmarks from local files here (aime24.jsonl, gsm8k_test.jsonl, ...)")
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     _add_sampling_flags(ev)
-    ev.add_argument("--batch-size", type=int, default=64, help="rollouts decoded together")
+    ev.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help=f"rollouts decoded together (default: {defaults.max_batch_size})",
+    )
     ev.add_argument(
         "--template",
         default="parallel",
@@ -233,6 +252,24 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """--eval-problems and --eval-k: the held-out evaluation after every stage (`settings.EvalSettings`)."""
+    defaults = EvalSettings()
+    parser.add_argument(
+        "--eval-problems",
+        type=int,
+        default=defaults.problems_per_level,
+        help=f"held-out problems per level (default: {defaults.problems_per_level})",
+    )
+    parser.add_argument(
+        "--eval-k", type=int, default=defaults.k, help=f"samples per held-out problem (default: {defaults.k})"
+    )
+
+
+def _eval_settings(args) -> EvalSettings:
+    return EvalSettings(problems_per_level=args.eval_problems, k=args.eval_k)
+
+
 def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
@@ -257,8 +294,7 @@ def _add_run_parser(sub) -> None:
         metavar="N",
         help="the first N stages of each recipe only (2: SFT and RL on easy problems, about 8 minutes)",
     )
-    run.add_argument("--eval-problems", type=int, help="held-out problems per level (default: 64)")
-    run.add_argument("--eval-k", type=int, help="samples per held-out problem (default: 4)")
+    _add_eval_flags(run)
     run.add_argument(
         "--model",
         default="tiny",
@@ -279,11 +315,7 @@ def _cmd_run(args) -> int:
         page = run_pretrained(args.model, args.out, data=args.data, steps=args.steps)
         log.info("generation: %s", page)
         return 0
-    settings = EvalSettings()
-    if args.eval_problems:
-        settings = replace(settings, problems_per_level=args.eval_problems)
-    if args.eval_k:
-        settings = replace(settings, k=args.eval_k)
+    settings = _eval_settings(args)
     specs = default_specs(args.config, args.baseline, with_baseline=not args.no_baseline)
     result = run_pipeline(args.out, specs, args.overrides, settings, max_stages=args.stages)
     for recipe in result.summary["recipes"]:
@@ -337,8 +369,7 @@ def _add_study_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="override a field of every arm's recipe, e.g. --set stages.rl_hard.max_steps=10",
     )
-    study.add_argument("--eval-problems", type=int, help="problems per level (default: 64)")
-    study.add_argument("--eval-k", type=int, help="samples per problem (default: 4)")
+    _add_eval_flags(study)
     study.set_defaults(func=_cmd_study)
 
 
@@ -350,13 +381,9 @@ def _csv(text: str, kind, flag: str) -> tuple:
 
 
 def _cmd_study(args) -> int:
-    settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"))
+    settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"), eval=_eval_settings(args))
     if args.arms:
         settings = replace(settings, arms=_csv(args.arms, str, "--arms"))
-    if args.eval_problems:
-        settings = replace(settings, eval=replace(settings.eval, problems_per_level=args.eval_problems))
-    if args.eval_k:
-        settings = replace(settings, eval=replace(settings.eval, k=args.eval_k))
     if args.sweep:
         result = run_sweep(args.out, settings, args.overrides, _csv(args.lrs, float, "--lrs"))
         for arm, lr in result["best_lr"].items():

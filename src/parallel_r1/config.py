@@ -20,24 +20,20 @@ from typing import Any, Literal
 
 import yaml
 
-from parallel_r1.rewards import RewardSchedule
-from parallel_r1.rollout import SamplingSettings
+from parallel_r1.settings import (
+    DEFAULT_VARIANT,
+    ConfigError,
+    RewardSchedule,
+    SamplingSettings,
+    Variant,
+)
+from parallel_r1.settings import require as _require
 
-Variant = Literal["seen", "unseen", "threads"]
 # The embedded default and its sequential baseline ship inside the package, so that `parallel-r1 run`
 # works from any install; configs/tiny.yaml and configs/tiny_sequential.yaml link to them.
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
 BASELINE_RECIPE = RECIPES / "tiny_sequential.yaml"
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot be used; the message names the file, line and field."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -131,7 +127,7 @@ class SFTConfig:
 class RolloutConfig(SamplingSettings):
     """How the engine samples responses during GRPO. The sampling keys (temperature, top_p, top_k,
     max_response_tokens, max_path_tokens, max_blocks, num_paths) and their checks are those of
-    `parallel_r1.rollout.SamplingSettings`; the variant is the stage's."""
+    `parallel_r1.settings.SamplingSettings`; the variant is the stage's."""
 
     backend: Literal["hf", "vllm"] = "hf"
     """"hf": the built-in engine (shares the trained model; sampling log-probs are exact, so they serve
@@ -151,7 +147,7 @@ class RolloutConfig(SamplingSettings):
 
 @dataclass
 class RewardConfig:
-    """The reward schedule (see `parallel_r1.rewards.RewardSchedule`)."""
+    """The reward schedule (see `parallel_r1.settings.RewardSchedule`)."""
 
     kind: Literal["accuracy", "parallel", "alternating", "mid_training"] = "accuracy"
     """accuracy: correct_value / wrong_value. parallel: parallel_value for a correct answer with a
@@ -257,7 +253,7 @@ class StageConfig:
     name: str
     """Names the stage's folder in the run directory; unique within a recipe."""
     kind: Literal["sft", "grpo"]
-    variant: Variant = "seen"
+    variant: Variant = DEFAULT_VARIANT
     """seen: causal mask. unseen: paths are isolated from each other (structured mask and positions).
     threads: paths isolated, and what follows a block reads it as sequential text (re-prefill at join, what
     the vLLM backend samples; docs/attention.md). The same variant is used to sample and to train."""

@@ -26,7 +26,8 @@ from parallel_r1.engine import make_engine
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.rewards import score_response
-from parallel_r1.rollout import SamplingSettings, rollout_record, sampling_params, upgrade_record
+from parallel_r1.rollout import rollout_record, sampling_params, upgrade_record
+from parallel_r1.settings import EvalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +97,6 @@ def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool
 # ------------------------------------------------------------------------------------------------
 # Running a model on a benchmark
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig(SamplingSettings):
-    """How to sample: the sampling knobs of `rollout.SamplingSettings`, and these."""
-
-    k: int = 16
-    seed: int = 0
-    variant: str = "unseen"
-    max_batch_size: int = 64
-    verify_timeout_s: float = 5.0
-    template: str | None = None  # prompt template with {question}; None: data.PROMPT_TEMPLATE
 
 
 @dataclass

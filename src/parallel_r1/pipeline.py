@@ -50,13 +50,13 @@ from parallel_r1.config import (
 )
 from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
 from parallel_r1.engine import make_engine
-from parallel_r1.evaluate import EvalConfig, evaluate_benchmark, sample_record, write_results
+from parallel_r1.evaluate import evaluate_benchmark, sample_record, write_results
 from parallel_r1.layout import DONE_FILE, RUN_FILE, SUMMARY_FILE, eval_file, stage_dir
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.recipe import run_recipe
 from parallel_r1.report import write_report
-from parallel_r1.rollout import SAMPLING_FIELDS, SamplingParams
+from parallel_r1.settings import SAMPLING_FIELDS, EvalConfig, EvalSettings, SamplingParams
 from parallel_r1.trainer import final_model, stage_is_done
 from parallel_r1.viewer import render_html
 
@@ -71,19 +71,6 @@ class RecipeSpec:
 
     label: str
     path: Path
-
-
-@dataclass
-class EvalSettings:
-    """The held-out evaluation run after every stage (sampling caps come from the recipe's GRPO stage)."""
-
-    problems_per_level: int = 64
-    levels: tuple[int, ...] | None = None  # empty: the task's EVAL_LEVELS
-    task: str | None = None  # empty: the built-in task the recipes train on
-    k: int = 4
-    temperature: float = 1.0
-    seed: int = 0
-    batch_size: int = 128
 
 
 @dataclass
@@ -180,7 +167,7 @@ def materialize_data(recipe: Recipe, spec: RecipeSpec, data_dir: Path) -> Recipe
 
 
 def eval_config(recipe: Recipe, variant: str, settings: EvalSettings, **changes) -> EvalConfig:
-    """`evaluate.EvalConfig` for a held-out evaluation: the caps of the recipe's last GRPO stage, `variant`,
+    """`settings.EvalConfig` for a held-out evaluation: the caps of the recipe's last GRPO stage, `variant`,
     the prompt the recipe trained with, and `changes` (e.g. max_blocks=0) on top."""
     grpo = [s for s in recipe.stages if s.kind == "grpo"]
     rollout = grpo[-1].grpo.rollout if grpo else RolloutConfig()

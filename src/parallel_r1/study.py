@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -46,30 +46,20 @@ from parallel_r1.data import Problem
 from parallel_r1.format import parse
 from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
 from parallel_r1.metrics import atomic_write_text, read_jsonl
-from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
+from parallel_r1.pipeline import evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
 from parallel_r1.report import standard_error, write_study_report
+from parallel_r1.settings import ARMS, EvalSettings, StudySettings
 from parallel_r1.trainer import final_model
 
 log = logging.getLogger(__name__)
 
-STUDY_RECIPES = Path(__file__).resolve().parent / "recipes" / "study"
-ARMS = ("sequential", "seen", "unseen_s1", "unseen_s2", "mid_training", "threads")
 BASELINE = "sequential"
-SEEDS = (0, 1, 2)
 SWEEP_LRS = (1.0e-4, 2.0e-4, 4.0e-4)
 VALIDATION_SEED = 10_007  # validation problems: the task's train split, drawn apart from every training set
 ARMS_FILE = "arms.json"  # in a shared SFT folder: the arms that start from it
 EVALS = ("heldout", "no_blocks", "seen_attention")
 _BUDGET_FIELDS = ("max_steps", "data.task", "data.task_size", "data.task_levels", "grpo.prompts_per_step", "grpo.n")
-
-
-@dataclass
-class StudySettings:
-    arms: tuple[str, ...] = ARMS
-    seeds: tuple[int, ...] = SEEDS
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    recipes_dir: Path = STUDY_RECIPES
 
 
 # ---------------------------------------------------------------------------------------------------
