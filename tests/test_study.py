@@ -58,11 +58,10 @@ def test_arms_have_equal_rl_budgets_and_unseen_arms_share_their_sft():
 
 
 def test_a_different_rl_budget_is_refused(tmp_path):
-    for arm in ("sequential", "seen"):
-        text = (STUDY_RECIPES / f"{arm}.yaml").read_text()
-        if arm == "seen":
-            text = text.replace("max_steps: 20\n", "max_steps: 21\n", 1)
-        (tmp_path / f"{arm}.yaml").write_text(text)
+    (tmp_path / "sequential.yaml").write_text(f"extends: {STUDY_RECIPES / 'sequential.yaml'}\n")
+    (tmp_path / "seen.yaml").write_text(
+        f"extends: {STUDY_RECIPES / 'seen.yaml'}\nstages:\n  - {{name: rl_easy, max_steps: 21}}\n"
+    )
     settings = StudySettings(arms=("sequential", "seen"), recipes_dir=tmp_path)
     with pytest.raises(ConfigError, match="different RL budgets"):
         study.load_arms(settings, [])

@@ -1,6 +1,6 @@
 """`parallel-r1 study`: the paper's comparison on the embedded task, at equal budget, over seeds.
 
-Six arms, one recipe each in `parallel_r1/recipes/study/` (an SFT stage, then GRPO):
+Six arms, one recipe each in `parallel_r1/recipes/study/`, extending `base.yaml` (an SFT stage, then GRPO):
 
     sequential     SFT on the teacher's plain solutions, GRPO with the accuracy reward, blocks banned
     seen           SFT and GRPO with the causal mask, parallel reward
