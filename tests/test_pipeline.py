@@ -162,9 +162,12 @@ def test_run_with_stages_trains_both_recipes_to_the_cut_and_resumes_without_retr
     assert styles == [{"sft": "parallel"}, {"sft": "sequential"}]
     page = (run / "report.html").read_text()
     assert '<tr data-recipe="sequential">' in page and '<tr data-recipe="parallel">' in page
+    trained = {f"{label}/{stage}" for label in ("parallel", "sequential") for stage in ("sft", "rl_easy")}
+    assert trained <= set(json.loads((run / "run.json").read_text())["timings"])
     metrics = (run / "parallel" / "01-rl_easy" / "metrics.jsonl").read_text()
     assert main(["run", "--out", str(run), "--stages", "2", *SMOKE]) == 0
     assert (run / "parallel" / "01-rl_easy" / "metrics.jsonl").read_text() == metrics
+    assert not trained & set(json.loads((run / "run.json").read_text())["timings"])  # nothing trained this time
     assert main(["run", "--out", str(tmp_path / "bad"), "--stages", "0"]) == 2
 
 

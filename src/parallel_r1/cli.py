@@ -247,8 +247,11 @@ def _add_train_parser(sub) -> None:
 def _cmd_train(args) -> int:
     recipe = load_recipe(args.config) if args.config else default_recipe()
     recipe = override(recipe, args.overrides)
-    final = run_recipe(recipe, args.run_dir or f"runs/{recipe.name}")
-    log.info("final model: %s", final)
+    stages = run_recipe(recipe, args.run_dir or f"runs/{recipe.name}")
+    for stage in stages:
+        how = "finished before" if stage.skipped else f"{stage.seconds:.0f} s"
+        log.info("%s (%s, %s): %s", stage.name, stage.kind, how, stage.model)
+    log.info("final model: %s", stages[-1].model)
     return 0
 
 

@@ -51,13 +51,12 @@ from parallel_r1.config import (
 from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
 from parallel_r1.engine import make_engine
 from parallel_r1.evaluate import evaluate_benchmark, sample_record, write_results
-from parallel_r1.layout import DONE_FILE, RUN_FILE, SUMMARY_FILE, eval_file, stage_dir
+from parallel_r1.layout import RUN_FILE, SUMMARY_FILE, eval_file
 from parallel_r1.metrics import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
-from parallel_r1.recipe import run_recipe
+from parallel_r1.recipe import StageResult, run_recipe
 from parallel_r1.report import write_report
 from parallel_r1.settings import SAMPLING_FIELDS, EvalConfig, EvalSettings, SamplingParams
-from parallel_r1.trainer import final_model, stage_is_done
 from parallel_r1.viewer import render_html
 
 log = logging.getLogger(__name__)
@@ -209,22 +208,6 @@ def evaluate_model(
 # The run.
 
 
-def _stage_timings(
-    recipe_dir: Path, recipe: Recipe, label: str, started: float, done_before: set[int]
-) -> dict[str, float]:
-    """Seconds each stage took in this invocation, from the times their DONE files were written."""
-    out, previous = {}, started
-    for i, stage in enumerate(recipe.stages):
-        done = stage_dir(recipe_dir, i, stage.name) / DONE_FILE
-        if not done.is_file():
-            break
-        finished = done.stat().st_mtime
-        if i not in done_before:
-            out[f"{label}/{stage.name}"] = round(finished - previous, 1)
-        previous = finished
-    return out
-
-
 def _save_run_info(run_dir: Path, info: dict) -> None:
     atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
@@ -271,26 +254,12 @@ def run_pipeline(
 
     for spec, recipe in zip(specs, recipes):
         recipe_dir = run_dir / spec.label
-        done_before = {i for i, s in enumerate(recipe.stages) if stage_is_done(stage_dir(recipe_dir, i, s.name))}
-        t0 = time.time()
         log.info("recipe %s (%s): %s", spec.label, spec.path, ", ".join(s.name for s in recipe.stages))
-        run_recipe(recipe, recipe_dir)
-        timings.update(_stage_timings(recipe_dir, recipe, spec.label, t0, done_before))
+        stages = run_recipe(recipe, recipe_dir)
+        timings.update({f"{spec.label}/{s.name}": s.seconds for s in stages if not s.skipped})
         t0 = time.time()
-        for i, stage in enumerate(recipe.stages):
-            folder = stage_dir(recipe_dir, i, stage.name)
-            out = eval_file(recipe_dir, folder)
-            if out.is_file():
-                continue
-            name = f"{spec.label}/{stage.name}"
-            result = evaluate_model(final_model(folder), recipe, heldout, settings, name, out, variant=stage.variant)
-            log.info(
-                "%s after %s: held-out accuracy %.3f, parallel ratio %.2f",
-                spec.label,
-                stage.name,
-                result["mean_at_k"],
-                result["parallel_ratio"],
-            )
+        for stage, done in zip(recipe.stages, stages):
+            _evaluate_stage(recipe, stage, done, heldout, settings, spec.label, eval_file(recipe_dir, done.folder))
         timings[f"{spec.label}/eval"] = round(time.time() - t0, 1)
         _save_run_info(run_dir, info)
 
@@ -300,6 +269,28 @@ def run_pipeline(
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     log.info("report: %s", report)
     return RunResult(run_dir, report, summary)
+
+
+def _evaluate_stage(
+    recipe: Recipe,
+    stage: StageConfig,
+    done: StageResult,
+    problems: list[Problem],
+    settings: EvalSettings,
+    label: str,
+    out: Path,
+) -> None:
+    """The held-out evaluation of one stage's model, unless an earlier call wrote it."""
+    if out.is_file():
+        return
+    result = evaluate_model(done.model, recipe, problems, settings, f"{label}/{done.name}", out, variant=stage.variant)
+    log.info(
+        "%s after %s: held-out accuracy %.3f, parallel ratio %.2f",
+        label,
+        done.name,
+        result["mean_at_k"],
+        result["parallel_ratio"],
+    )
 
 
 def _task_styles(recipe: Recipe) -> dict[str, str]:
@@ -370,7 +361,7 @@ def run_pretrained(
         # The file's last row: the few SFT steps (batches from the start of a shuffled epoch) rarely see it.
         problem = load_problems(str(data_path))[-1]
     recipe = pretrained_recipe(model, data_path, steps, max_length)
-    final = run_recipe(recipe, run_dir)
+    final = run_recipe(recipe, run_dir)[-1].model
     model_obj, tokenizer = load_model_and_tokenizer(final)
     engine = make_engine("hf", model_obj, tokenizer, max_batch_size=samples)
     params = SamplingParams(

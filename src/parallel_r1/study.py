@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -46,11 +46,10 @@ from parallel_r1.data import Problem
 from parallel_r1.format import parse
 from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE, SUMMARY_FILE
 from parallel_r1.metrics import atomic_write_text, read_jsonl
-from parallel_r1.pipeline import evaluate_model, recipe_task, write_problems
+from parallel_r1.pipeline import evaluate_model, recipe_task, resolve_settings, write_problems
 from parallel_r1.recipe import run_recipe
 from parallel_r1.report import standard_error, write_study_report
 from parallel_r1.settings import ARMS, EvalSettings, StudySettings
-from parallel_r1.trainer import final_model
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +210,30 @@ def _save(path: Path, info: dict) -> None:
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 
 
-def _train_sft(recipes: dict[str, Recipe], study_dir: Path) -> dict[str, Path]:
-    """Train each distinct SFT once; arm -> its SFT folder."""
-    folders = {}
+@dataclass(frozen=True)
+class SharedSFT:
+    """The SFT stages an arm starts from, trained once for every arm with the same ones."""
+
+    folder: Path  # a run_recipe folder under <study>/sft/
+    model: Path  # the final model of its last stage
+
+
+def _train_sft(recipes: dict[str, Recipe], study_dir: Path) -> dict[str, SharedSFT]:
+    """Train each distinct SFT once; arm -> its SFT."""
+    trained: dict[Path, SharedSFT] = {}
+    arms = {}
     for arm, recipe in recipes.items():
         folder = study_dir / "sft" / sft_key(recipe)
-        if folder not in folders.values():
+        if folder not in trained:
             sft, _ = split_stages(recipe)
             log.info("SFT %s (for %s)", folder.name, arm)
-            run_recipe(replace(recipe, stages=sft), folder)
-        folders[arm] = folder
-    for folder in set(folders.values()):
-        atomic_write_text(folder / ARMS_FILE, json.dumps(sorted(a for a, f in folders.items() if f == folder)) + "\n")
-    return folders
+            trained[folder] = SharedSFT(folder, run_recipe(replace(recipe, stages=sft), folder)[-1].model)
+        arms[arm] = trained[folder]
+    for folder in trained:
+        atomic_write_text(
+            folder / ARMS_FILE, json.dumps(sorted(a for a, s in arms.items() if s.folder == folder)) + "\n"
+        )
+    return arms
 
 
 def _generated_tokens(run_dir: Path) -> int:
@@ -246,8 +256,7 @@ def run_study(
     recipes = load_arms(settings, list(overrides))
     first = next(iter(recipes.values()))
     task_name = recipe_task(first)
-    ev = settings.eval
-    ev = replace(ev, task=ev.task or task_name, levels=ev.levels or builtin_task.task_module(task_name).EVAL_LEVELS)
+    ev = resolve_settings(settings.eval, first)
     study_dir.mkdir(parents=True, exist_ok=True)
     info_path = study_dir / STUDY_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"timings": {}}
@@ -265,10 +274,10 @@ def run_study(
     heldout = write_problems(ev, study_dir / "data" / "heldout.jsonl")
 
     t0 = time.time()
-    sft_dirs = _train_sft(recipes, study_dir)
+    sft = _train_sft(recipes, study_dir)
     for arm, recipe in recipes.items():
-        folder = sft_dirs[arm]
-        evaluate_all(_sft_final(folder, recipe), recipe, heldout, ev, f"sft/{folder.name}", folder / EVAL_DIR)
+        folder = sft[arm].folder
+        evaluate_all(sft[arm].model, recipe, heldout, ev, f"sft/{folder.name}", folder / EVAL_DIR)
     info["timings"]["sft"] = info["timings"].get("sft", 0) + round(time.time() - t0, 1)
     _save(info_path, info)
 
@@ -276,9 +285,9 @@ def run_study(
         for arm, recipe in recipes.items():
             t0 = time.time()
             run_dir = study_dir / arm / f"seed{seed}"
-            rl = rl_recipe(recipe, _sft_final(sft_dirs[arm], recipe), seed)
+            rl = rl_recipe(recipe, sft[arm].model, seed)
             _reuse_sweep_run(study_dir, arm, rl, run_dir)
-            final = run_recipe(rl, run_dir)
+            final = run_recipe(rl, run_dir)[-1].model
             evaluate_all(final, recipe, heldout, ev, f"{arm}/seed{seed}", run_dir / EVAL_DIR)
             info["timings"][f"{arm}/seed{seed}"] = info["timings"].get(f"{arm}/seed{seed}", 0) + round(
                 time.time() - t0, 1
@@ -300,11 +309,6 @@ def _reuse_sweep_run(study_dir: Path, arm: str, rl: Recipe, run_dir: Path) -> No
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         run_dir.symlink_to(source.resolve(), target_is_directory=True)
         log.info("%s: the sweep's run %s is this run; reusing it", run_dir, source)
-
-
-def _sft_final(folder: Path, recipe: Recipe) -> Path:
-    sft, _ = split_stages(recipe)
-    return final_model(folder / f"{len(sft) - 1:02d}-{sft[-1].name}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,19 +357,17 @@ def run_sweep(
     settings = settings or StudySettings()
     study_dir = Path(study_dir)
     recipes = load_arms(settings, list(overrides))
-    task_name = recipe_task(next(iter(recipes.values())))
-    ev = settings.eval
-    ev = replace(ev, task=ev.task or task_name, levels=ev.levels or builtin_task.task_module(task_name).EVAL_LEVELS)
+    ev = resolve_settings(settings.eval, next(iter(recipes.values())))
     sweep_dir = study_dir / "sweep"
     problems = validation_problems(recipes, settings.seeds, ev)
     write_problems(ev, sweep_dir / "validation.jsonl", problems)
-    sft_dirs = _train_sft(recipes, study_dir)
+    sft = _train_sft(recipes, study_dir)
     seed = settings.seeds[0]
     table: dict[str, dict[str, float]] = {}
     for arm, recipe in recipes.items():
         for lr in lrs:
             run_dir = sweep_dir / arm / f"lr{lr:g}"
-            final = run_recipe(rl_recipe(recipe, _sft_final(sft_dirs[arm], recipe), seed, lr), run_dir)
+            final = run_recipe(rl_recipe(recipe, sft[arm].model, seed, lr), run_dir)[-1].model
             out = run_dir / EVAL_DIR / "validation.json"
             if out.is_file():
                 result = json.loads(out.read_text())["results"][0]
