@@ -2,7 +2,10 @@
 
 Bad input to any command (a data file, a recipe, a model path, a teacher server) ends in one
 ``error: ...`` line that names the file and line or the setting, and exit status 2; ``--debug`` shows the
-traceback instead.
+traceback instead. Any other exception is a bug: it keeps its traceback, and a last line says so.
+
+Only light modules are imported up here: each command imports what it runs (torch, transformers, the
+engine, the trainers) when it runs, so that `--help`, `check`, `view` and `analyze` start at once.
 """
 
 from __future__ import annotations
@@ -12,46 +15,40 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 import typing
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markdown import Markdown
 
-from parallel_r1.analysis import run_analysis
-from parallel_r1.coldstart import TeacherConfig, TeacherError, run_generate
+from parallel_r1 import format as response_format
 from parallel_r1.config import ConfigError, default_recipe, load_recipe, override
 from parallel_r1.data import PROMPT_TEMPLATES
-from parallel_r1.engine import BACKENDS, make_engine, render_rollout
-from parallel_r1.evaluate import DEFAULT_BENCHMARKS, markdown_table, run_eval
-from parallel_r1.format import check_file, check_report
-from parallel_r1.metrics import atomic_write_text
-from parallel_r1.models import load_model_and_tokenizer
-from parallel_r1.pipeline import default_specs, run_pipeline, run_pretrained
-from parallel_r1.recipe import run_recipe
-from parallel_r1.rollout import rollout_record
 from parallel_r1.settings import (
+    ARMS,
+    BACKENDS,
+    DEFAULT_BENCHMARKS,
     DEFAULT_VARIANT,
     SAMPLING_FIELDS,
     SEEDS,
+    SWEEP_LRS,
     VARIANTS,
     EvalConfig,
     EvalSettings,
+    InputError,
     SamplingParams,
     SamplingSettings,
     StudySettings,
 )
-from parallel_r1.study import ARMS, SWEEP_LRS, run_study, run_sweep
-from parallel_r1.viewer import write_viewer
 
 log = logging.getLogger("parallel_r1")
 
-# What a bad input raises: ValueError (ConfigError, format.InputError and the readers' errors naming file
-# and line), OSError (a missing file or model), ImportError (an optional package not installed) and
-# TeacherError (a teacher server that does not answer).
-INPUT_ERRORS = (ValueError, OSError, ImportError, TeacherError)
+# What bad input raises: InputError (ConfigError, the readers' errors naming file and line, a teacher server
+# that does not answer; `format.InputError` for the check command's files) and OSError (a missing file or
+# model). A missing optional package (tensorboard, wandb, vllm) is one too; see `_is_input_error`.
+INPUT_ERRORS = (InputError, response_format.InputError, OSError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -104,12 +101,12 @@ def _add_check_parser(sub) -> None:
 
 
 def _cmd_check(args) -> int:
-    results = check_file(args.file, args.field)
+    results = response_format.check_file(args.file, args.field)
     if args.json:
         for result in results:
             print(json.dumps(result))
     else:
-        print(check_report(args.file, results))
+        print(response_format.check_report(args.file, results))
     return 0 if all(r["valid"] for r in results) else 1
 
 
@@ -144,6 +141,10 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from rich.markdown import Markdown
+
+    from parallel_r1.evaluate import markdown_table, run_eval
+
     if args.template in PROMPT_TEMPLATES:
         template = PROMPT_TEMPLATES[args.template]
     elif Path(args.template).is_file():
@@ -189,6 +190,8 @@ def _add_data_parser(sub) -> None:
 
 
 def _cmd_data_generate(args) -> int:
+    from parallel_r1.coldstart import TeacherConfig, run_generate
+
     cfg = TeacherConfig(
         url=args.teacher_url,
         model=args.model,
@@ -212,6 +215,8 @@ def _add_view_parser(sub) -> None:
 
 
 def _cmd_view(args) -> int:
+    from parallel_r1.viewer import write_viewer
+
     log.info("wrote %s", write_viewer(args.inputs, args.out, limit=args.limit))
     return 0
 
@@ -224,6 +229,8 @@ def _add_analyze_parser(sub) -> None:
 
 
 def _cmd_analyze(args) -> int:
+    from parallel_r1.analysis import run_analysis
+
     summaries = run_analysis(args.inputs, args.out)
     log.info("%d groups analysed; wrote %s/summary.json and strategy.png", len(summaries), args.out)
     return 0
@@ -245,6 +252,8 @@ def _add_train_parser(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from parallel_r1.recipe import run_recipe
+
     recipe = load_recipe(args.config) if args.config else default_recipe()
     recipe = override(recipe, args.overrides)
     stages = run_recipe(recipe, args.run_dir or f"runs/{recipe.name}")
@@ -314,6 +323,8 @@ def _add_run_parser(sub) -> None:
 
 
 def _cmd_run(args) -> int:
+    from parallel_r1.pipeline import default_specs, run_pipeline, run_pretrained
+
     if args.model != "tiny":
         page = run_pretrained(args.model, args.out, data=args.data, steps=args.steps)
         log.info("generation: %s", page)
@@ -384,6 +395,8 @@ def _csv(text: str, kind, flag: str) -> tuple:
 
 
 def _cmd_study(args) -> int:
+    from parallel_r1.study import run_study, run_sweep
+
     settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"), eval=_eval_settings(args))
     if args.arms:
         settings = replace(settings, arms=_csv(args.arms, str, "--arms"))
@@ -416,6 +429,11 @@ def _add_generate_parser(sub) -> None:
 
 
 def _cmd_generate(args) -> int:
+    from parallel_r1.engine import make_engine, render_rollout
+    from parallel_r1.metrics import atomic_write_text
+    from parallel_r1.models import load_model_and_tokenizer
+    from parallel_r1.rollout import rollout_record
+
     params = SamplingParams(**_sampling_values(args), variant=args.variant, seed=args.seed, open_block=args.open_block)
     if args.backend == "hf":
         model, tokenizer = load_model_and_tokenizer(args.model)
@@ -460,16 +478,31 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _is_input_error(exc: BaseException) -> bool:
+    if isinstance(exc, INPUT_ERRORS):
+        return True
+    # An optional package that is not installed; a name of ours that does not import is a bug.
+    return isinstance(exc, ModuleNotFoundError) and not (exc.name or "").startswith("parallel_r1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except INPUT_ERRORS as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        if _is_input_error(exc):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"internal error: a bug in parallel-r1, not in the input ({type(exc).__name__}); please report it "
+            "in an issue of the project's repository with the command line and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from rich.progress import Progress
 from parallel_r1.answers import extract_answer, verify
 from parallel_r1.data import build_prompt, load_problems
 from parallel_r1.format import parse
+from parallel_r1.settings import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class YieldReport:
         )
 
 
-class TeacherError(RuntimeError):
-    """A request that failed after the client's retries."""
+class TeacherError(InputError):
+    """A request that failed after the client's retries (a server that does not answer is bad input)."""
 
 
 def api_base(url: str) -> str:

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pyarrow.parquet as pq
-
 from parallel_r1.metrics import iter_jsonl
+from parallel_r1.settings import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ class SFTRecord:
 def gsm8k_final_answer(solution: str) -> str:
     """The final answer of a GSM8K solution: the text after its last "####", thousands commas removed."""
     if "####" not in solution:
-        raise ValueError(f"GSM8K answer has no '####' marker: {solution[-80:]!r}")
+        raise InputError(f"GSM8K answer has no '####' marker: {solution[-80:]!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
@@ -144,14 +142,14 @@ def prompt_template(name: str) -> str:
     """The template named `name`: "parallel" (asks for blocks), "sequential" (does not) or "question" (the
     question alone, a short prompt for tiny models trained from scratch)."""
     if name not in PROMPT_TEMPLATES:
-        raise ValueError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
+        raise InputError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
     return PROMPT_TEMPLATES[name]
 
 
 def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     """The prompt for `question`: `template` with its ``{question}`` placeholder filled in."""
     if "{question}" not in template:
-        raise ValueError("the prompt template has no {question} placeholder")
+        raise InputError("the prompt template has no {question} placeholder")
     # replace, not str.format: questions and user templates are full of LaTeX braces.
     return template.replace("{question}", question.strip())
 
@@ -181,10 +179,10 @@ def _text_field(row: dict[str, Any], path: str, where: str) -> str:
     try:
         value = _field(row, path)
     except KeyError:
-        raise ValueError(f"{where}: no field {path!r} (fields there: {', '.join(sorted(row)) or 'none'})") from None
+        raise InputError(f"{where}: no field {path!r} (fields there: {', '.join(sorted(row)) or 'none'})") from None
     text = "" if value is None else _as_text(value)
     if not text.strip():
-        raise ValueError(f"{where}: field {path!r} is empty")
+        raise InputError(f"{where}: field {path!r} is empty")
     return text
 
 
@@ -199,7 +197,7 @@ def _row_id(row: dict[str, Any], path: str, default: int) -> str:
 def _local_files(path: Path, split: str | None) -> list[Path]:
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(LOCAL_SUFFIXES)})")
+            raise InputError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(LOCAL_SUFFIXES)})")
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(
@@ -219,6 +217,8 @@ def _local_files(path: Path, split: str | None) -> list[Path]:
 def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location for error messages, row) for every row of one local file."""
     if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # here, not at the top: reading a JSONL or the CLI's help needs neither
+
         for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield f"{path}, row {i}", row
         return
@@ -226,12 +226,12 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if text.lstrip().startswith("["):  # a .json file holding one array of rows
         for i, row in enumerate(json.loads(text), start=1):
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}, row {i}", row
         return
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         yield f"{path}:{n}", row
 
 
@@ -249,6 +249,8 @@ def _load_hub(
     split = split or spec.split
     question_path, answer_path = question_field or spec.question, answer_field or spec.answer
     logger.info("loading %s from the Hub (%s, config %s, split %s)", name, spec.path, spec.config, split)
+    import datasets
+
     rows = datasets.load_dataset(spec.path, spec.config, split=split)
     problems: list[Problem] = []
     seen: set[str] = set()
@@ -260,7 +262,7 @@ def _load_hub(
             question = spec.clean_question(question) if spec.clean_question else question
             answer = spec.clean_answer(answer) if spec.clean_answer else answer
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise InputError(f"{where}: {e}") from None
         if spec.dedupe:
             if question in seen:
                 continue
@@ -287,7 +289,7 @@ def load_problems(
     only its final answer. A missing or empty field raises ValueError naming the file, row and field.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     if source in BENCHMARKS and not Path(source).exists():
         return _load_hub(source, split, limit, question_field, answer_field)
     question_path, answer_path = question_field or "question", answer_field or "answer"

@@ -31,8 +31,6 @@ from parallel_r1.settings import EvalConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "gsm8k")
-
 # File stems tried, in order, for a benchmark name under --data-dir. The full MATH test set stands in
 # for MATH-500 only when no MATH-500 file is there (a warning says so: use --limit).
 BENCHMARK_FILES = {

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input that cannot be used (a data file, a setting, a model name, a teacher server), as opposed to a bug:
+    the CLI prints its message, which names the file and line or the setting, on one line and exits with 2."""
+
+
+class ConfigError(InputError):
     """A setting that cannot be used; the message names the file, line and field where there is one."""
 
 
@@ -34,6 +39,7 @@ VARIANTS: tuple[str, ...] = ("unseen", "seen", "threads")
 # The paper's structured variant is the default wherever a variant is not given (a recipe's stage, the
 # engine, `eval` and `generate`); the embedded recipes name theirs.
 DEFAULT_VARIANT = "unseen"
+BACKENDS = ("hf", "vllm")  # rollout engines (`engine.make_engine`)
 TASKS = ("arith", "search")
 """The built-in tasks (`parallel_r1.task.task_module`)."""
 
@@ -145,6 +151,8 @@ class RewardSchedule:
 # ---------------------------------------------------------------------------------------------------
 # Evaluation.
 
+DEFAULT_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "gsm8k")  # what `parallel-r1 eval` runs
+
 
 @dataclass
 class EvalConfig(SamplingSettings):
@@ -197,6 +205,7 @@ class EvalSettings:
 STUDY_RECIPES = Path(__file__).resolve().parent / "recipes" / "study"
 ARMS = ("sequential", "seen", "unseen_s1", "unseen_s2", "mid_training", "threads")
 SEEDS = (0, 1, 2)
+SWEEP_LRS = (1.0e-4, 2.0e-4, 4.0e-4)  # the RL learning rates `study --sweep` tries by default
 
 
 @dataclass

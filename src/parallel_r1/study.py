@@ -49,12 +49,11 @@ from parallel_r1.metrics import atomic_write_text, read_jsonl
 from parallel_r1.pipeline import evaluate_model, recipe_task, resolve_settings, write_problems
 from parallel_r1.recipe import run_recipe
 from parallel_r1.report import standard_error, write_study_report
-from parallel_r1.settings import ARMS, EvalSettings, StudySettings
+from parallel_r1.settings import ARMS, SWEEP_LRS, EvalSettings, StudySettings
 
 log = logging.getLogger(__name__)
 
 BASELINE = "sequential"
-SWEEP_LRS = (1.0e-4, 2.0e-4, 4.0e-4)
 VALIDATION_SEED = 10_007  # validation problems: the task's train split, drawn apart from every training set
 ARMS_FILE = "arms.json"  # in a shared SFT folder: the arms that start from it
 EVALS = ("heldout", "no_blocks", "seen_attention")
