@@ -19,7 +19,7 @@ from typing import Any
 from parallel_r1.metrics import iter_jsonl
 from parallel_r1.settings import InputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -248,7 +248,7 @@ def _load_hub(
     spec = BENCHMARKS[name]
     split = split or spec.split
     question_path, answer_path = question_field or spec.question, answer_field or spec.answer
-    logger.info("loading %s from the Hub (%s, config %s, split %s)", name, spec.path, spec.config, split)
+    log.info("loading %s from the Hub (%s, config %s, split %s)", name, spec.path, spec.config, split)
     import datasets
 
     rows = datasets.load_dataset(spec.path, spec.config, split=split)
