@@ -1,10 +1,16 @@
-"""Every command turns bad input into one `error: ...` line naming the file and line or the setting, exit 2."""
+"""Every command turns bad input into one `error: ...` line naming the file and line or the setting, exit 2;
+any other exception is a bug and keeps its traceback."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from parallel_r1 import check as response_format
 from parallel_r1.cli import main
+from parallel_r1.coldstart import TeacherError
+from parallel_r1.config import ConfigError
 
 MODEL = "{name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}"
 SFT_RECIPE = """
@@ -82,3 +88,43 @@ def test_a_teacher_server_that_does_not_answer(tmp_path, capsys):
     argv += ["--dataset", str(dataset), "--out", str(tmp_path / "out.jsonl"), "--retries", "0", "--timeout", "2"]
     assert main(argv) == 2
     assert "every request to the teacher failed" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ValueError("a plain ValueError from deep in the code"), 1),
+        (KeyError("missing"), 1),
+        (ModuleNotFoundError("No module named 'parallel_r1.gone'", name="parallel_r1.gone"), 1),
+        (ConfigError("recipe.yaml:3: lr must be > 0"), 2),
+        (FileNotFoundError("data.jsonl: no such file"), 2),
+        (TeacherError("every request to the teacher failed"), 2),
+        (ModuleNotFoundError("No module named 'wandb'", name="wandb"), 2),
+    ],
+)
+def test_only_input_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch, error, status):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(response_format, "check_file", fail)
+    assert main(["check", str(tmp_path / "any.jsonl")]) == status
+    if status == 2:
+        assert _error(capsys) == f"error: {error}"
+        return
+    err = capsys.readouterr().err
+    assert "Traceback" in err and type(error).__name__ in err
+    assert err.strip().splitlines()[-1].startswith("internal error: a bug in parallel-r1")
+    with pytest.raises(type(error)):
+        main(["--debug", "check", str(tmp_path / "any.jsonl")])
+
+
+def test_commands_that_need_no_model_start_without_torch(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"response": "Final Answer: 2"}) + "\n")
+    code = (
+        "import sys; from parallel_r1.cli import build_parser, main; build_parser(); "
+        f"main(['check', {str(records)!r}]); import parallel_r1.viewer, parallel_r1.analysis; "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'parallel_r1.engine') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -33,7 +33,15 @@ stages:
 
 def test_stages_chain_and_finished_stages_are_skipped(tmp_path):
     recipe = parse_recipe(TWO_SFT)
-    final = run_recipe(recipe, tmp_path)
+    stages = run_recipe(recipe, tmp_path)
+    assert [(s.name, s.kind, s.folder.name) for s in stages] == [
+        ("first", "sft", "00-first"),
+        ("second", "sft", "01-second"),
+    ]
+    assert all(not s.skipped and s.seconds >= 0 for s in stages)
+    assert [s.model for s in stages] == [final_model(tmp_path / "00-first"), final_model(tmp_path / "01-second")]
+    assert stages[1].metrics == read_jsonl(tmp_path / "01-second" / "metrics.jsonl")[-1]
+    final = stages[-1].model
     first = load_file(final_model(tmp_path / "00-first") / "model.safetensors")
     second = load_file(final / "model.safetensors")
     assert final.parent.name == "01-second"
@@ -48,7 +56,9 @@ def test_stages_chain_and_finished_stages_are_skipped(tmp_path):
     assert (tmp_path / "recipe.yaml").is_file()
 
     metrics = (tmp_path / "01-second" / "metrics.jsonl").read_text()
-    assert run_recipe(recipe, tmp_path) == final  # both stages are done: nothing runs again
+    again = run_recipe(recipe, tmp_path)  # both stages are done: nothing runs again, and both are reported
+    assert all(s.skipped for s in again)
+    assert [(s.model, s.metrics) for s in again] == [(s.model, s.metrics) for s in stages]
     assert (tmp_path / "01-second" / "metrics.jsonl").read_text() == metrics
 
 
@@ -104,11 +114,13 @@ def test_grpo_stage_from_the_cli_logs_metrics_and_rollouts_and_resumes_exactly(t
     rollouts = read_jsonl(stage / "rollouts.jsonl")
     assert len(rollouts) == 2 * 2 * 3  # steps x prompts x n (the --set override)
     assert {"response", "reward", "pred", "gold", "question", "num_blocks", "well_formed", "step"} <= set(rollouts[0])
-    # the untrained model answers nothing right: every reward is the recipe's wrong_value, except on the
-    # parallel step (2), where a response that fails the format check gets format_error_value (-1)
+    # Whatever the sampler drew, each reward is what the recipe's values give that response: wrong_value
+    # -0.5, correct_value 1.0, parallel_value 3.0 for a correct well-formed block on the parallel step (2),
+    # and on that step at most format_error_value (-1) for a response that fails the format check.
     for r in rollouts:
-        gated = r["step"] == 2 and not r["well_formed"]
-        assert (r["correct"], r["reward"]) == (False, -1.0 if gated else -0.5), r
+        parallel = r["step"] == 2
+        want = (3.0 if parallel and r["num_blocks"] and r["well_formed"] else 1.0) if r["correct"] else -0.5
+        assert r["reward"] == (min(want, -1.0) if parallel and not r["well_formed"] else want), r
     # `parallel-r1 analyze` and `view` read the stage folder as it is
     assert [r["response"] for r in read_rollouts([stage])] == [r["response"] for r in rollouts]
 

@@ -7,7 +7,7 @@ import pytest
 
 from parallel_r1 import study, tasks
 from parallel_r1.config import ConfigError
-from parallel_r1.pipeline import EvalSettings
+from parallel_r1.settings import STUDY_RECIPES, EvalSettings
 
 # A study small enough for a test: a few SFT and RL steps, two problems per level, two samples each.
 QUICK = [
@@ -48,11 +48,9 @@ def test_arms_have_equal_rl_budgets_and_share_sft_where_it_is_the_same():
 
 
 def test_a_different_rl_budget_is_refused(tmp_path):
-    for arm in ("sequential", "seen"):
-        text = (study.STUDY_RECIPES / f"{arm}.yaml").read_text()
-        if arm == "seen":
-            text = text.replace("max_steps: 20\n", "max_steps: 21\n", 1)
-        (tmp_path / f"{arm}.yaml").write_text(text)
+    for name in ("base", "sequential"):
+        (tmp_path / f"{name}.yaml").write_text((STUDY_RECIPES / f"{name}.yaml").read_text())
+    (tmp_path / "seen.yaml").write_text("extends: base.yaml\nstages:\n  - name: rl_hard\n    max_steps: 21\n")
     settings = study.StudySettings(arms=("sequential", "seen"), recipes_dir=tmp_path)
     with pytest.raises(ConfigError, match="different RL budgets"):
         study.load_arms(settings, [])
@@ -61,7 +59,7 @@ def test_a_different_rl_budget_is_refused(tmp_path):
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="distinct"):
         study.StudySettings(seeds=(0, 0))
-    with pytest.raises(ConfigError, match="workers"):
+    with pytest.raises(ConfigError, match="workers and threads"):
         study.StudySettings(workers=0)
 
 

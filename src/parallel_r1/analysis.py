@@ -25,6 +25,7 @@ from parallel_r1.answers import extract_answer, verify
 from parallel_r1.files import atomic_write_text, iter_jsonl
 from parallel_r1.format import parse
 from parallel_r1.rollout import upgrade_record
+from parallel_r1.settings import InputError
 
 POSITION_BINS = 10
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -63,9 +64,9 @@ def _eval_samples(path: Path) -> Path:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
+        raise InputError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(payload, dict) or "samples" not in payload:
-        raise ValueError(f"{path}: not a `parallel-r1 eval` result (no 'samples' field)")
+        raise InputError(f"{path}: not a `parallel-r1 eval` result (no 'samples' field)")
     return path.with_name(payload["samples"])
 
 
@@ -84,7 +85,7 @@ def _read_records(path: Path) -> list[dict]:
     records = []
     for n, record in iter_jsonl(path, allow_cut_last_line=True):
         if not isinstance(record, dict) or not isinstance(record.get("response"), str):
-            raise ValueError(f"{path}:{n}: a record needs a string field 'response'")
+            raise InputError(f"{path}:{n}: a record needs a string field 'response'")
         records.append({**upgrade_record(record), "_source": str(path)})
     return records
 
@@ -305,7 +306,7 @@ def run_analysis(inputs: Sequence[str | Path], out_dir: str | Path) -> list[Grou
     """Read rollouts, analyse them, write summary.json and strategy.png to `out_dir`."""
     records = read_rollouts(inputs)
     if not records:
-        raise ValueError(f"no rollout records in {', '.join(map(str, inputs))}")
+        raise InputError(f"no rollout records in {', '.join(map(str, inputs))}")
     summaries = analyze_records(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

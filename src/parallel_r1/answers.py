@@ -38,7 +38,7 @@ import sys
 import threading
 from fractions import Fraction
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Bump whenever a verdict can change, so that scores from different checkers are not compared unknowingly.
 CHECKER_VERSION = "2"
@@ -466,7 +466,7 @@ def _verify_in_worker(pred: str, gold: str, timeout_s: float) -> bool:
     except OSError:
         verdict = None
     if verdict is None:
-        logger.warning("answer check timed out (%.1f s) or failed; counted as wrong: %.80r", timeout_s, pred)
+        log.warning("answer check timed out (%.1f s) or failed; counted as wrong: %.80r", timeout_s, pred)
         worker.close()
         return False
     with _workers_lock:
@@ -513,7 +513,7 @@ def verify(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
             return _math_verify(pred, gold, max(1, math.ceil(timeout_s)))
         return _verify_in_worker(pred, gold, timeout_s)
     except Exception:
-        logger.debug("answer check failed for %.80r vs %.80r", pred, gold, exc_info=True)
+        log.debug("answer check failed for %.80r vs %.80r", pred, gold, exc_info=True)
         return False
 
 

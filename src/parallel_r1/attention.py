@@ -29,8 +29,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from parallel_r1 import chunked_attention
 from parallel_r1.format import TagIds
+from parallel_r1.settings import VARIANTS
 
-VARIANTS = ("unseen", "seen", "threads")
 DENSE_BACKENDS = ("sdpa", "eager")
 FLEX_BACKEND = "flex_attention"
 

@@ -9,9 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from parallel_r1.format import parse
+from parallel_r1.settings import InputError as _BaseInputError
 
 
-class InputError(ValueError):
+class InputError(_BaseInputError):
     """A response file that cannot be read; the message names the file and, where known, the line."""
 
 

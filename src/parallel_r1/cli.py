@@ -2,7 +2,10 @@
 
 Bad input to any command (a data file, a recipe, a model path, a teacher server) ends in one
 ``error: ...`` line that names the file and line or the setting, and exit status 2; ``--debug`` shows the
-traceback instead.
+traceback instead. Any other exception is a bug: it keeps its traceback, and a last line says so.
+
+Only light modules are imported up here: each command imports what it runs (torch, transformers, the
+engine, the trainers) when it runs, so that `--help`, `check`, `view` and `analyze` start at once.
 """
 
 from __future__ import annotations
@@ -12,35 +15,40 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 import typing
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markdown import Markdown
 
-from parallel_r1.analysis import run_analysis
-from parallel_r1.backends import BACKENDS, make_engine
-from parallel_r1.check import check_file, check_report
-from parallel_r1.coldstart import TeacherConfig, TeacherError, run_generate
+from parallel_r1 import check as response_format
 from parallel_r1.config import ConfigError, default_recipe, load_recipe, override
 from parallel_r1.data import PROMPT_TEMPLATES
-from parallel_r1.evaluate import DEFAULT_BENCHMARKS, EvalConfig, markdown_table, run_eval
-from parallel_r1.files import atomic_write_text
-from parallel_r1.models import load_model_and_tokenizer
-from parallel_r1.pipeline import EvalSettings, default_specs, run_pipeline, run_pretrained
-from parallel_r1.recipe import run_recipe
-from parallel_r1.rollout import SAMPLING_FIELDS, VARIANTS, SamplingParams, SamplingSettings, rollout_record
-from parallel_r1.study import ARMS, SEEDS, SWEEP_LRS, StudySettings, run_study, run_sweep
-from parallel_r1.viewer import render_rollout, write_viewer
+from parallel_r1.settings import (
+    ARMS,
+    BACKENDS,
+    DEFAULT_BENCHMARKS,
+    DEFAULT_VARIANT,
+    SAMPLING_FIELDS,
+    SEEDS,
+    SWEEP_LRS,
+    VARIANTS,
+    EvalConfig,
+    EvalSettings,
+    InputError,
+    SamplingParams,
+    SamplingSettings,
+    StudySettings,
+)
 
 log = logging.getLogger("parallel_r1")
 
-# What a bad input raises: ValueError (ConfigError, format.InputError and the readers' errors naming file
-# and line), OSError (a missing file or model), ImportError (an optional package not installed) and
-# TeacherError (a teacher server that does not answer).
-INPUT_ERRORS = (ValueError, OSError, ImportError, TeacherError)
+# What bad input raises: InputError (ConfigError, the readers' errors naming file and line, a teacher server
+# that does not answer; `format.InputError` for the check command's files) and OSError (a missing file or
+# model). A missing optional package (tensorboard, wandb, vllm) is one too; see `_is_input_error`.
+INPUT_ERRORS = (InputError, response_format.InputError, OSError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -54,7 +62,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampling flags, derived from `rollout.SamplingSettings`.
+# Sampling flags, derived from `settings.SamplingSettings`.
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +78,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
             default=default,
             help=f"{field.metadata['help']} (default: {default})",
         )
-    parser.add_argument("--variant", choices=VARIANTS, default="unseen", help="decoding variant (default: unseen)")
+    parser.add_argument(
+        "--variant", choices=VARIANTS, default=DEFAULT_VARIANT, help=f"decoding variant (default: {DEFAULT_VARIANT})"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -91,12 +101,12 @@ def _add_check_parser(sub) -> None:
 
 
 def _cmd_check(args) -> int:
-    results = check_file(args.file, args.field)
+    results = response_format.check_file(args.file, args.field)
     if args.json:
         for result in results:
             print(json.dumps(result))
     else:
-        print(check_report(args.file, results))
+        print(response_format.check_report(args.file, results))
     return 0 if all(r["valid"] for r in results) else 1
 
 
@@ -110,11 +120,17 @@ def _add_eval_parser(sub) -> None:
         default=",".join(DEFAULT_BENCHMARKS),
         help=f"comma-separated names ({', '.join(DEFAULT_BENCHMARKS)}) or name=path.jsonl",
     )
-    ev.add_argument("--k", type=int, default=16, help="samples per problem")
+    defaults = EvalConfig()
+    ev.add_argument("--k", type=int, default=defaults.k, help=f"samples per problem (default: {defaults.k})")
     ev.add_argument("--data-dir", help="read benchmarks from local files here (aime24.jsonl, gsm8k_test.jsonl, ...)")
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     _add_sampling_flags(ev)
-    ev.add_argument("--batch-size", type=int, default=64, help="rollouts decoded together")
+    ev.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help=f"rollouts decoded together (default: {defaults.max_batch_size})",
+    )
     ev.add_argument(
         "--template",
         default="parallel",
@@ -125,6 +141,10 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from rich.markdown import Markdown
+
+    from parallel_r1.evaluate import markdown_table, run_eval
+
     if args.template in PROMPT_TEMPLATES:
         template = PROMPT_TEMPLATES[args.template]
     elif Path(args.template).is_file():
@@ -170,6 +190,8 @@ def _add_data_parser(sub) -> None:
 
 
 def _cmd_data_generate(args) -> int:
+    from parallel_r1.coldstart import TeacherConfig, run_generate
+
     cfg = TeacherConfig(
         url=args.teacher_url,
         model=args.model,
@@ -193,6 +215,8 @@ def _add_view_parser(sub) -> None:
 
 
 def _cmd_view(args) -> int:
+    from parallel_r1.viewer import write_viewer
+
     log.info("wrote %s", write_viewer(args.inputs, args.out, limit=args.limit))
     return 0
 
@@ -205,6 +229,8 @@ def _add_analyze_parser(sub) -> None:
 
 
 def _cmd_analyze(args) -> int:
+    from parallel_r1.analysis import run_analysis
+
     summaries = run_analysis(args.inputs, args.out)
     log.info("%d groups analysed; wrote %s/summary.json and strategy.png", len(summaries), args.out)
     return 0
@@ -226,11 +252,34 @@ def _add_train_parser(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from parallel_r1.recipe import run_recipe
+
     recipe = load_recipe(args.config) if args.config else default_recipe()
     recipe = override(recipe, args.overrides)
-    final = run_recipe(recipe, args.run_dir or f"runs/{recipe.name}")
-    log.info("final model: %s", final)
+    stages = run_recipe(recipe, args.run_dir or f"runs/{recipe.name}")
+    for stage in stages:
+        how = "finished before" if stage.skipped else f"{stage.seconds:.0f} s"
+        log.info("%s (%s, %s): %s", stage.name, stage.kind, how, stage.model)
+    log.info("final model: %s", stages[-1].model)
     return 0
+
+
+def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """--eval-problems and --eval-k: the held-out evaluation after every stage (`settings.EvalSettings`)."""
+    defaults = EvalSettings()
+    parser.add_argument(
+        "--eval-problems",
+        type=int,
+        default=defaults.problems_per_level,
+        help=f"held-out problems per level (default: {defaults.problems_per_level})",
+    )
+    parser.add_argument(
+        "--eval-k", type=int, default=defaults.k, help=f"samples per held-out problem (default: {defaults.k})"
+    )
+
+
+def _eval_settings(args) -> EvalSettings:
+    return EvalSettings(problems_per_level=args.eval_problems, k=args.eval_k)
 
 
 def _add_run_parser(sub) -> None:
@@ -257,8 +306,7 @@ def _add_run_parser(sub) -> None:
         metavar="N",
         help="the first N stages of each recipe only (2: SFT and RL on easy problems, about 8 minutes)",
     )
-    run.add_argument("--eval-problems", type=int, help="held-out problems per level (default: 64)")
-    run.add_argument("--eval-k", type=int, help="samples per held-out problem (default: 4)")
+    _add_eval_flags(run)
     run.add_argument(
         "--model",
         default="tiny",
@@ -275,15 +323,13 @@ def _add_run_parser(sub) -> None:
 
 
 def _cmd_run(args) -> int:
+    from parallel_r1.pipeline import default_specs, run_pipeline, run_pretrained
+
     if args.model != "tiny":
         page = run_pretrained(args.model, args.out, data=args.data, steps=args.steps)
         log.info("generation: %s", page)
         return 0
-    settings = EvalSettings()
-    if args.eval_problems:
-        settings = replace(settings, problems_per_level=args.eval_problems)
-    if args.eval_k:
-        settings = replace(settings, k=args.eval_k)
+    settings = _eval_settings(args)
     specs = default_specs(args.config, args.baseline, with_baseline=not args.no_baseline)
     result = run_pipeline(args.out, specs, args.overrides, settings, max_stages=args.stages)
     for recipe in result.summary["recipes"]:
@@ -337,8 +383,7 @@ def _add_study_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="override a field of every arm's recipe, e.g. --set stages.rl_hard.max_steps=10",
     )
-    study.add_argument("--eval-problems", type=int, help="problems per level (default: 64)")
-    study.add_argument("--eval-k", type=int, help="samples per problem (default: 4)")
+    _add_eval_flags(study)
     study.set_defaults(func=_cmd_study)
 
 
@@ -350,13 +395,11 @@ def _csv(text: str, kind, flag: str) -> tuple:
 
 
 def _cmd_study(args) -> int:
-    settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"))
+    from parallel_r1.study import run_study, run_sweep
+
+    settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"), eval=_eval_settings(args))
     if args.arms:
         settings = replace(settings, arms=_csv(args.arms, str, "--arms"))
-    if args.eval_problems:
-        settings = replace(settings, eval=replace(settings.eval, problems_per_level=args.eval_problems))
-    if args.eval_k:
-        settings = replace(settings, eval=replace(settings.eval, k=args.eval_k))
     if args.sweep:
         result = run_sweep(args.out, settings, args.overrides, _csv(args.lrs, float, "--lrs"))
         for arm, lr in result["best_lr"].items():
@@ -386,6 +429,12 @@ def _add_generate_parser(sub) -> None:
 
 
 def _cmd_generate(args) -> int:
+    from parallel_r1.backends import make_engine
+    from parallel_r1.files import atomic_write_text
+    from parallel_r1.models import load_model_and_tokenizer
+    from parallel_r1.rollout import rollout_record
+    from parallel_r1.viewer import render_rollout
+
     params = SamplingParams(**_sampling_values(args), variant=args.variant, seed=args.seed, open_block=args.open_block)
     if args.backend == "hf":
         model, tokenizer = load_model_and_tokenizer(args.model)
@@ -430,16 +479,31 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _is_input_error(exc: BaseException) -> bool:
+    if isinstance(exc, INPUT_ERRORS):
+        return True
+    # An optional package that is not installed; a name of ours that does not import is a bug.
+    return isinstance(exc, ModuleNotFoundError) and not (exc.name or "").startswith("parallel_r1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except INPUT_ERRORS as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        if _is_input_error(exc):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"internal error: a bug in parallel-r1, not in the input ({type(exc).__name__}); please report it "
+            "in an issue of the project's repository with the command line and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from rich.progress import Progress
 from parallel_r1.answers import extract_answer, verify
 from parallel_r1.data import build_prompt, load_problems
 from parallel_r1.format import parse
+from parallel_r1.settings import InputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PARALLEL_R1_TEACHER_API_KEY"
 
@@ -67,8 +68,8 @@ class YieldReport:
         )
 
 
-class TeacherError(RuntimeError):
-    """A request that failed after the client's retries."""
+class TeacherError(InputError):
+    """A request that failed after the client's retries (a server that does not answer is bad input)."""
 
 
 def api_base(url: str) -> str:
@@ -135,7 +136,7 @@ def _repair_tail(path: Path) -> None:
     data = path.read_bytes()
     if not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        logger.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - keep)
+        log.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - keep)
         with path.open("r+b") as f:
             f.truncate(keep)
 
@@ -196,7 +197,7 @@ def generate(problems: Sequence, cfg: TeacherConfig, out: str | Path) -> YieldRe
                 try:
                     response = future.result()
                 except TeacherError as e:
-                    logger.warning("problem %s: %s", problem.id, e)
+                    log.warning("problem %s: %s", problem.id, e)
                     report.rejected["request_failed"] += 1
                     failure = e
                     continue

@@ -20,24 +20,20 @@ from typing import Any, Literal
 
 import yaml
 
-from parallel_r1.rewards import RewardSchedule
-from parallel_r1.rollout import SamplingSettings
+from parallel_r1.settings import (
+    DEFAULT_VARIANT,
+    ConfigError,
+    RewardSchedule,
+    SamplingSettings,
+    Variant,
+)
+from parallel_r1.settings import require as _require
 
-Variant = Literal["seen", "unseen", "threads"]
 # The embedded default and its sequential baseline ship inside the package, so that `parallel-r1 run`
 # works from any install; configs/tiny.yaml and configs/tiny_sequential.yaml link to them.
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
 BASELINE_RECIPE = RECIPES / "tiny_sequential.yaml"
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot be used; the message names the file, line and field."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -133,7 +129,7 @@ class SFTConfig:
 class RolloutConfig(SamplingSettings):
     """How the engine samples responses during GRPO. The sampling keys (temperature, top_p, top_k,
     max_response_tokens, max_path_tokens, max_blocks, num_paths) and their checks are those of
-    `parallel_r1.rollout.SamplingSettings`; the variant is the stage's."""
+    `parallel_r1.settings.SamplingSettings`; the variant is the stage's."""
 
     backend: Literal["hf", "vllm"] = "hf"
     """"hf": the built-in engine (shares the trained model; sampling log-probs are exact, so they serve
@@ -153,7 +149,7 @@ class RolloutConfig(SamplingSettings):
 
 @dataclass
 class RewardConfig:
-    """The reward schedule (see `parallel_r1.rewards.RewardSchedule`)."""
+    """The reward schedule (see `parallel_r1.settings.RewardSchedule`)."""
 
     kind: Literal["accuracy", "parallel", "alternating", "mid_training"] = "accuracy"
     """accuracy: correct_value / wrong_value. parallel: parallel_value for a correct answer with a
@@ -259,7 +255,7 @@ class StageConfig:
     name: str
     """Names the stage's folder in the run directory; unique within a recipe."""
     kind: Literal["sft", "grpo"]
-    variant: Variant = "seen"
+    variant: Variant = DEFAULT_VARIANT
     """seen: causal mask. unseen: paths are isolated from each other (structured mask and positions).
     threads: paths isolated, and what follows a block reads it as sequential text (re-prefill at join, what
     the vLLM backend samples; docs/attention.md). The same variant is used to sample and to train."""
@@ -364,19 +360,22 @@ def _where(path: Location) -> str:
     return out or "recipe"
 
 
+# Where each value of a recipe was written: location in the data -> (file, line). A recipe that extends
+# another holds values of both files.
+Lines = dict[Location, tuple[str, int]]
+
+
 class _Builder:
-    def __init__(self, source: str, lines: dict[Location, int]):
+    def __init__(self, source: str, lines: Lines):
         self.source = source
         self.lines = lines
 
     def error(self, path: Location, message: str) -> ConfigError:
-        line = None
         for cut in range(len(path), -1, -1):
-            line = self.lines.get(tuple(path[:cut]))
-            if line is not None:
-                break
-        prefix = f"{self.source}:{line}" if line is not None else self.source
-        return ConfigError(f"{prefix}: {message}")
+            written = self.lines.get(tuple(path[:cut]))
+            if written is not None:
+                return ConfigError(f"{written[0]}:{written[1]}: {message}")
+        return ConfigError(f"{self.source}: {message}")
 
     def build(self, tp: Any, value: Any, path: Location) -> Any:
         origin = typing.get_origin(tp)
@@ -453,42 +452,114 @@ class _Builder:
             raise self.error(path, f"{_where(path)}: {exc}") from None
 
 
-def _line_numbers(node: yaml.Node, path: Location, out: dict[Location, int]) -> None:
-    out[path] = node.start_mark.line + 1
+def _line_numbers(node: yaml.Node, source: str, path: Location, out: Lines) -> None:
+    out[path] = (source, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*path, key_node.value)
-            _line_numbers(value_node, key, out)
-            out[key] = key_node.start_mark.line + 1
+            _line_numbers(value_node, source, key, out)
+            out[key] = (source, key_node.start_mark.line + 1)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_numbers(item, (*path, i), out)
+            _line_numbers(item, source, (*path, i), out)
 
 
-def recipe_from_dict(data: Any, source: str = "<recipe>", lines: dict[Location, int] | None = None) -> Recipe:
+def recipe_from_dict(data: Any, source: str = "<recipe>", lines: Lines | None = None) -> Recipe:
     """Validate plain data (as read from YAML) into a Recipe."""
     return _Builder(source, lines or {}).build_dataclass(Recipe, data, ())
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and validate a recipe from YAML text; `source` names it in error messages."""
+def _read_yaml(text: str, source: str) -> tuple[Any, Lines]:
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    lines: dict[Location, int] = {}
+    lines: Lines = {}
     if node is not None:
-        _line_numbers(node, (), lines)
+        _line_numbers(node, source, (), lines)
+    return data, lines
+
+
+def _below(lines: Lines, prefix: Location) -> Lines:
+    """The entries of `lines` under `prefix`, relative to it."""
+    n = len(prefix)
+    return {loc[n:]: where for loc, where in lines.items() if loc[:n] == prefix}
+
+
+def _under(prefix: Location, lines: Lines) -> Lines:
+    return {(*prefix, *loc): where for loc, where in lines.items()}
+
+
+def _merge(base: Any, base_lines: Lines, top: Any, top_lines: Lines, path: Location = ()) -> tuple[Any, Lines]:
+    """`top` over `base`, with their lines: mappings merge key by key, the recipe's stages stage by stage
+    (matched by name; a new name is appended), and any other value or list of `top` replaces the base's."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        merged, lines = dict(base), {loc: w for loc, w in base_lines.items() if loc[:1] and loc[0] not in top}
+        places = [(key, key) for key in top]
+    elif path == ("stages",) and isinstance(base, list) and isinstance(top, list):
+        merged, lines = list(base), dict(base_lines)
+        names = [stage.get("name") if isinstance(stage, dict) else None for stage in base]
+        places = []  # (index in top, index in the merged list)
+        for i, stage in enumerate(top):
+            name = stage.get("name") if isinstance(stage, dict) else None
+            places.append((i, names.index(name) if name is not None and name in names else len(merged)))
+            if places[-1][1] == len(merged):
+                merged.append(None)
+    else:
+        return top, top_lines
+    for key, place in places:
+        value, sub = top[key], _below(top_lines, (key,))
+        if isinstance(merged, dict) and key in base or isinstance(merged, list) and place < len(base):
+            value, sub = _merge(base[place], _below(base_lines, (place,)), value, sub, (*path, place))
+            lines = {loc: w for loc, w in lines.items() if loc[:1] != (place,)}
+        merged[place] = value
+        lines.update(_under((place,), sub))
+    if () in top_lines or () in base_lines:
+        lines[()] = top_lines.get((), base_lines.get(()))
+    return merged, lines
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, Lines]:
+    """The data and lines of the recipe file `path`, with what it `extends` merged in beneath it."""
+    here = path.resolve()  # a symlinked recipe (configs/tiny.yaml) extends relative to where it lives
+    if here in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(here) :], here))
+        raise ConfigError(f"{path}: extends itself through {cycle}")
+    data, lines = _read_yaml(path.read_text(), str(path))
+    if not isinstance(data, dict) or "extends" not in data:
+        return data, lines
+    data = dict(data)
+    parent = data.pop("extends")
+    where = f"{path}:{lines[('extends',)][1]}"
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{where}: extends: expected the path of a recipe file, got {parent!r}")
+    base_path = here.parent / parent
+    if not base_path.is_file():
+        raise ConfigError(f"{where}: extends {parent!r}: no such recipe file ({base_path})")
+    base, base_lines = _read_recipe(base_path, (*chain, here))
+    lines = {loc: w for loc, w in lines.items() if loc[:1] != ("extends",)}
+    return _merge(base, base_lines, data, lines)
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and validate a recipe from YAML text; `source` names it in error messages. Text that `extends`
+    another file goes through `load_recipe`, which knows where the file is."""
+    data, lines = _read_yaml(text, source)
+    if isinstance(data, dict) and "extends" in data:
+        raise ConfigError(f"{source}: extends needs a recipe file (load_recipe), not text")
     return recipe_from_dict(data, source, lines)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file. A recipe may start with `extends: <file>` (relative to its own
+    folder) and state only what differs from that recipe: mappings merge, `stages` merge by stage name
+    (a new name adds a stage at the end), any other value or list replaces the base's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe file")
-    return parse_recipe(path.read_text(), str(path))
+    data, lines = _read_recipe(path)
+    return recipe_from_dict(data, str(path), lines)
 
 
 def default_recipe() -> Recipe:

@@ -17,12 +17,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pyarrow.parquet as pq
-
 from parallel_r1.files import iter_jsonl
+from parallel_r1.settings import InputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -45,7 +43,7 @@ class SFTRecord:
 def gsm8k_final_answer(solution: str) -> str:
     """The final answer of a GSM8K solution: the text after its last "####", thousands commas removed."""
     if "####" not in solution:
-        raise ValueError(f"GSM8K answer has no '####' marker: {solution[-80:]!r}")
+        raise InputError(f"GSM8K answer has no '####' marker: {solution[-80:]!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
@@ -145,14 +143,14 @@ def prompt_template(name: str) -> str:
     """The template named `name`: "parallel" (asks for blocks), "sequential" (does not) or "question" (the
     question alone, a short prompt for tiny models trained from scratch)."""
     if name not in PROMPT_TEMPLATES:
-        raise ValueError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
+        raise InputError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
     return PROMPT_TEMPLATES[name]
 
 
 def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     """The prompt for `question`: `template` with its ``{question}`` placeholder filled in."""
     if "{question}" not in template:
-        raise ValueError("the prompt template has no {question} placeholder")
+        raise InputError("the prompt template has no {question} placeholder")
     # replace, not str.format: questions and user templates are full of LaTeX braces.
     return template.replace("{question}", question.strip())
 
@@ -182,10 +180,10 @@ def _text_field(row: dict[str, Any], path: str, where: str) -> str:
     try:
         value = _field(row, path)
     except KeyError:
-        raise ValueError(f"{where}: no field {path!r} (fields there: {', '.join(sorted(row)) or 'none'})") from None
+        raise InputError(f"{where}: no field {path!r} (fields there: {', '.join(sorted(row)) or 'none'})") from None
     text = "" if value is None else _as_text(value)
     if not text.strip():
-        raise ValueError(f"{where}: field {path!r} is empty")
+        raise InputError(f"{where}: field {path!r} is empty")
     return text
 
 
@@ -200,7 +198,7 @@ def _row_id(row: dict[str, Any], path: str, default: int) -> str:
 def _local_files(path: Path, split: str | None) -> list[Path]:
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(LOCAL_SUFFIXES)})")
+            raise InputError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(LOCAL_SUFFIXES)})")
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(
@@ -220,6 +218,8 @@ def _local_files(path: Path, split: str | None) -> list[Path]:
 def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location for error messages, row) for every row of one local file."""
     if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # here, not at the top: reading a JSONL or the CLI's help needs neither
+
         for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield f"{path}, row {i}", row
         return
@@ -227,12 +227,12 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if text.lstrip().startswith("["):  # a .json file holding one array of rows
         for i, row in enumerate(json.loads(text), start=1):
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}, row {i}", row
         return
     for n, row in iter_jsonl(path):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         yield f"{path}:{n}", row
 
 
@@ -249,7 +249,9 @@ def _hub_problems(
     spec = BENCHMARKS[name]
     split = split or spec.split
     question_path, answer_path = question_field or spec.question, answer_field or spec.answer
-    logger.info("loading %s from the Hub (%s, config %s, split %s)", name, spec.path, spec.config, split)
+    log.info("loading %s from the Hub (%s, config %s, split %s)", name, spec.path, spec.config, split)
+    import datasets
+
     rows = datasets.load_dataset(spec.path, spec.config, split=split)
     seen: set[str] = set()
     for i, row in enumerate(rows):
@@ -260,7 +262,7 @@ def _hub_problems(
             question = spec.clean_question(question) if spec.clean_question else question
             answer = spec.clean_answer(answer) if spec.clean_answer else answer
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise InputError(f"{where}: {e}") from None
         if spec.dedupe:
             if question in seen:
                 continue
@@ -296,7 +298,7 @@ def load_problems(
     only its final answer. A missing or empty field raises ValueError naming the file, row and field.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     if source in BENCHMARKS and not Path(source).exists():
         problems = _hub_problems(source, split, question_field, answer_field)
     else:

@@ -26,11 +26,10 @@ from parallel_r1.data import PROMPT_TEMPLATE, build_prompt, load_problems
 from parallel_r1.files import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
 from parallel_r1.rewards import score_response
-from parallel_r1.rollout import SamplingSettings, rollout_record, sampling_params, upgrade_record
+from parallel_r1.rollout import rollout_record, sampling_params, upgrade_record
+from parallel_r1.settings import EvalConfig
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "gsm8k")
+log = logging.getLogger(__name__)
 
 # File stems tried, in order, for a benchmark name under --data-dir. The full MATH test set stands in
 # for MATH-500 only when no MATH-500 file is there (a warning says so: use --limit).
@@ -96,18 +95,6 @@ def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool
 # ------------------------------------------------------------------------------------------------
 # Running a model on a benchmark
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig(SamplingSettings):
-    """How to sample: the sampling knobs of `rollout.SamplingSettings`, and these."""
-
-    k: int = 16
-    seed: int = 0
-    variant: str = "unseen"
-    max_batch_size: int = 64
-    verify_timeout_s: float = 5.0
-    template: str | None = None  # prompt template with {question}; None: data.PROMPT_TEMPLATE
 
 
 @dataclass
@@ -252,7 +239,7 @@ def resolve_benchmark(name: str, data_dir: str | Path | None) -> tuple[str, str]
             path = data_dir / f"{stem}{suffix}"
             if path.is_file():
                 if name == "math500" and stem == "math_test":
-                    logger.warning("math500: no MATH-500 file in %s; using the full MATH test set %s", data_dir, path)
+                    log.warning("math500: no MATH-500 file in %s; using the full MATH test set %s", data_dir, path)
                 return name, str(path)
     tried = ", ".join(f"{s}{x}" for s in BENCHMARK_FILES.get(name, (name,)) for x in DATA_SUFFIXES)
     raise FileNotFoundError(f"benchmark {name!r}: none of {tried} in {data_dir}")
@@ -278,7 +265,7 @@ def run_eval(
             result, records = evaluate_benchmark(engine, problems, cfg, model_name, label)
             results.append(result)
             samples.extend(records)
-            logger.info("%s / %s: mean@%d %.3f", model_name, label, cfg.k, result.mean_at_k)
+            log.info("%s / %s: mean@%d %.3f", model_name, label, cfg.k, result.mean_at_k)
     if out is not None:
         write_results(out, results, samples, cfg)
     return results

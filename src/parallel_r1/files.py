@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from parallel_r1.settings import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def iter_jsonl(path: str | Path, allow_cut_last_line: bool = False) -> Iterator[
             if allow_cut_last_line and n == len(lines):
                 log.warning("%s:%d: skipping a line cut short (%s)", path, n, e)
                 continue
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         yield n, value
 
 

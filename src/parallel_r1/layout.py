@@ -16,6 +16,7 @@ from pathlib import Path
 
 RECIPE_FILE = "recipe.yaml"
 DONE_FILE = "DONE"
+METRICS_FILE = "metrics.jsonl"  # a stage's metrics, one row a step (`metrics.MetricsLogger`)
 EVAL_DIR = "eval"
 RUN_FILE = "run.json"
 STUDY_FILE = "study.json"

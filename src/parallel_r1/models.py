@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from parallel_r1.format import add_parallel_tokens
+from parallel_r1.settings import InputError
 from parallel_r1.tasks import tokenizer_corpus
 from parallel_r1.tiny import build_model, build_tokenizer
 
@@ -49,7 +50,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     value = getattr(torch, str(dtype), None)
     if isinstance(value, torch.dtype):
         return value
-    raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+    raise InputError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
 
 
 def build_tiny(tiny_kwargs: Mapping[str, Any] | None = None, corpus_size: int = 2000, seed: int = 0):

@@ -50,14 +50,13 @@ from parallel_r1.config import (
     recipe_from_dict,
 )
 from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
-from parallel_r1.evaluate import EvalConfig, evaluate_benchmark, sample_record, write_results
+from parallel_r1.evaluate import evaluate_benchmark, sample_record, write_results
 from parallel_r1.files import atomic_write_text
-from parallel_r1.layout import DONE_FILE, RUN_FILE, SUMMARY_FILE, eval_file, stage_dir
+from parallel_r1.layout import RUN_FILE, SUMMARY_FILE, eval_file
 from parallel_r1.models import load_model_and_tokenizer
-from parallel_r1.recipe import run_recipe
+from parallel_r1.recipe import StageResult, run_recipe
 from parallel_r1.report import write_report
-from parallel_r1.rollout import SAMPLING_FIELDS, SamplingParams
-from parallel_r1.trainer import final_model, stage_is_done
+from parallel_r1.settings import SAMPLING_FIELDS, EvalConfig, EvalSettings, SamplingParams
 from parallel_r1.viewer import render_html
 
 log = logging.getLogger(__name__)
@@ -71,19 +70,6 @@ class RecipeSpec:
 
     label: str
     path: Path
-
-
-@dataclass
-class EvalSettings:
-    """The held-out evaluation run after every stage (sampling caps come from the recipe's GRPO stage)."""
-
-    problems_per_level: int = 64
-    levels: tuple[int, ...] | None = None  # empty: the task's EVAL_LEVELS
-    task: str | None = None  # empty: the built-in task the recipes train on
-    k: int = 4
-    temperature: float = 1.0
-    seed: int = 0
-    batch_size: int = 128
 
 
 @dataclass
@@ -180,7 +166,7 @@ def materialize_data(recipe: Recipe, spec: RecipeSpec, data_dir: Path) -> Recipe
 
 
 def eval_config(recipe: Recipe, variant: str, settings: EvalSettings, **changes) -> EvalConfig:
-    """`evaluate.EvalConfig` for a held-out evaluation: the caps of the recipe's last GRPO stage, `variant`,
+    """`settings.EvalConfig` for a held-out evaluation: the caps of the recipe's last GRPO stage, `variant`,
     the prompt the recipe trained with, and `changes` (e.g. max_blocks=0) on top."""
     grpo = [s for s in recipe.stages if s.kind == "grpo"]
     rollout = grpo[-1].grpo.rollout if grpo else RolloutConfig()
@@ -220,22 +206,6 @@ def evaluate_model(
 
 # ---------------------------------------------------------------------------------------------------
 # The run.
-
-
-def _stage_timings(
-    recipe_dir: Path, recipe: Recipe, label: str, started: float, done_before: set[int]
-) -> dict[str, float]:
-    """Seconds each stage took in this invocation, from the times their DONE files were written."""
-    out, previous = {}, started
-    for i, stage in enumerate(recipe.stages):
-        done = stage_dir(recipe_dir, i, stage.name) / DONE_FILE
-        if not done.is_file():
-            break
-        finished = done.stat().st_mtime
-        if i not in done_before:
-            out[f"{label}/{stage.name}"] = round(finished - previous, 1)
-        previous = finished
-    return out
 
 
 def _save_run_info(run_dir: Path, info: dict) -> None:
@@ -284,26 +254,12 @@ def run_pipeline(
 
     for spec, recipe in zip(specs, recipes):
         recipe_dir = run_dir / spec.label
-        done_before = {i for i, s in enumerate(recipe.stages) if stage_is_done(stage_dir(recipe_dir, i, s.name))}
-        t0 = time.time()
         log.info("recipe %s (%s): %s", spec.label, spec.path, ", ".join(s.name for s in recipe.stages))
-        run_recipe(recipe, recipe_dir)
-        timings.update(_stage_timings(recipe_dir, recipe, spec.label, t0, done_before))
+        stages = run_recipe(recipe, recipe_dir)
+        timings.update({f"{spec.label}/{s.name}": s.seconds for s in stages if not s.skipped})
         t0 = time.time()
-        for i, stage in enumerate(recipe.stages):
-            folder = stage_dir(recipe_dir, i, stage.name)
-            out = eval_file(recipe_dir, folder)
-            if out.is_file():
-                continue
-            name = f"{spec.label}/{stage.name}"
-            result = evaluate_model(final_model(folder), recipe, heldout, settings, name, out, variant=stage.variant)
-            log.info(
-                "%s after %s: held-out accuracy %.3f, parallel ratio %.2f",
-                spec.label,
-                stage.name,
-                result["mean_at_k"],
-                result["parallel_ratio"],
-            )
+        for stage, done in zip(recipe.stages, stages):
+            _evaluate_stage(recipe, stage, done, heldout, settings, spec.label, eval_file(recipe_dir, done.folder))
         timings[f"{spec.label}/eval"] = round(time.time() - t0, 1)
         _save_run_info(run_dir, info)
 
@@ -313,6 +269,28 @@ def run_pipeline(
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     log.info("report: %s", report)
     return RunResult(run_dir, report, summary)
+
+
+def _evaluate_stage(
+    recipe: Recipe,
+    stage: StageConfig,
+    done: StageResult,
+    problems: list[Problem],
+    settings: EvalSettings,
+    label: str,
+    out: Path,
+) -> None:
+    """The held-out evaluation of one stage's model, unless an earlier call wrote it."""
+    if out.is_file():
+        return
+    result = evaluate_model(done.model, recipe, problems, settings, f"{label}/{done.name}", out, variant=stage.variant)
+    log.info(
+        "%s after %s: held-out accuracy %.3f, parallel ratio %.2f",
+        label,
+        done.name,
+        result["mean_at_k"],
+        result["parallel_ratio"],
+    )
 
 
 def _task_styles(recipe: Recipe) -> dict[str, str]:
@@ -383,7 +361,7 @@ def run_pretrained(
         # The file's last row: the few SFT steps (batches from the start of a shuffled epoch) rarely see it.
         problem = load_problems(str(data_path))[-1]
     recipe = pretrained_recipe(model, data_path, steps, max_length)
-    final = run_recipe(recipe, run_dir)
+    final = run_recipe(recipe, run_dir)[-1].model
     model_obj, tokenizer = load_model_and_tokenizer(final)
     engine = make_engine("hf", model_obj, tokenizer, max_batch_size=samples)
     params = SamplingParams(

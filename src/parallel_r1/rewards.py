@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from parallel_r1.answers import extract_answer, verify
 from parallel_r1.format import parse
-
-SCHEDULE_KINDS = ("accuracy", "parallel", "alternating", "mid_training")
+from parallel_r1.settings import RewardSchedule
 
 
 @dataclass(frozen=True)
@@ -51,55 +50,6 @@ def parallel_bonus(correct: bool, num_blocks: int, well_formed: bool, bonus: flo
     forfeits the bonus, so the policy cannot earn it with broken structure.
     """
     return bonus if correct and num_blocks >= 1 and well_formed else 0.0
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"RewardSchedule.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class RewardSchedule:
-    """Which training steps add the parallel reward to the accuracy reward (steps count from 0).
-
-    - ``accuracy``: never; ``parallel``: always.
-    - ``alternating``: in every window of `window` steps, the last `parallel_steps` use accuracy + parallel
-      and the others accuracy alone (the paper's Unseen S2 stage: window 10, 2 parallel steps, so steps
-      8, 9, 18, 19, ...).
-    - ``mid_training``: accuracy + parallel for steps 0 .. `switch_step` - 1, accuracy alone from
-      `switch_step` on (the paper's scaffold for its best AIME25 result).
-    """
-
-    kind: str  # one of SCHEDULE_KINDS
-    window: int = 10
-    parallel_steps: int = 2
-    switch_step: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"RewardSchedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        _check_int("window", self.window, 1)
-        _check_int("parallel_steps", self.parallel_steps, 0)
-        _check_int("switch_step", self.switch_step, 0)
-        if self.parallel_steps > self.window:
-            raise ValueError(
-                f"RewardSchedule.parallel_steps ({self.parallel_steps}) cannot exceed window ({self.window})"
-            )
-        if self.kind == "mid_training" and self.switch_step == 0:
-            raise ValueError(
-                "RewardSchedule(kind='mid_training') needs switch_step >= 1 (the first accuracy-only step)"
-            )
-
-    def parallel_active(self, step: int) -> bool:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        if self.kind == "accuracy":
-            return False
-        if self.kind == "parallel":
-            return True
-        if self.kind == "alternating":
-            return step % self.window >= self.window - self.parallel_steps
-        return step < self.switch_step
 
 
 def score_response(

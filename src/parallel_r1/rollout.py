@@ -1,10 +1,9 @@
-"""What both rollout backends share: the sampling settings, the `Rollout` they return, and the JSON record of
-a sampled response that GRPO, `parallel-r1 eval` and `parallel-r1 generate` write.
+"""What both rollout backends share: how their sampling parameters are built, the `Rollout` they return,
+and the JSON record of a sampled response that GRPO, `parallel-r1 eval` and `parallel-r1 generate` write.
 
-* `SamplingSettings` declares the sampling knobs once (defaults, help text and value checks). A recipe's
-  `grpo.rollout` (`config.RolloutConfig`) and `evaluate.EvalConfig` extend it, so their YAML keys and CLI
-  flags are these field names; `SamplingParams` adds what one engine call needs (variant, seed, open_block),
-  and `sampling_params(settings, ...)` is the one way to build it from any of them.
+* `sampling_params(settings, ...)` is the one way to build the `settings.SamplingParams` of one engine call
+  from any holder of the sampling knobs (`settings.SamplingSettings`: a recipe's `grpo.rollout`, an
+  `EvalConfig`).
 * `Rollout` is one sampled response at token level (`make_rollout` builds it for both backends).
 * `RolloutRecord` is one sampled response as a JSON object (`rollout_record` builds it): a line of a GRPO
   stage's `rollouts.jsonl`, of an eval's `.samples.jsonl` and of `generate --jsonl`; the viewer, the
@@ -14,68 +13,11 @@ a sampled response that GRPO, `parallel-r1 eval` and `parallel-r1 generate` writ
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from parallel_r1.attention import VARIANTS
 from parallel_r1.format import ParsedResponse, parse_ids
-
-
-def _knob(default: Any, text: str) -> Any:
-    """A field with its help text (the CLI's --help shows it)."""
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class SamplingSettings:
-    """The sampling knobs, declared once: a recipe's `grpo.rollout`, `evaluate.EvalConfig` and the
-    `generate`/`eval` flags (`--max-response-tokens`, ...) all take these names, defaults and checks."""
-
-    temperature: float = _knob(1.0, "softmax temperature; 0 samples greedily")
-    top_p: float = _knob(1.0, "nucleus sampling mass (1 turns it off)")
-    top_k: int = _knob(0, "sample among the k most likely tokens (0 turns it off)")
-    max_response_tokens: int = _knob(3000, "cap on a whole response, every path's tokens and inserted tags included")
-    max_path_tokens: int = _knob(
-        1024, "cap on one path, its <Path> and </Path> included; a path cut short gets a closing tag not trained on"
-    )
-    max_blocks: int = _knob(4, "parallel blocks allowed per response; at the cap <Parallel> is banned")
-    num_paths: int = _knob(2, "paths forked at each <Parallel> (Unseen decoding)")
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (self.max_response_tokens >= 1, "max_response_tokens must be >= 1"),
-            (self.max_path_tokens >= 3, "max_path_tokens must be >= 3 (<Path>, one token, </Path>)"),
-            (self.max_blocks >= 0, "max_blocks must be >= 0"),
-            (self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-@dataclass
-class SamplingParams(SamplingSettings):
-    """Everything one `generate` call of an engine needs."""
-
-    variant: str = "unseen"  # "unseen" (structured) | "seen" (causal) | "threads" (re-prefill at join)
-    seed: int | None = None
-    # Begin every response with an inserted (not sampled, not trained on) <Parallel>: a prefill that shows
-    # the format on a model that has not learned yet to open blocks by itself. Counts towards max_blocks.
-    open_block: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if self.open_block and self.max_blocks < 1:
-            raise ValueError("open_block needs max_blocks >= 1")
-
-
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+from parallel_r1.settings import SAMPLING_FIELDS, SamplingParams, SamplingSettings
 
 
 def sampling_params(settings: SamplingSettings, **kwargs: Any) -> SamplingParams:

@@ -29,9 +29,7 @@ from parallel_r1.attention import response_logprobs
 from parallel_r1.config import StageConfig
 from parallel_r1.data import prompt_template
 from parallel_r1.format import TagIds, canonicalize
-
-# final_model and stage_is_done live in trainer.py; pipeline.py still imports them from here.
-from parallel_r1.trainer import StageTrainer, clip_gradients, final_model, stage_is_done  # noqa: F401
+from parallel_r1.trainer import StageTrainer, clip_gradients
 
 log = logging.getLogger(__name__)
 

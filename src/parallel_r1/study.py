@@ -44,7 +44,7 @@ import logging
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -53,57 +53,20 @@ from parallel_r1.config import ConfigError, Recipe, StageConfig, dump_recipe, lo
 from parallel_r1.data import Problem
 from parallel_r1.files import atomic_write_text
 from parallel_r1.layout import EVAL_DIR, RECIPE_FILE, STUDY_FILE
-from parallel_r1.pipeline import EvalSettings, evaluate_model, recipe_task, write_problems
+from parallel_r1.pipeline import evaluate_model, recipe_task, write_problems
 from parallel_r1.recipe import run_recipe
+from parallel_r1.settings import ARMS, SWEEP_LRS, EvalSettings, StudySettings
 from parallel_r1.trainer import final_model
 
 log = logging.getLogger(__name__)
 
-STUDY_RECIPES = Path(__file__).resolve().parent / "recipes" / "study"
-ARMS = (
-    "sequential",
-    "thorough",
-    "plain",
-    "seen",
-    "unseen",
-    "unseen_kl",
-    "mixed_s1",
-    "mixed_s2",
-    "mixed_mid",
-    "mixed_acc",
-)
 BASELINE = "sequential"
 PRIMARY = "seen"
 CONTROLS = ("plain", "thorough", "sequential")
 SCHEDULES = ("mixed_s1", "mixed_s2", "mixed_mid", "mixed_acc")
-SEEDS = (0, 1, 2)
-SWEEP_LRS = (3.0e-5, 1.0e-4, 3.0e-4)
 VALIDATION_SEED = 10_007
 HELDOUT = "heldout"
 _BUDGET_FIELDS = ("max_steps", "data.task", "data.task_size", "data.task_levels", "grpo.prompts_per_step", "grpo.n")
-
-
-def study_eval_settings() -> EvalSettings:
-    """The study's evaluation: 64 held-out problems of each evaluated level, 8 samples each (maj@m up to 8)."""
-    return EvalSettings(problems_per_level=64, k=8)
-
-
-@dataclass
-class StudySettings:
-    arms: tuple[str, ...] = ARMS
-    seeds: tuple[int, ...] = SEEDS
-    eval: EvalSettings = field(default_factory=study_eval_settings)
-    recipes_dir: Path = STUDY_RECIPES
-    workers: int = 2  # jobs run side by side, each in a process of its own
-    threads: int = 1  # torch threads per worker process
-
-    def __post_init__(self) -> None:
-        if not self.arms or len(set(self.arms)) != len(self.arms):
-            raise ConfigError(f"study arms must be distinct and at least one, got {list(self.arms)}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"study seeds must be distinct and at least one, got {list(self.seeds)}")
-        if self.workers < 1 or self.threads < 1:
-            raise ConfigError(f"workers and threads must be >= 1, got {self.workers} and {self.threads}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +190,7 @@ def run_job(job: Job) -> dict:
         recipe = rl_recipe(job.arm_recipe, sft_final(job.init_from, job.arm_recipe), job.seed, job.lr)
         if job.study_dir is not None:
             _reuse_sweep_run(job.study_dir, job.arm, recipe, job.run_dir)
-    final = run_recipe(recipe, job.run_dir)
+    final = run_recipe(recipe, job.run_dir)[-1].model
     if not job.eval_out.is_file():
         ev = job.settings
         variant = recipe.stages[-1].variant

@@ -23,6 +23,7 @@ from parallel_r1.data import load_problems
 from parallel_r1.diagnostics import block_diagnostics
 from parallel_r1.files import atomic_write_text, read_jsonl
 from parallel_r1.layout import EVAL_DIR, STUDY_FILE, SUMMARY_FILE
+from parallel_r1.settings import STUDY_RECIPES
 
 CAPS = (24, 32, 48, 64, 96, 128, 192)
 WINDOW = 5  # steps at the start and the end of a GRPO stage that the trajectories compare
@@ -61,7 +62,7 @@ def load_results(study_dir: Path, info: dict) -> dict:
 def replace_dir(settings, info: dict):
     from dataclasses import replace
 
-    return replace(settings, recipes_dir=Path(info.get("recipes_dir", study.STUDY_RECIPES)))
+    return replace(settings, recipes_dir=Path(info.get("recipes_dir", STUDY_RECIPES)))
 
 
 def _scores(by_seed: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
