@@ -352,7 +352,7 @@ def test_sampling_bans_tags_but_records_unbanned_logprob(tags):
     logits[:, 11] = 8.0
     table = ban_table(tags, vocab, torch.device("cpu"))
     banned = table[torch.tensor([BAN_NONE, BAN_MAIN, BAN_PATH])]
-    tokens, logprobs = sample_tokens(logits, banned, SamplingParams(temperature=0.5, top_k=1), torch.Generator())
+    tokens, logprobs, _ = sample_tokens(logits, banned, SamplingParams(temperature=0.5, top_k=1), torch.Generator())
     assert tokens.tolist() == [tags.parallel_open, tags.parallel_open, tags.path_close]
     expected = torch.log_softmax(logits / 0.5, -1)[torch.arange(3), tokens]
     assert torch.allclose(logprobs, expected)

@@ -313,13 +313,17 @@ PHASES = ("schedule", "inputs", "mask", "forward", "sample", "advance")
 @dataclass
 class EngineStats:
     """Counters of a `ParallelEngine` since it was built (or `reset_stats`): forwards, query slots
-    computed (rows x width per forward), useful ones (real tokens fed), sampled tokens, and the wall
-    seconds per phase of the decode loop (on a GPU `forward` also absorbs queued kernels)."""
+    computed (rows x width per forward), useful ones (real tokens fed), sampled tokens, the probability
+    mass the bans and top-k/top-p removed from the distribution of each sampled token (sum and max;
+    `sampler.sample_tokens`), and the wall seconds per phase of the decode loop (on a GPU `forward` also
+    absorbs queued kernels)."""
 
     forwards: int = 0
     query_slots: int = 0
     useful_slots: int = 0
     sampled_tokens: int = 0
+    ban_mass: float = 0.0
+    ban_mass_max: float = 0.0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
@@ -577,8 +581,9 @@ class ParallelEngine:
         if params.temperature > 0:
             counters = [(seed, rows[t.row].key, rows[t.row].sample_index, *t.counter) for t in targets]
             noise = uniforms_for(counters, device)
-        tokens, logprobs = sample_tokens(logits, bans[target_t[:, 2]], params, noise, self.behaviour_logprobs)
+        tokens, logprobs, removed = sample_tokens(logits, bans[target_t[:, 2]], params, noise, self.behaviour_logprobs)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        removed_sum, removed_max = torch.stack([removed.sum(), removed.max()]).tolist()
         seconds["sample"] += time.perf_counter() - started
         started = time.perf_counter()
         per_row: list[dict[int, tuple[int, float]]] = [{} for _ in rows]
@@ -597,6 +602,8 @@ class ParallelEngine:
         stats.query_slots += len(group) * width
         stats.useful_slots += useful
         stats.sampled_tokens += len(targets)
+        stats.ban_mass += removed_sum
+        stats.ban_mass_max = max(stats.ban_mass_max, removed_max)
         seconds["advance"] += time.perf_counter() - started
 
     def _to_rollout(self, row: _Row) -> Rollout:

@@ -95,24 +95,33 @@ def sample_tokens(
     params: SamplingParams,
     noise: torch.Tensor | torch.Generator | None = None,
     behaviour: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [M, V] with tags `banned` [M, V] masked out.
 
     Inverse-CDF sampling from softmax(`warp_scores`(logits / T)) with the uniforms `noise` ([M] in [0, 1),
     e.g. `counter_uniforms`), or uniforms drawn from a `torch.Generator`, or fresh ones (None). Returns
-    (tokens [M], logprobs [M]). With `behaviour` the log-prob is under the distribution sampled from (bans,
-    top-k and top-p applied, renormalised); otherwise under softmax(logits / T) of the full vocabulary.
-    Greedy decoding (temperature 0) records the latter with T = 1.
+    (tokens [M], logprobs [M], removed [M]). With `behaviour` the log-prob is under the distribution sampled
+    from (bans, top-k and top-p applied, renormalised); otherwise under softmax(logits / T) of the full
+    vocabulary. `removed` is the probability mass of softmax(logits / T) that the bans, top-k and top-p
+    took away: the gap between those two distributions. Greedy decoding (temperature 0) records the
+    full-vocabulary log-prob with T = 1 and the mass the bans alone remove.
     """
     logits = logits.float()
-    temperature = params.temperature if params.temperature > 0 else 1.0
-    scaled = logits / temperature
-    if params.temperature == 0:
-        tokens = scaled.masked_fill(banned, float("-inf")).argmax(dim=-1)
-        return tokens, torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None])[:, 0]
-    scores = warp_scores(scaled, banned, params.top_k, params.top_p)
-    if not isinstance(noise, torch.Tensor):
-        noise = torch.rand(scores.shape[0], generator=noise, dtype=torch.float64, device=scores.device)
-    tokens = inverse_cdf(torch.softmax(scores, dim=-1), noise)
-    logprobs = torch.log_softmax(scores if behaviour else scaled, dim=-1)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+    greedy = params.temperature == 0
+    scaled = logits / (1.0 if greedy else params.temperature)
+    if greedy:
+        scores = scaled.masked_fill(banned, float("-inf"))
+        tokens = scores.argmax(dim=-1)
+    else:
+        scores = warp_scores(scaled, banned, params.top_k, params.top_p)
+        if not isinstance(noise, torch.Tensor):
+            noise = torch.rand(scores.shape[0], generator=noise, dtype=torch.float64, device=scores.device)
+        tokens = inverse_cdf(torch.softmax(scores, dim=-1), noise)
+    full_lse, kept_lse = scaled.logsumexp(-1), scores.logsumexp(-1)
+    # summed over the removed tokens, not 1 - kept: that difference of two lse's loses ~1e-6 to rounding
+    removed = (scaled.masked_fill(~torch.isneginf(scores), float("-inf")).logsumexp(-1) - full_lse).exp()
+    if behaviour and not greedy:
+        logprobs = scores.gather(1, tokens[:, None])[:, 0] - kept_lse
+    else:
+        logprobs = scaled.gather(1, tokens[:, None])[:, 0] - full_lse
+    return tokens, logprobs, removed
