@@ -416,6 +416,9 @@ DEGENERATE = [
     "Final Answer: " + "\\boxed{" * 23000 + "1" + "}" * 23000,
     "\\boxed{1}" * 16000,
     "{" * 80000 + "}" * 80000,
+    "Final Answer: a" + " " * 160000 + "b",  # a whitespace run before a sentence trailer would be quadratic
+    "Final Answer: x " + "\\(" * 80000,  # so would unclosed math spans
+    "Final Answer: x " + "$$ $" * 40000,
 ]
 
 
@@ -472,3 +475,89 @@ def test_eval_results_name_the_checker(tmp_path):
     checker = json.loads(out.read_text())["checker"]
     assert checker == answers.checker_info(timeout_s=3.0)
     assert checker["checker_version"] == answers.CHECKER_VERSION and checker["timeout_s"] == 3.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Answers stated the way real evaluations state them (issue 21): math-verify accepts each of these
+# ------------------------------------------------------------------------------------------------
+
+MINERVA = "Final Answer: The final answer is {}. I hope it is correct."
+
+EVALUATION_SHAPES = [
+    # Minerva's few-shot format (lm-evaluation-harness's MATH tasks) and other sentence lines
+    (MINERVA.format("$12$"), "12"),
+    (MINERVA.format("12"), "12"),
+    (MINERVA.format("$(1,4)$"), "(1,4)"),
+    (MINERVA.format("$[2,5)$"), "[2,5)"),
+    (MINERVA.format("$x=3$"), "3"),
+    (MINERVA.format("$2$ and $5$"), "2, 5"),
+    (MINERVA.format("$\\text{(C)}$"), "\\text{(C)}"),
+    (MINERVA.format("$12,000$"), "12000"),
+    ("Final Answer: The total is 12 apples.", "12"),
+    ("Final Answer: Thus, the answer is $5$.", "5"),
+    ("Final Answer: So we get $\\frac{3}{4}$ of the cake.", "\\frac34"),
+    # inequalities against the interval they describe
+    ("Final Answer: $2<x<5$", "(2,5)"),
+    ("\\boxed{2 < x < 5}", "(2,5)"),
+    ("\\boxed{-1 \\le x \\le 3}", "[-1,3]"),
+    ("\\boxed{x \\geq 3}", "[3,\\infty)"),
+    ("\\boxed{x > 3}", "(3,\\infty)"),
+    # spaced thousands
+    ("Final Answer: 12 000", "12000"),
+    ("Final Answer: 1 234 567", "1234567"),
+    ("Final Answer: The total is 12 000 apples.", "12,000"),
+]
+
+
+@pytest.mark.parametrize("response, gold", EVALUATION_SHAPES)
+def test_answers_stated_as_evaluations_state_them_are_right(response, gold):
+    assert is_correct(response, gold)
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        (MINERVA.format("$20$ or $19$"), "19"),
+        (MINERVA.format("$19$, $20$"), "19"),
+        (MINERVA.format("$19$ or $20$"), "19"),
+        ("Final Answer: Thus, the answer is $19$ or $20$.", "19"),
+        ("Final Answer: $2<x<6$", "(2,5)"),
+        ("\\boxed{x > 3}", "[3,\\infty)"),
+        ("Final Answer: 12 001", "12000"),
+        ("Final Answer: 19 20", "19"),
+    ],
+)
+def test_hedges_and_near_misses_in_evaluation_shapes_are_wrong(response, gold):
+    assert not is_correct(response, gold)
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        # named tuples and assignments against the bare value, assignments in another order
+        ("Final Answer: $(x,y)=(1,4)$", "(1,4)"),
+        ("\\boxed{(a, b) = (2, 5)}", "(2,5)"),
+        ("Final Answer: $b=5, a=2$", "a=2, b=5"),
+        # a set of solutions with "and"/"or", as separate boxes, in another order, against a gold list
+        ("Final Answer: $x=3$ or $x=1$", "1, 3"),
+        ("Final Answer: $3$ and $1$", "1,3"),
+        ("\\boxed{3} and \\boxed{1}", "1, 3"),
+        ("\\boxed{3}, \\boxed{1}", "1,3"),
+        ("\\boxed{x=3 \\text{ or } x=1}", "1,3"),
+        ("\\boxed{2}, \\boxed{3}, \\boxed{1}", "1,2,3"),
+        # relation symbols written two ways
+        ("\\boxed{x \\geq 3}", "x >= 3"),
+        ("\\boxed{x >= 3}", "x \\ge 3"),
+        ("\\boxed{x \\neq 3}", "x != 3"),
+        ("\\boxed{x != 3}", "x \\ne 3"),
+    ],
+)
+def test_evaluation_shapes_the_checker_already_reads_stay_right(response, gold):
+    # checker 2 read these already; the hedge rule must keep them right
+    assert is_correct(response, gold)
+
+
+def test_latex_ignores_spaces_between_digit_groups():
+    # LaTeX typesets "12 000" in math mode as 12000; math-verify reads it as 12 * 0
+    assert is_correct("\\boxed{12 000}", "12000")
+    assert is_correct("Final Answer: $12 000$", "12,000")

@@ -92,6 +92,10 @@ def test_wrong_types_and_ranges():
         parse_recipe(TINY_RECIPE.replace("    sft:\n", "    grpo: {}\n    sft:\n"))
     with pytest.raises(ConfigError, match="first stage .* must name a model"):
         parse_recipe(TINY_RECIPE.replace("      name_or_path: tiny\n", ""))
+    vllm = TINY_RECIPE.replace("      rollout:\n", "      rollout:\n        backend: vllm\n", 1)
+    assert parse_recipe(vllm).stages[1].grpo.behaviour_logprobs is None  # null: off for vLLM, no error
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.grpo: behaviour_logprobs needs the hf backend"):
+        parse_recipe(vllm.replace("      n: 8\n", "      n: 8\n      behaviour_logprobs: true\n", 1))
 
 
 def test_yaml_exponent_without_dot_is_a_float():

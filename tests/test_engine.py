@@ -352,7 +352,7 @@ def test_sampling_bans_tags_but_records_unbanned_logprob(tags):
     logits[:, 11] = 8.0
     table = ban_table(tags, vocab, torch.device("cpu"))
     banned = table[torch.tensor([BAN_NONE, BAN_MAIN, BAN_PATH])]
-    tokens, logprobs = sample_tokens(logits, banned, SamplingParams(temperature=0.5, top_k=1), torch.Generator())
+    tokens, logprobs, _ = sample_tokens(logits, banned, SamplingParams(temperature=0.5, top_k=1), torch.Generator())
     assert tokens.tolist() == [tags.parallel_open, tags.parallel_open, tags.path_close]
     expected = torch.log_softmax(logits / 0.5, -1)[torch.arange(3), tokens]
     assert torch.allclose(logprobs, expected)
@@ -399,3 +399,34 @@ def test_chunked_output_layer_equals_the_layer(bias):
     with torch.no_grad():
         assert torch.allclose(output_layer(head, hidden, chunk=1024), head(hidden), atol=1e-5)
         assert torch.equal(output_layer(head, hidden[:1], chunk=1024), head(hidden[:1]))
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen", "threads"])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (8, 0.9)])
+def test_replayed_logprobs_are_those_of_the_distribution_sampled_from(
+    block_model, tiny_tokenizer, tags, variant, top_k, top_p
+):
+    from parallel_r1.attention import Behaviour
+    from parallel_r1.engine import ban_rows
+
+    engine = ParallelEngine(block_model, tiny_tokenizer, behaviour_logprobs=True)
+    params = SamplingParams(
+        seed=5, variant=variant, max_response_tokens=96, max_path_tokens=20, max_blocks=1, top_k=top_k, top_p=top_p
+    )
+    rollouts = engine.generate(PROMPTS, n=2, params=params)
+    assert closed_blocks(rollouts) or variant == "seen"
+    table = ban_table(tags, block_model.config.vocab_size, torch.device("cpu"))
+    removed = []
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        rows = [0] * len(r.prompt_ids) + ban_rows(r.response_ids, tags, variant, params.max_blocks)
+        behaviour = Behaviour(torch.tensor([rows]), table, top_k, top_p)
+        with torch.no_grad():
+            replayed, _ = response_logprobs(block_model, ids, torch.ones_like(ids), tags, variant, behaviour=behaviour)
+            unwarped = scored(block_model, tags, r, variant)
+        replayed = replayed[0, len(r.prompt_ids) :]
+        sampled = torch.tensor(r.sampled_mask)
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], replayed[sampled], atol=1e-4)
+        removed.append((replayed - unwarped)[sampled].abs().max())
+    # the bans (and top-k/top-p) move real probability mass on this model: the check has teeth
+    assert max(removed) > 1e-3

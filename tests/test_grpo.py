@@ -309,7 +309,9 @@ def test_micro_batches_drop_shared_padding_and_keep_the_log_probs(tiny_model, ti
     attn = torch.tensor([[0] * (T - n) + [1] * n for n in lengths])
     ids = ids * attn
     zeros = torch.zeros(len(lengths), T)
-    batch = RolloutBatch(ids, attn, attn.float(), zeros, torch.zeros(len(lengths)), zeros, torch.ones_like(zeros))
+    batch = RolloutBatch(
+        ids, attn, attn.float(), zeros, torch.zeros(len(lengths)), zeros, torch.ones_like(zeros), torch.zeros_like(ids)
+    )
     assert batch.by_length()[:2] == [1, 3]
     short = batch.micro_batch([0, 4])
     assert short.input_ids_BT.shape == (2, 7) and torch.equal(short.input_ids_BT[1], ids[4, -7:])
@@ -319,3 +321,75 @@ def test_micro_batches_drop_shared_padding_and_keep_the_log_probs(tiny_model, ti
     scored = attn.clone()
     scored[torch.arange(len(lengths)), T - torch.tensor(lengths)] = 0  # a row's first token has no context
     assert torch.allclose(got * scored, want * scored, atol=1e-5)
+
+
+def _capturing(trainer):
+    """The trainer's engine, made to keep each step's rollouts in the returned list."""
+    seen, generate = [], trainer.engine.generate
+
+    def capture(*args, **kwargs):
+        seen[:] = generate(*args, **kwargs)
+        return seen
+
+    trainer.engine.generate = capture
+    return seen
+
+
+def test_logged_ban_mass_is_the_probability_the_bans_remove(tmp_path):
+    """Seen with max_blocks 0 bans <Parallel> at every token and nothing else: the mass removed from a
+    sampled token's softmax is the model's probability of <Parallel> there, computed here by hand."""
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.grpo import GRPOTrainer
+
+    text = GRPO_STAGE.replace("variant: unseen", "variant: seen").replace("temperature: 1.0", "temperature: 0.8")
+    stage = parse_recipe(text.replace("max_path_tokens: 6,", "max_path_tokens: 6, max_blocks: 0,")).stages[0]
+    trainer = GRPOTrainer(stage, tmp_path, init_model="tiny", seed=0)
+    rollouts = _capturing(trainer)
+    before = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).eval()
+    metrics, _ = trainer.train_step(0, [0, 1])
+    masses = []
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            probs = torch.softmax(before(input_ids=ids).logits[0] / 0.8, -1)
+        start = len(r.prompt_ids) - 1  # the logits that predicted the first response token
+        masses += [probs[start + j, trainer.tags.parallel_open].item() for j, s in enumerate(r.sampled_mask) if s]
+    assert metrics["ban_mass_mean"] > 0
+    assert metrics["ban_mass_mean"] == pytest.approx(sum(masses) / len(masses), rel=1e-5)
+    assert metrics["ban_mass_max"] == pytest.approx(max(masses), rel=1e-5)
+    assert metrics["mismatch_max"] < 1e-4
+
+
+@pytest.mark.parametrize("old_logprobs", ["auto", "recompute"])
+def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp_path, old_logprobs):
+    """On (the hf default): the engine records, and the trainer replays, log-probs of the banned,
+    renormalised distribution; they agree to 1e-4 while differing from the full softmax's by far more
+    (the gap a trainer that did not replay would show). Off: the same tokens, scored as before, under the
+    full softmax on both sides. The ban mass is logged either way."""
+    from parallel_r1.attention import response_logprobs
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.grpo import GRPOTrainer
+
+    stage = parse_recipe(GRPO_STAGE).stages[0]
+    stage.grpo.old_logprobs = old_logprobs
+    runs = {}
+    for setting in (None, False):
+        stage.grpo.behaviour_logprobs = setting
+        trainer = GRPOTrainer(stage, tmp_path / str(setting), init_model="tiny", seed=0)
+        assert trainer.engine.behaviour_logprobs is (setting is None)
+        rollouts = _capturing(trainer)
+        model = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).eval()
+        metrics, _ = trainer.train_step(0, [0, 1])
+        assert metrics["mismatch_max"] < 1e-4 and metrics["ban_mass_mean"] > 0
+        full = []
+        for r in rollouts:
+            ids = torch.tensor([r.prompt_ids + r.response_ids])
+            with torch.no_grad():
+                lp, _ = response_logprobs(model, ids, torch.ones_like(ids), trainer.tags, "unseen")
+            sampled = torch.tensor(r.sampled_mask)
+            full.append((torch.tensor(r.logprobs) - lp[0, len(r.prompt_ids) :])[sampled].abs().max().item())
+        runs[setting] = metrics, [r.response_ids for r in rollouts], max(full)
+    (on, on_ids, on_gap), (off, off_ids, off_gap) = runs[None], runs[False]
+    assert on_ids == off_ids  # the setting changes what is recorded, not what is sampled
+    assert on["ban_mass_mean"] == pytest.approx(off["ban_mass_mean"])
+    assert on_gap > 1e-3 and off_gap < 1e-4

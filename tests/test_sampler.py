@@ -38,16 +38,22 @@ def test_counter_sampler_follows_the_softmax_distribution():
     counters = torch.stack([torch.full((draws,), 3), torch.arange(draws), torch.zeros(draws, dtype=torch.long)], 1)
     noise = counter_uniforms(counters)
     params = SamplingParams(temperature=0.7)
-    tokens, logprobs = sample_tokens(logits.expand(draws, -1), torch.zeros(draws, 6, dtype=torch.bool), params, noise)
+    tokens, logprobs, removed = sample_tokens(
+        logits.expand(draws, -1), torch.zeros(draws, 6, dtype=torch.bool), params, noise
+    )
     probs = torch.softmax(logits / 0.7, -1)
     counts = torch.bincount(tokens, minlength=6).double()
     chi2 = (((counts - draws * probs) ** 2) / (draws * probs)).sum().item()
     assert chi2 < 20.5  # 5 degrees of freedom, p = 0.001
     assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)
+    assert torch.all(removed.abs() < 1e-6)  # nothing banned, no top-k/top-p
     banned = torch.zeros(draws, 6, dtype=torch.bool)
     banned[:, 0] = True
-    tokens, _ = sample_tokens(logits.expand(draws, -1), banned, SamplingParams(top_k=2), noise)
+    tokens, _, removed = sample_tokens(logits.expand(draws, -1), banned, SamplingParams(top_k=2), noise)
     counts = torch.bincount(tokens, minlength=6)
     assert counts[[0, 2, 3, 4]].sum() == 0  # banned, or outside the top 2 of what is left
     kept = torch.softmax(logits[[1, 5]], -1)
+    assert torch.allclose(removed, 1 - torch.softmax(logits, -1)[[1, 5]].sum(), atol=1e-6)
+    _, behaviour, _ = sample_tokens(logits.expand(draws, -1), banned, SamplingParams(top_k=2), noise, behaviour=True)
+    assert torch.allclose(behaviour, kept.log()[(tokens == 5).long()], atol=1e-6)
     assert abs(counts[1].item() / draws - kept[0].item()) < 0.01

@@ -11,6 +11,10 @@ The contract:
   as plain text only where that is what it is: a number followed (or preceded) by words ("18 dollars",
   "12 apples"). Plain numbers on both sides ("1,000", "$18.00", "19.0") are compared exactly without
   math-verify.
+- A ``Final Answer:`` line that is a sentence states the math in it: Minerva's few-shot line
+  ("The final answer is $X$. I hope it is correct.", lm-evaluation-harness's MATH tasks) states "$X$";
+  "The total is 12 apples." is plain text around a number. Inequalities state the interval they describe
+  (math-verify's ``allow_set_relation_comp``), and digit groups may be spaced ("12 000").
 - A prediction that states more candidates than the gold has is wrong: "20 or 19", "1, 495",
   "\\boxed{19} \\boxed{20}", "\\pm 19" against the gold "19". A gold that is itself a tuple, interval,
   set or list ("(-6, 10)", "0,4") counts its elements, so the same tuple still matches.
@@ -41,7 +45,7 @@ from fractions import Fraction
 log = logging.getLogger(__name__)
 
 # Bump whenever a verdict can change, so that scores from different checkers are not compared unknowingly.
-CHECKER_VERSION = "2"
+CHECKER_VERSION = "3"
 # An answer (prediction or gold) longer than this is judged wrong without being parsed: no real answer
 # is this long (the longest MATH gold has 81 characters), and parsing cost grows faster than linearly.
 MAX_ANSWER_CHARS = 1000
@@ -55,8 +59,11 @@ _TAG = re.compile(r"</?[A-Za-z]+>")
 _LINE_BREAK = re.compile(r"[\r\n]")
 _NON_SPACE = re.compile(r"\S")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-# "1,000" and "12,345,678": a group of 1-3 digits (not starting with 0) and groups of exactly 3.
-_THOUSANDS = re.compile(r"(?<![\d.,])-?[1-9]\d{0,2}(?:,\d{3})+(?![\d,])")
+# "1,000", "12,345,678" and "12 000": a group of 1-3 digits (not starting with 0) and groups of exactly 3,
+# all behind the same separator (a comma or a space, as SI and many languages write it).
+_GROUP_SEP = ", \u00a0\u2009\u202f"
+_THOUSANDS = re.compile(rf"(?<![\d.,])-?[1-9]\d{{0,2}}(?P<sep>[{_GROUP_SEP}])\d{{3}}(?:(?P=sep)\d{{3}})*(?![\d,])")
+_UNGROUP = re.compile(f"[{_GROUP_SEP}]")
 # LaTeX thousands separators between digits: "3{,}500", "15,\\!000", "1\\,000".
 _LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\s*,\s*\\!\s*|\\,|\\!)(?=\d{3}(?!\d))")
 # "\text {x}" -> "\text{x}"; "\frac \pi4" or "\dfrac12" -> "\frac{\pi}{4}" (math-verify misreads unbraced arguments).
@@ -91,6 +98,13 @@ _CANDIDATE_AFTER = re.compile(
 )
 _NEIGHBOUR_CHARS = 100
 
+# Minerva's few-shot answer line, as lm-evaluation-harness's MATH tasks prompt for it:
+# "Final Answer: The final answer is $X$. I hope it is correct."
+_MINERVA_TRAILER = re.compile(r"\.?\s*I\s+hope\s+it\s+is\s+correct\s*\.?\s*$", re.IGNORECASE)
+# Math written inside a sentence: "$...$", "$$...$$", "\(...\)", "\[...\]" (an escaped "\$" is currency).
+_MATH_SPAN = re.compile(r"\$\$.+?\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\(.+?\\\)|\\\[.+?\\\]")
+_PROSE_WORD = re.compile(r"[A-Za-z]{2,}")
+
 # Candidate counting: brackets that group (LaTeX braces only group tokens, they do not make a tuple).
 _COUNT_TOKEN = re.compile(
     r"\\left\b|\\right\b|\\[{}]|\\langle\b|\\rangle\b|[()\[\]]|[,;]|\\\\|\\q?quad\b|\\pm\b|\\mp\b|\\lor\b"
@@ -109,7 +123,8 @@ _MATH_WORDS = {
 # A word ends at whitespace or at the end, so a run of words splits one way only (no backtracking blow-up).
 _WORDS = r"(?:[A-Za-z][A-Za-z'./-]*(?:\^\{?\d\}?)?(?:\s+|$))"
 _PLAIN_TEXT = re.compile(
-    rf"(?P<before>{_WORDS}*?)(?:(?:is|=|:)\s*)?(?P<number>\\?\$?\s*[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+))"
+    rf"(?P<before>{_WORDS}*?)(?:(?:is|=|:)\s*)?"
+    rf"(?P<number>\\?\$?\s*[-+]?(?:\d[\d,]*(?: \d{{3}}(?!\d))*(?:\.\d*)?|\.\d+))"
     rf"\s*(?P<percent>%|\\%)?\s*(?P<after>{_WORDS}*)"
 )
 
@@ -205,10 +220,29 @@ def _clean(line: str) -> str:
         line = line[: tag.start()]
     # Markdown emphasis ("**Final Answer:** 42") and a sentence-ending period are not part of the answer.
     line = line.strip().strip("*").strip()
+    # A longer line is judged wrong unless it boxes its answer; the bound keeps the sentence regexes linear.
+    sentence = len(line) <= MAX_ANSWER_CHARS
+    if sentence:
+        line = _MINERVA_TRAILER.sub("", line)
     if line.endswith(".") and not line.endswith(".."):
         line = line[:-1].rstrip()
     boxes = _top_level_boxes(line)
-    return _boxed_answer(line, boxes, 0, len(line)) if boxes else line
+    if boxes:
+        return _boxed_answer(line, boxes, 0, len(line))
+    return _math_of_sentence(line) if sentence else line
+
+
+def _math_of_sentence(line: str) -> str:
+    """The math a sentence states ("The final answer is $12$" states "$12$"): from its first math span to its
+    last, so that candidates stated together ("$20$ or $19$") stay visible. A line that is not a sentence
+    around math ("x = $5$", "$50$\\%") is kept whole."""
+    spans = list(_MATH_SPAN.finditer(line))
+    if not spans:
+        return line
+    start, end = spans[0].start(), spans[-1].end()
+    if not _PROSE_WORD.search(line[:start] + " " + line[end:]):
+        return line
+    return line[start:end]
 
 
 def extract_answer(text: str) -> str | None:
@@ -282,7 +316,7 @@ def _as_number(answer: str) -> Fraction | None:
     if text.endswith(".") and not text.endswith(".."):
         text = text[:-1].rstrip()
     if _THOUSANDS.fullmatch(text):
-        text = text.replace(",", "")
+        text = _UNGROUP.sub("", text)
     return Fraction(text) if _NUMBER.fullmatch(text) else None
 
 
@@ -297,8 +331,8 @@ def _plain_text_number(answer: str) -> str | None:
         return None
     number = match.group("number").replace("\\", "").replace("$", "").strip()
     if _THOUSANDS.fullmatch(number):
-        number = number.replace(",", "")
-    elif "," in number:
+        number = _UNGROUP.sub("", number)
+    elif _UNGROUP.search(number):
         return None
     percent = match.group("percent") or any(w.lower() in ("percent", "pct", "percentage") for w in words)
     return number + "\\%" if percent else number
@@ -390,7 +424,10 @@ def _math_verify(pred: str, gold: str, timeout_s: int) -> bool:
     gold_parsed, pred_parsed = _parse(gold, timeout_s), _parse(pred, timeout_s)
     if not gold_parsed or not pred_parsed:
         return False
-    return bool(mv_verify(list(gold_parsed), list(pred_parsed), timeout_seconds=timeout_s))
+    # allow_set_relation_comp: an inequality states the interval it describes ("2<x<5" is "(2,5)").
+    return bool(
+        mv_verify(list(gold_parsed), list(pred_parsed), allow_set_relation_comp=True, timeout_seconds=timeout_s)
+    )
 
 
 def _serve() -> None:

@@ -280,18 +280,35 @@ def model_attention(model, layout: Layout):
     )
 
 
+@dataclass
+class Behaviour:
+    """What the engine's sampler drew each token from, for the trainer to replay (`sampler.warp_scores`):
+    `ban_rows` [B, T] the ban-table row of each token (`engine.ban_rows`), `table` [R, V] the engine's
+    `ban_table`, and the top-k / top-p the rollout sampled with."""
+
+    ban_rows: torch.Tensor
+    table: torch.Tensor
+    top_k: int = 0
+    top_p: float = 1.0
+
+
 def token_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk: int = 512,
+    behaviour: Behaviour | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs Tensor[B, T] of input_ids[:, t] under logits[:, t-1] / temperature; column 0 is 0.
 
     Works chunk by chunk along T with gather + logsumexp, so no [B, T, V] log-softmax is built.
     Entropy (if asked) is that of the distribution that predicted token t; column 0 is 0.
+    With `behaviour` (its ban rows in these columns) both are of the distribution the sampler drew from.
     """
+    # sampler imports rollout, which imports this module
+    from parallel_r1.sampler import warp_scores
+
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T = input_ids.shape
@@ -300,11 +317,15 @@ def token_logprobs(
         z = logits[:, start : min(start + chunk, T - 1)].float()
         if temperature != 1.0:
             z = z / temperature
-        lse = z.logsumexp(-1)
         target = input_ids[:, start + 1 : start + 1 + z.shape[1]]
+        if behaviour is not None:
+            banned = behaviour.table[behaviour.ban_rows[:, start + 1 : start + 1 + z.shape[1]]]
+            z = warp_scores(z.flatten(0, 1), banned.flatten(0, 1), behaviour.top_k, behaviour.top_p).view_as(z)
+        lse = z.logsumexp(-1)
         logps.append(z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse)
         if with_entropy:
-            entropies.append(lse - (z.softmax(-1) * z).sum(-1))
+            p = z.softmax(-1)
+            entropies.append(lse - torch.where(p > 0, p * z, 0.0).sum(-1))
     zero = logits.new_zeros(B, 1, dtype=torch.float32)
     logp = torch.cat([zero, *logps], dim=1)
     entropy = torch.cat([zero, *entropies], dim=1) if with_entropy else None
@@ -320,8 +341,12 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     kernel: str = "auto",
+    behaviour: Behaviour | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logprobs Tensor[B, T], entropy Tensor[B, T] or None) of a Hugging Face causal LM, differentiable.
+
+    With `behaviour` (ban rows [B, T] of these tokens) the log-probs are of the distribution the engine
+    sampled from: its state-dependent tag bans and top-k/top-p replayed, renormalised.
 
     `kernel`: "dense" (the backend's own mask: `model_attention`), "chunked" (`chunked_attention`, no
     S x S tensor, sdpa / eager models only) or "auto" (chunked from `LONG_SEQUENCE_TOKENS` columns on,
@@ -348,7 +373,11 @@ def response_logprobs(
         logits = model(
             input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.positions, use_cache=False
         ).logits
-    logp, entropy = token_logprobs(logits, layout.input_ids, temperature, with_entropy)
+    if behaviour is not None and layout.source is not None:
+        # a token's ban row goes to the column whose log-prob is its own (a threads path's copy)
+        rows = torch.zeros_like(layout.input_ids).scatter_(1, layout.source, behaviour.ban_rows)
+        behaviour = dataclasses.replace(behaviour, ban_rows=rows)
+    logp, entropy = token_logprobs(logits, layout.input_ids, temperature, with_entropy, behaviour=behaviour)
     return layout.to_sequence(logp), layout.to_sequence(entropy)
 
 

@@ -10,7 +10,14 @@ BACKENDS = ("hf", "vllm")
 
 
 def make_engine(
-    backend: str, model, tokenizer=None, *, max_batch_size: int = 64, colocate: bool = False, **vllm_kwargs
+    backend: str,
+    model,
+    tokenizer=None,
+    *,
+    max_batch_size: int = 64,
+    colocate: bool = False,
+    behaviour_logprobs: bool = False,
+    **vllm_kwargs,
 ):
     """The rollout engine of `backend`; both have `generate(prompts, n, params) -> list[Rollout]`.
 
@@ -18,10 +25,13 @@ def make_engine(
     `vllm_backend.VLLMEngine` on a model directory, Hub id or `vllm.LLM` (vLLM loads its own copy of the
     weights; the tokenizer defaults to the model's own; `vllm_kwargs` go to `vllm.LLM`). `colocate`: a
     vLLM engine in this process next to a model being trained (`VLLMEngine.colocated`; `load_weights`
-    then copies the trained weights into it).
+    then copies the trained weights into it). `behaviour_logprobs` (hf only): record the log-probs of the
+    distribution sampled from (`ParallelEngine`).
     """
     if backend == "hf":
-        return ParallelEngine(model, tokenizer, max_batch_size=max_batch_size)
+        return ParallelEngine(model, tokenizer, max_batch_size=max_batch_size, behaviour_logprobs=behaviour_logprobs)
+    if behaviour_logprobs:
+        raise ValueError("behaviour_logprobs needs the hf backend")
     if backend == "vllm":
         if colocate:
             return VLLMEngine.colocated(model, tokenizer, **vllm_kwargs)

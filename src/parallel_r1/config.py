@@ -222,6 +222,13 @@ class GRPOConfig:
     min(exp(old - sampler), tis_cap), old being the trainer's recomputed log-prob and sampler the engine's,
     which corrects for a sampler whose probabilities differ from the trainer's (vLLM kernels, bf16, the
     unseen variant sampled by vLLM). Needs recomputed old log-probs. null: off; 2.0 is a common cap."""
+    behaviour_logprobs: bool | None = None
+    """Log-probs of the distribution the engine sampled from: its state-dependent tag bans (only `</Path>`
+    closes a path, `<Parallel>` banned at the block cap, ...) and top-k/top-p, renormalised. The engine
+    records them and the trainer replays the same warp, so the ratio and the gradient refer to the policy
+    that acted; off, both use the full-vocabulary softmax. null: on for the hf backend, where the replay is
+    exact; off for vLLM, whose bans are a finite logit bias (-100) rather than a mask the trainer could
+    replay, and true is an error there. docs/training.md, "Behaviour log-probs"."""
     mismatch_threshold: float = 0.1
     """A trained token counts in the `mismatch_share` metric when its sampling and training log-probs differ
     by more than this."""
@@ -246,6 +253,10 @@ class GRPOConfig:
             "tis_cap weighs the trainer's log-probs against the sampler's: it needs old_logprobs auto or recompute",
         )
         _require(self.mismatch_threshold > 0, "mismatch_threshold must be > 0")
+        _require(
+            not (self.behaviour_logprobs and self.rollout.backend == "vllm"),
+            "behaviour_logprobs needs the hf backend (vLLM bans by a finite logit bias the trainer cannot replay)",
+        )
 
 
 @dataclass

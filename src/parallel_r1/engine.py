@@ -266,6 +266,32 @@ def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tens
     return table
 
 
+def ban_rows(response_ids: list[int], tags: TagIds, variant: str, max_blocks: int) -> list[int]:
+    """The ban-table row (BAN_*) each response token was sampled under, replayed from the tokens alone:
+    the decoding state `_Row.ban_row` reads when the engine samples it. Rows of engine-inserted tokens are
+    meaningless (they are not trained on)."""
+    rows, blocks, state = [], 0, "main"
+    for token in response_ids:
+        capped = blocks >= max_blocks
+        if variant == "seen":
+            rows.append(BAN_PARALLEL if capped else BAN_NONE)
+        elif state == "path":
+            rows.append(BAN_PATH)
+        else:
+            rows.append(BAN_SUMMARY if state == "summary" else BAN_MAIN_CAPPED if capped else BAN_MAIN)
+        if token == tags.parallel_open:
+            blocks += 1
+        elif token == tags.path_open:
+            state = "path"
+        elif token == tags.path_close:
+            state = "block"
+        elif token == tags.summary_open:
+            state = "summary"
+        elif token == tags.summary_close:
+            state = "main"
+    return rows
+
+
 def output_layer(head: torch.nn.Module, hidden: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """`head(hidden)` for hidden [M, d]; on CPU a large vocabulary goes in `chunk`-row slices of the weight,
     which keeps each output block in cache (1.2-1.4x faster than one matmul for M > 1 on a 49k vocabulary)."""
@@ -287,13 +313,17 @@ PHASES = ("schedule", "inputs", "mask", "forward", "sample", "advance")
 @dataclass
 class EngineStats:
     """Counters of a `ParallelEngine` since it was built (or `reset_stats`): forwards, query slots
-    computed (rows x width per forward), useful ones (real tokens fed), sampled tokens, and the wall
-    seconds per phase of the decode loop (on a GPU `forward` also absorbs queued kernels)."""
+    computed (rows x width per forward), useful ones (real tokens fed), sampled tokens, the probability
+    mass the bans and top-k/top-p removed from the distribution of each sampled token (sum and max;
+    `sampler.sample_tokens`), and the wall seconds per phase of the decode loop (on a GPU `forward` also
+    absorbs queued kernels)."""
 
     forwards: int = 0
     query_slots: int = 0
     useful_slots: int = 0
     sampled_tokens: int = 0
+    ban_mass: float = 0.0
+    ban_mass_max: float = 0.0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
@@ -338,9 +368,19 @@ class ParallelEngine:
     """
 
     def __init__(
-        self, model, tokenizer, *, max_batch_size: int = 64, prefill_tokens: int = 8192, split_waste: float = 0.25
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 64,
+        prefill_tokens: int = 8192,
+        split_waste: float = 0.25,
+        behaviour_logprobs: bool = False,
     ):
         self.model, self.tokenizer = model, tokenizer
+        # Record log-probs of the distribution sampled from (bans, top-k/top-p), which `ban_rows` and
+        # `attention.Behaviour` let the trainer replay; otherwise those of the unwarped softmax.
+        self.behaviour_logprobs = behaviour_logprobs
         self.max_batch_size = max_batch_size
         self.prefill_tokens = prefill_tokens
         self.split_waste = split_waste
@@ -541,8 +581,9 @@ class ParallelEngine:
         if params.temperature > 0:
             counters = [(seed, rows[t.row].key, rows[t.row].sample_index, *t.counter) for t in targets]
             noise = uniforms_for(counters, device)
-        tokens, logprobs = sample_tokens(logits, bans[target_t[:, 2]], params, noise)
+        tokens, logprobs, removed = sample_tokens(logits, bans[target_t[:, 2]], params, noise, self.behaviour_logprobs)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        removed_sum, removed_max = torch.stack([removed.sum(), removed.max()]).tolist()
         seconds["sample"] += time.perf_counter() - started
         started = time.perf_counter()
         per_row: list[dict[int, tuple[int, float]]] = [{} for _ in rows]
@@ -561,6 +602,8 @@ class ParallelEngine:
         stats.query_slots += len(group) * width
         stats.useful_slots += useful
         stats.sampled_tokens += len(targets)
+        stats.ban_mass += removed_sum
+        stats.ban_mass_max = max(stats.ban_mass_max, removed_max)
         seconds["advance"] += time.perf_counter() - started
 
     def _to_rollout(self, row: _Row) -> Rollout:

@@ -8,7 +8,10 @@ One training step:
 3. score them with the reward schedule at this step, and turn rewards into group-normalised advantages;
 4. old log-probs: the engine's sampling log-probs when the backend guarantees they equal the training
    forward's (hf), otherwise a no-grad forward; the gap between the two is logged every step (`mismatch_*`),
-   and truncated importance sampling (`tis_cap`) can weight each token by min(exp(old - sampler), C);
+   and truncated importance sampling (`tis_cap`) can weight each token by min(exp(old - sampler), C).
+   With `behaviour_logprobs` every log-prob, the engine's and the trainer's, is of the distribution the
+   engine sampled from (bans, top-k/top-p, renormalised: `attention.Behaviour`); the mass those remove
+   is logged as `ban_mass_*`;
 5. `ppo_epochs` passes of `prompts_per_step / mini_batch_size` optimiser steps, each over one mini-batch
    of groups, accumulating gradients over micro-batches; the loss is the clipped surrogate (and the k3 KL
    when asked) averaged over every trained-on token of the mini-batch (token-level aggregation).
@@ -34,10 +37,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from parallel_r1 import data, tasks
-from parallel_r1.attention import response_logprobs
+from parallel_r1.attention import Behaviour, response_logprobs
 from parallel_r1.backends import make_engine
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.data import build_prompt, prompt_template
+from parallel_r1.engine import ban_rows, ban_table
 from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.rewards import score_batch
@@ -130,6 +134,7 @@ class RolloutBatch:
     adv_B: torch.Tensor
     sampler_logp_BT: torch.Tensor  # the engine's sampling log-probs on response tokens, 0 elsewhere
     weight_BT: torch.Tensor  # per-token weight of the surrogate (1, or the TIS weight)
+    ban_rows_BT: torch.Tensor  # long: the engine's ban-table row each token was sampled under (0 elsewhere)
 
     def to(self, device) -> RolloutBatch:
         return RolloutBatch(*(t.to(device) for t in vars(self).values()))
@@ -150,18 +155,27 @@ class RolloutBatch:
         lengths = self.attention_mask_BT.sum(1).tolist()
         return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
+    def behaviour(self, table: torch.Tensor | None, top_k: int, top_p: float) -> Behaviour | None:
+        """What the engine sampled these tokens from, given its ban `table` (None: score the unwarped
+        softmax)."""
+        return None if table is None else Behaviour(self.ban_rows_BT, table, top_k, top_p)
 
-def collate_rollouts(rollouts: list, advantages: list[float], pad_id: int) -> RolloutBatch:
-    """Stack `prompt_ids + response_ids` of each rollout, left-padded to the longest."""
+
+def collate_rollouts(
+    rollouts: list, advantages: list[float], pad_id: int, response_ban_rows: list[list[int]] | None = None
+) -> RolloutBatch:
+    """Stack `prompt_ids + response_ids` of each rollout, left-padded to the longest; `response_ban_rows`
+    (`engine.ban_rows` of each rollout's response) fill `ban_rows_BT`, zeros without them."""
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-    ids, attn, loss, old = [], [], [], []
-    for r in rollouts:
+    ids, attn, loss, old, rows = [], [], [], [], []
+    for k, r in enumerate(rollouts):
         pad = width - len(r.prompt_ids) - len(r.response_ids)
         head = pad + len(r.prompt_ids)
         ids.append([pad_id] * pad + list(r.prompt_ids) + list(r.response_ids))
         attn.append([0] * pad + [1] * (len(r.prompt_ids) + len(r.response_ids)))
         loss.append([0.0] * head + [1.0 if s else 0.0 for s in r.sampled_mask])
         old.append([0.0] * head + [float(lp) for lp in r.logprobs])
+        rows.append([0] * head + (response_ban_rows[k] if response_ban_rows else [0] * len(r.response_ids)))
     sampler = torch.tensor(old, dtype=torch.float32)
     loss_mask = torch.tensor(loss)
     return RolloutBatch(
@@ -172,14 +186,24 @@ def collate_rollouts(rollouts: list, advantages: list[float], pad_id: int) -> Ro
         torch.tensor(advantages, dtype=torch.float32),
         sampler,
         torch.ones_like(loss_mask),
+        torch.tensor(rows, dtype=torch.long),
     )
 
 
 @torch.no_grad()
 def recompute_logprobs(
-    model, batch: RolloutBatch, tags: TagIds, variant: str, temperature: float, micro_batch_size: int
+    model,
+    batch: RolloutBatch,
+    tags: TagIds,
+    variant: str,
+    temperature: float,
+    micro_batch_size: int,
+    ban_table: torch.Tensor | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """Log-probs [B, T] of the batch under `model` (no grad), micro-batch by micro-batch."""
+    """Log-probs [B, T] of the batch under `model` (no grad), micro-batch by micro-batch; with the engine's
+    `ban_table`, of the distribution it sampled from (`RolloutBatch.behaviour`)."""
     was_training = model.training
     model.eval()
     B, T = batch.input_ids_BT.shape
@@ -189,9 +213,17 @@ def recompute_logprobs(
         index = order[start : start + micro_batch_size]
         part = batch.micro_batch(index)
         logp, _ = response_logprobs(
-            model, part.input_ids_BT, part.attention_mask_BT, tags, variant=variant, temperature=temperature
+            model,
+            part.input_ids_BT,
+            part.attention_mask_BT,
+            tags,
+            variant=variant,
+            temperature=temperature,
+            behaviour=part.behaviour(ban_table, top_k, top_p),
         )
-        out_BT[torch.tensor(index, device=out_BT.device), T - logp.shape[1] :] = logp * part.loss_mask_BT
+        # where, not a product: under behaviour log-probs an untrained token may be -inf (see policy_update)
+        logp = torch.where(part.loss_mask_BT > 0, logp, 0.0)
+        out_BT[torch.tensor(index, device=out_BT.device), T - logp.shape[1] :] = logp
     model.train(was_training)
     return out_BT
 
@@ -208,6 +240,7 @@ def policy_update(
     num_tokens: float,
     ref_model=None,
     measure_gap: bool = False,
+    ban_table: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One optimiser step on `batch` (this process's rows of a mini-batch).
 
@@ -216,7 +249,8 @@ def policy_update(
     token-level mean. Rows with all-zero loss mask may stand in on a process left without data.
     Returns sums over this process's tokens (loss, clipped, entropy, KL) and the grad norm; with
     `measure_gap` (the policy has not moved since sampling) also `logprob_gap` of the forward's log-probs
-    against the sampler's.
+    against the sampler's. With the engine's `ban_table` the policy and the reference are scored on the
+    distribution the engine sampled from (`RolloutBatch.behaviour`), entropy included.
     """
     model.train()
     order = batch.by_length()
@@ -236,8 +270,17 @@ def policy_update(
         with sync:
             # The policy and the reference score the same tokens the same way.
             inputs = (mb.input_ids_BT, mb.attention_mask_BT, tags)
-            scoring = {"variant": variant, "temperature": cfg.rollout.temperature}
+            scoring = {
+                "variant": variant,
+                "temperature": cfg.rollout.temperature,
+                "behaviour": mb.behaviour(ban_table, cfg.rollout.top_k, cfg.rollout.top_p),
+            }
             logp_BT, entropy_BT = response_logprobs(model, *inputs, **scoring, with_entropy=True)
+            # Under behaviour log-probs an untrained token (prompt, engine-inserted tag) may be one the
+            # sampler could not have drawn, at -inf: zeroed here so no nan (-inf * 0, -inf - -inf) reaches
+            # the loss; the masked fill passes no gradient to it.
+            untrained_BT = mb.loss_mask_BT == 0
+            logp_BT = logp_BT.masked_fill(untrained_BT, 0.0)
             per_token_BT, clipped_BT = clipped_policy_loss(
                 logp_BT, mb.old_logp_BT, mb.adv_B, cfg.clip_low, cfg.clip_high
             )
@@ -245,6 +288,7 @@ def policy_update(
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logp_BT, _ = response_logprobs(ref_model, *inputs, **scoring)
+                ref_logp_BT = ref_logp_BT.masked_fill(untrained_BT, 0.0)
                 kl_BT = kl_k3(logp_BT, ref_logp_BT)
                 per_token_BT = per_token_BT + cfg.kl_coef * kl_BT
                 sums["kl"] += (kl_BT.detach() * mb.loss_mask_BT).sum().item()
@@ -312,8 +356,14 @@ class GRPOTrainer(StageTrainer):
         self.use_engine_logprobs = mode == "engine" or (
             mode == "auto" and self.cfg.rollout.backend == "hf" and self.cfg.tis_cap is None
         )
+        behaviour = self.cfg.behaviour_logprobs
+        self.behaviour_logprobs = self.cfg.rollout.backend == "hf" if behaviour is None else behaviour
 
         self.prepare(stage.max_steps)
+        self.ban_table = None
+        if self.behaviour_logprobs:
+            vocab = acc.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+            self.ban_table = ban_table(self.tags, vocab, acc.device)
         self.engine = self._make_engine()
         self.resume()
 
@@ -324,7 +374,13 @@ class GRPOTrainer(StageTrainer):
         rollout, acc = self.cfg.rollout, self.accelerator
         if rollout.backend == "hf":
             model = acc.unwrap_model(self.model)
-            return make_engine("hf", model, self.tokenizer, max_batch_size=rollout.max_batch_size)
+            return make_engine(
+                "hf",
+                model,
+                self.tokenizer,
+                max_batch_size=rollout.max_batch_size,
+                behaviour_logprobs=self.behaviour_logprobs,
+            )
         source = self.resume_from or self.init_model
         if str(source) in PRESETS:
             source = save_model(acc.unwrap_model(self.model), self.tokenizer, self.output_dir / "rollout_init")
@@ -381,9 +437,10 @@ class GRPOTrainer(StageTrainer):
         if cfg.rollout.backend == "vllm" and self._vllm_stale:
             self.engine.load_weights(acc.get_state_dict(self.model).items())
         keys = {"keys": mine} if cfg.rollout.backend == "hf" else {}
-        rollouts = self.engine.generate(
-            [self.prompts[i] for i in mine], n=cfg.n, params=self.sampling_params(step), **keys
-        )
+        if cfg.rollout.backend == "hf":
+            self.engine.reset_stats()
+        params = self.sampling_params(step)
+        rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys)
         sample_s = time.perf_counter() - started
 
         # Score with the schedule's reward at this step.
@@ -403,13 +460,24 @@ class GRPOTrainer(StageTrainer):
 
         # Batch: training tensors and old log-probs. Dropped groups' rows stay, with their loss mask zeroed:
         # they serve as stand-in rows for a process left without data.
-        batch = collate_rollouts(rollouts, adv_PG.flatten().tolist(), self.tokenizer.pad_token_id)
+        variant = self.stage.variant
+        response_ban_rows = None
+        if self.ban_table is not None:
+            response_ban_rows = [ban_rows(r.response_ids, self.tags, variant, params.max_blocks) for r in rollouts]
+        batch = collate_rollouts(rollouts, adv_PG.flatten().tolist(), self.tokenizer.pad_token_id, response_ban_rows)
         batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
         gap: dict[str, float] = {}
         if not self.use_engine_logprobs:
-            model, variant = acc.unwrap_model(self.model), self.stage.variant
             old_logp_BT = recompute_logprobs(
-                model, batch.to(acc.device), self.tags, variant, cfg.rollout.temperature, cfg.micro_batch_size
+                acc.unwrap_model(self.model),
+                batch.to(acc.device),
+                self.tags,
+                variant,
+                cfg.rollout.temperature,
+                cfg.micro_batch_size,
+                self.ban_table,
+                cfg.rollout.top_k,
+                cfg.rollout.top_p,
             )
             batch.old_logp_BT = old_logp_BT.cpu()
             gap = logprob_gap(batch.old_logp_BT, batch.sampler_logp_BT, batch.loss_mask_BT, cfg.mismatch_threshold)
@@ -452,6 +520,7 @@ class GRPOTrainer(StageTrainer):
                     num_tokens,
                     self.ref_model,
                     measure_gap=measure_gap and updates == 0,
+                    ban_table=self.ban_table,
                 )
                 updates += 1
                 self._vllm_stale = True
@@ -562,6 +631,14 @@ class GRPOTrainer(StageTrainer):
             metrics["mismatch_max"] = gap_max
             metrics["mismatch_share"] = gap_over / gap_tokens
             metrics["mismatch_tokens"] = gap_tokens
+        if self.cfg.rollout.backend == "hf":
+            # What the bans and top-k/top-p took from each sampled token's softmax: what behaviour_logprobs
+            # corrects, measured whether it is on or off (vLLM does not report it).
+            stats = self.engine.stats
+            mass = torch.tensor([stats.ban_mass, float(stats.sampled_tokens)], device=acc.device)
+            mass_sum, sampled = acc.reduce(mass, "sum").tolist()
+            metrics["ban_mass_mean"] = mass_sum / max(sampled, 1.0)
+            metrics["ban_mass_max"] = acc.gather(torch.tensor([stats.ban_mass_max], device=acc.device)).max().item()
         if self.cfg.tis_cap is not None:
             metrics["tis_weight"] = tis_weight / max(tokens, 1.0)
             metrics["tis_truncated"] = tis_truncated / max(tokens, 1.0)

@@ -35,7 +35,9 @@ class Rollout:
     response_ids: list[int]  # canonical sequential layout (paths one after another)
     text: str  # decoded response, tags kept
     sampled_mask: list[bool]  # per response token: sampled by the model (True) or inserted (False)
-    logprobs: list[float]  # per response token: log p under softmax(logits / T), full vocab; 0.0 if inserted
+    # per response token: log p under softmax(logits / T), full vocab, or with behaviour log-probs
+    # (`ParallelEngine(behaviour_logprobs=True)`) under the banned, top-k/top-p-warped one; 0.0 if inserted
+    logprobs: list[float]
     finish_reason: str  # "stop" (EOS) | "length" (response cap)
     structure: ParsedResponse  # format.parse_ids(response_ids, tokenizer), token spans filled
 

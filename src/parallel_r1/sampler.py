@@ -77,32 +77,51 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
+def warp_scores(scaled: torch.Tensor, banned: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The scores the sampler draws from: temperature-scaled logits [M, V] with the `banned` [M, V] tokens at
+    -inf, then top-k and top-p. The trainer replays exactly this (`attention.Behaviour`), so both sides
+    refer to the same behaviour policy."""
+    scores = scaled.masked_fill(banned, float("-inf"))
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores
+
+
 def sample_tokens(
     logits: torch.Tensor,
     banned: torch.Tensor,
     params: SamplingParams,
     noise: torch.Tensor | torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    behaviour: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [M, V] with tags `banned` [M, V] masked out.
 
-    Inverse-CDF sampling from softmax(banned, top-k/top-p-warped logits / T) with the uniforms `noise`
-    ([M] in [0, 1), e.g. `counter_uniforms`), or uniforms drawn from a `torch.Generator`, or fresh ones
-    (None). Returns (tokens [M], logprobs [M]); the log-prob is under softmax(logits / T) of the full
-    vocabulary, before banning, top-k and top-p (T = 1 for greedy decoding, temperature 0).
+    Inverse-CDF sampling from softmax(`warp_scores`(logits / T)) with the uniforms `noise` ([M] in [0, 1),
+    e.g. `counter_uniforms`), or uniforms drawn from a `torch.Generator`, or fresh ones (None). Returns
+    (tokens [M], logprobs [M], removed [M]). With `behaviour` the log-prob is under the distribution sampled
+    from (bans, top-k and top-p applied, renormalised); otherwise under softmax(logits / T) of the full
+    vocabulary. `removed` is the probability mass of softmax(logits / T) that the bans, top-k and top-p
+    took away: the gap between those two distributions. Greedy decoding (temperature 0) records the
+    full-vocabulary log-prob with T = 1 and the mass the bans alone remove.
     """
     logits = logits.float()
-    temperature = params.temperature if params.temperature > 0 else 1.0
-    scaled = logits / temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    scores = scaled.masked_fill(banned, float("-inf"))
-    if params.temperature == 0:
+    greedy = params.temperature == 0
+    scaled = logits / (1.0 if greedy else params.temperature)
+    if greedy:
+        scores = scaled.masked_fill(banned, float("-inf"))
         tokens = scores.argmax(dim=-1)
     else:
-        if params.top_k > 0:
-            scores = TopKLogitsWarper(params.top_k)(None, scores)
-        if params.top_p < 1.0:
-            scores = TopPLogitsWarper(params.top_p)(None, scores)
+        scores = warp_scores(scaled, banned, params.top_k, params.top_p)
         if not isinstance(noise, torch.Tensor):
             noise = torch.rand(scores.shape[0], generator=noise, dtype=torch.float64, device=scores.device)
         tokens = inverse_cdf(torch.softmax(scores, dim=-1), noise)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+    full_lse, kept_lse = scaled.logsumexp(-1), scores.logsumexp(-1)
+    # summed over the removed tokens, not 1 - kept: that difference of two lse's loses ~1e-6 to rounding
+    removed = (scaled.masked_fill(~torch.isneginf(scores), float("-inf")).logsumexp(-1) - full_lse).exp()
+    if behaviour and not greedy:
+        logprobs = scores.gather(1, tokens[:, None])[:, 0] - kept_lse
+    else:
+        logprobs = scaled.gather(1, tokens[:, None])[:, 0] - full_lse
+    return tokens, logprobs, removed
