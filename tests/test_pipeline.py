@@ -16,8 +16,11 @@ def _recipes():
 
 
 def test_baseline_has_the_parallel_recipes_budget_and_no_parallel_reward():
-    (par_spec, seq_spec), (par, seq) = _recipes()
-    assert (par_spec.label, seq_spec.label) == ("parallel", "sequential")
+    (par_spec, plain_spec, seq_spec), (par, plain, seq) = _recipes()
+    assert (par_spec.label, plain_spec.label, seq_spec.label) == ("parallel", "plain", "sequential")
+    # The control is the baseline but for the style of its SFT data: the parallel script, plain delimiters.
+    assert recipe_to_dict(plain)["stages"][1:] == recipe_to_dict(seq)["stages"][1:]
+    assert plain.stages[0].data.task_style == "plain"
     assert [s.name for s in par.stages] == [s.name for s in seq.stages] == ["sft", "rl_easy", "rl_hard"]
     for a, b in zip(par.stages, seq.stages):
         da, db = recipe_to_dict(par)["stages"][par.stages.index(a)], recipe_to_dict(seq)["stages"][seq.stages.index(b)]
@@ -40,13 +43,13 @@ def test_default_recipes_are_the_studys_arms():
     from parallel_r1 import study
     from parallel_r1.config import load_recipe
 
-    _, (par, seq) = _recipes()
+    _, (par, _, seq) = _recipes()
     assert seq.stages == load_recipe(STUDY_RECIPES / "sequential.yaml").stages
     assert any(par.stages == load_recipe(STUDY_RECIPES / f"{arm}.yaml").stages for arm in study.ARMS)
 
 
 def test_curriculum_goes_from_easy_to_harder_problems():
-    _, (par, _) = _recipes()
+    _, (par, _, _) = _recipes()
     sft, easy, hard = par.stages
     assert (sft.kind, easy.kind, hard.kind) == ("sft", "grpo", "grpo")
     # levels are drawn in turn, so the mean level of the list is the mean difficulty of the stage
@@ -91,14 +94,14 @@ def test_heldout_problems_never_share_a_computation_with_training(tmp_path):
 
 
 def test_eval_settings_take_the_recipes_task_and_its_levels():
-    _, (par, _) = _recipes()
+    _, (par, _, _) = _recipes()
     settings = pipeline.resolve_settings(EvalSettings(), par)
     assert settings.task == "search" and settings.levels == tasks.task_module("search").EVAL_LEVELS
     assert pipeline.resolve_settings(EvalSettings(levels=(1,)), par).levels == (1,)
 
 
 def test_eval_config_uses_the_last_grpo_stages_caps_and_the_given_variant():
-    _, (par, _) = _recipes()
+    _, (par, _, _) = _recipes()
     par = pipeline.override(par, ["stages.rl_hard.grpo.rollout.max_path_tokens=33"])
     config = pipeline.eval_config(par, "unseen", EvalSettings(temperature=0.5))
     assert config.variant == "unseen" and config.max_path_tokens == 33 and config.temperature == 0.5
@@ -164,7 +167,7 @@ def test_run_with_stages_trains_both_recipes_to_the_cut_and_resumes_without_retr
         assert sorted(p.name for p in (run / label / "eval").glob("*.json")) == ["00-sft.json", "01-rl_easy.json"]
     assert json.loads((run / "run.json").read_text())["max_stages"] == 2
     styles = [r["styles"] for r in json.loads((run / "run.json").read_text())["recipes"]]
-    assert styles == [{"sft": "parallel"}, {"sft": "sequential"}]
+    assert styles == [{"sft": "parallel"}, {"sft": "plain"}, {"sft": "sequential"}]
     page = (run / "report.html").read_text()
     assert '<tr data-recipe="sequential">' in page and '<tr data-recipe="parallel">' in page
     trained = {f"{label}/{stage}" for label in ("parallel", "sequential") for stage in ("sft", "rl_easy")}
@@ -177,29 +180,37 @@ def test_run_with_stages_trains_both_recipes_to_the_cut_and_resumes_without_retr
 
 
 def _check_evidence(run: Path, stages: list[str]) -> dict:
-    """What the report of a `parallel-r1 run` must show: the parallel recipe against the sequential baseline
-    on the same held-out problems, with the difference's standard error; the parallel ratio at every stage;
-    plots and rollouts."""
-    from parallel_r1.report import read_evidence
+    """What the report of a `parallel-r1 run` must show, whichever way the comparison goes: the parallel recipe
+    against the same-script control and the sequential baseline on the same held-out problems, each difference
+    with its standard error and equal to the one the samples give; the parallel ratio at every stage; plots
+    and rollouts."""
+    from parallel_r1.report import paired_difference, per_problem_accuracy, read_evidence
 
     page = (run / "report.html").read_text()
     evidence = read_evidence(run / "report.html")
-    par, seq = evidence["recipes"]
-    assert (par["label"], seq["label"]) == ("parallel", "sequential")
-    # the claim: at equal budget the parallel recipe beats the baseline by more than two standard errors
-    vs = par["vs_baseline"]
-    assert vs["diff"] > 0 and vs["significant"] and vs["diff"] > 2 * vs["se"] > 0
-    assert vs["problems"] == 192 and par["final_se"] > 0 and seq["final_se"] > 0
-    assert "standard error" in page and f"{vs['diff']:+.3f}" in page
-    # both RL results are reported beside their SFT starting points
-    assert par["rl_gain"] is not None and seq["rl_gain"] is not None
-    # the parallel ratio at every stage, held-out and (GRPO) while training
-    for recipe in (par, seq):
+    par, plain, seq = evidence["recipes"]
+    assert (par["label"], plain["label"], seq["label"]) == ("parallel", "plain", "sequential")
+    samples = {
+        label: next((run / label / "eval").glob(f"*{stages[-1]}.samples.jsonl"))
+        for label in ("parallel", "plain", "sequential")
+    }
+    first = per_problem_accuracy(samples["parallel"])
+    for label in ("plain", "sequential"):
+        vs = par["vs_others"][label]
+        unclustered = paired_difference(first, per_problem_accuracy(samples[label]))
+        assert vs["diff"] == pytest.approx(unclustered["diff"]) and vs["problems"] == 192 and vs["se"] > 0
+        assert f"{vs['diff']:+.3f}" in page and f"minus {label}" in page
+        assert vs["significant"] == (abs(vs["diff"]) > 2 * vs["se"])
+    assert par["vs_baseline"] == par["vs_others"]["sequential"]
+    assert "standard error clustered by solving computation" in page
+    for recipe in (par, plain, seq):
+        assert recipe["rl_gain"] is not None
         assert list(recipe["heldout_parallel_ratio"]) == stages
         assert list(recipe["train_parallel_ratio"]) == stages[1:]
-    assert par["heldout_parallel_ratio"][stages[-1]] > 0.5 > seq["heldout_parallel_ratio"][stages[-1]]
-    # the baseline's rows, the plots and the rollouts are on the page
-    assert '<tr data-recipe="sequential">' in page and '<tr data-recipe="parallel">' in page
+    # SFT taught each recipe its format: blocks for the parallel one only.
+    assert par["heldout_parallel_ratio"][stages[-1]] > 0.5
+    assert plain["heldout_parallel_ratio"][stages[-1]] == seq["heldout_parallel_ratio"][stages[-1]] == 0
+    assert '<tr data-recipe="sequential">' in page and '<tr data-recipe="plain">' in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3
     assert 'class="paths"' in page and "Final Answer:" in page
     assert {"data", "parallel/sft", f"parallel/{stages[-1]}", f"sequential/{stages[-1]}", "total"} <= set(
@@ -209,11 +220,11 @@ def _check_evidence(run: Path, stages: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_default_run_shows_parallel_beating_the_sequential_baseline(tmp_path):
-    """`parallel-r1 run` exactly as the README runs it (about 12 minutes on 2 cores): the study's best
-    parallel arm against the sequential arm on the search task. In the study (docs/study.md) the gap is
-    +0.17 held-out accuracy over three seeds, most of it there after SFT; RL's own gain on the
-    parallel recipe is within noise, so the test checks the comparison, not RL against SFT."""
+def test_default_run_sets_parallel_against_its_control_and_the_baseline(tmp_path):
+    """`parallel-r1 run` exactly as the README runs it (about 12 minutes on 2 cores): the study's primary
+    parallel arm against the same-script control and the sequential arm. One seed cannot settle which is
+    ahead (the study's three-seed differences are about two standard errors, docs/study.md), so the test
+    checks that the report states the comparisons right, not their direction."""
     from parallel_r1.cli import main
 
     run = tmp_path / "run"

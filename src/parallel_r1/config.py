@@ -34,6 +34,7 @@ from parallel_r1.settings import require as _require
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
 BASELINE_RECIPE = RECIPES / "tiny_sequential.yaml"
+CONTROL_RECIPE = RECIPES / "tiny_plain.yaml"  # the parallel recipe's script without its structure
 
 
 @dataclass

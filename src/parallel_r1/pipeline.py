@@ -40,6 +40,7 @@ from parallel_r1 import tasks as builtin_task
 from parallel_r1.backends import make_engine
 from parallel_r1.config import (
     BASELINE_RECIPE,
+    CONTROL_RECIPE,
     DEFAULT_RECIPE,
     ConfigError,
     Recipe,
@@ -82,8 +83,12 @@ class RunResult:
 def default_specs(
     config: str | Path | None = None, baseline: str | Path | None = None, with_baseline: bool = True
 ) -> list[RecipeSpec]:
+    """The parallel recipe, then (with the baseline) the same-script control and the sequential baseline: the
+    control only when the parallel recipe is the default one, whose script it holds."""
     specs = [RecipeSpec("parallel", Path(config or DEFAULT_RECIPE))]
     if with_baseline:
+        if config is None:
+            specs.append(RecipeSpec("plain", CONTROL_RECIPE))
         specs.append(RecipeSpec("sequential", Path(baseline or BASELINE_RECIPE)))
     return specs
 
