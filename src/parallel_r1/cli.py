@@ -41,6 +41,7 @@ from parallel_r1.settings import (
     SamplingParams,
     SamplingSettings,
     StudySettings,
+    study_eval_settings,
 )
 
 log = logging.getLogger("parallel_r1")
@@ -264,9 +265,9 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+def _add_eval_flags(parser: argparse.ArgumentParser, defaults: EvalSettings | None = None) -> None:
     """--eval-problems and --eval-k: the held-out evaluation after every stage (`settings.EvalSettings`)."""
-    defaults = EvalSettings()
+    defaults = defaults or EvalSettings()
     parser.add_argument(
         "--eval-problems",
         type=int,
@@ -368,7 +369,7 @@ def _add_study_parser(sub) -> None:
         "the study share its SFT models",
     )
     study.add_argument("--arms", help=f"comma-separated arms (default: {','.join(ARMS)})")
-    study.add_argument("--seeds", default=",".join(str(s) for s in SEEDS), help="comma-separated RL seeds")
+    study.add_argument("--seeds", default=",".join(str(s) for s in SEEDS), help="comma-separated seeds (each trains its own SFT and RL)")
     study.add_argument(
         "--sweep",
         action="store_true",
@@ -383,7 +384,10 @@ def _add_study_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="override a field of every arm's recipe, e.g. --set stages.rl_hard.max_steps=10",
     )
-    _add_eval_flags(study)
+    study.add_argument(
+        "--workers", type=int, default=2, help="jobs run side by side, one torch thread each (default: 2)"
+    )
+    _add_eval_flags(study, study_eval_settings())
     study.set_defaults(func=_cmd_study)
 
 
@@ -397,7 +401,7 @@ def _csv(text: str, kind, flag: str) -> tuple:
 def _cmd_study(args) -> int:
     from parallel_r1.study import run_study, run_sweep
 
-    settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"), eval=_eval_settings(args))
+    settings = StudySettings(seeds=_csv(args.seeds, int, "--seeds"), eval=_eval_settings(args), workers=args.workers)
     if args.arms:
         settings = replace(settings, arms=_csv(args.arms, str, "--arms"))
     if args.sweep:
