@@ -369,7 +369,11 @@ def _add_study_parser(sub) -> None:
         "the study share its SFT models",
     )
     study.add_argument("--arms", help=f"comma-separated arms (default: {','.join(ARMS)})")
-    study.add_argument("--seeds", default=",".join(str(s) for s in SEEDS), help="comma-separated seeds (each trains its own SFT and RL)")
+    study.add_argument(
+        "--seeds",
+        default=",".join(str(s) for s in SEEDS),
+        help="comma-separated seeds (each trains its own SFT and RL)",
+    )
     study.add_argument(
         "--sweep",
         action="store_true",
