@@ -153,7 +153,8 @@ def test_the_configuration_layer_imports_nothing_else_of_the_package_and_no_torc
         "print(sorted(m for m in sys.modules if m.startswith('parallel_r1') or m.split('.')[0] == 'torch'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(["parallel_r1", "parallel_r1.config", "parallel_r1.settings"])
+    layer = ["parallel_r1", "parallel_r1.config", "parallel_r1.settings", "parallel_r1.typed_yaml"]
+    assert out.strip() == str(layer)
 
 
 def test_one_default_variant():

@@ -4,16 +4,8 @@ import pytest
 import torch
 
 from parallel_r1.attention import build_attention, build_positions, response_logprobs, structure_ids
-from parallel_r1.engine import (
-    BAN_MAIN,
-    BAN_NONE,
-    BAN_PATH,
-    ParallelEngine,
-    SamplingParams,
-    ban_table,
-    output_layer,
-    step_mask,
-)
+from parallel_r1.bans import BAN_MAIN, BAN_NONE, BAN_PATH, Behaviour, ban_rows, ban_table
+from parallel_r1.engine import ParallelEngine, SamplingParams, output_layer, step_mask
 from parallel_r1.format import TagIds
 from parallel_r1.sampler import sample_tokens
 
@@ -235,51 +227,87 @@ def test_threads_summary_sees_the_sequential_text(block_model, tiny_tokenizer, t
     assert checked_paths > 20 and checked_main > 20 and summaries
 
 
+def search_seeds(generate, found, seeds=range(20)):
+    """Rollouts of seed after seed until `found(rollouts)` holds, and whether it did: the invariants are
+    checked on every draw and the case under test is searched for, not assumed of one seed's draw."""
+    draws = []
+    for seed in seeds:
+        draws.append(generate(seed))
+        if found(draws[-1]):
+            return [r for d in draws for r in d], True
+    return [r for d in draws for r in d], False
+
+
+def closed_paths(rollout):
+    return [p for b in rollout.structure.blocks for p in b.paths if p.closed]
+
+
 def test_path_cap_inserts_unsampled_close(tiny_model, tiny_tokenizer, tags):
     model = with_bias(tiny_model, {tags.parallel_open: 5.0, tags.path_close: -5.0})
-    params = SamplingParams(seed=0, max_response_tokens=60, max_path_tokens=5, num_paths=2)
-    rollouts = ParallelEngine(model, tiny_tokenizer).generate(PROMPTS, n=2, params=params)
-    paths = [p for r in rollouts for b in r.structure.blocks for p in b.paths if p.closed]
-    assert len(paths) >= 4
+    engine = ParallelEngine(model, tiny_tokenizer)
+
+    def generate(seed):
+        params = SamplingParams(seed=seed, max_response_tokens=60, max_path_tokens=5, num_paths=2)
+        return engine.generate(PROMPTS, n=2, params=params)
+
+    def capped(rollouts):
+        return any(p.token_span.end - p.token_span.start == 5 for r in rollouts for p in closed_paths(r))
+
+    rollouts, found = search_seeds(generate, capped)
+    assert found, "no seed drew a path that ran to the path cap"
     for r in rollouts:
-        for p in (p for b in r.structure.blocks for p in b.paths if p.closed):
+        for p in closed_paths(r):
             span = p.token_span
             assert span.end - span.start <= 5
             if span.end - span.start == 5:
                 assert r.response_ids[span.end - 1] == tags.path_close
                 assert r.sampled_mask[span.end - 1] is False
-    assert any(p.token_span.end - p.token_span.start == 5 for p in paths)
 
 
 def test_eos_inside_a_path_becomes_an_inserted_close(tiny_model, tiny_tokenizer, tags):
     eos = tiny_tokenizer.eos_token_id
     model = with_bias(tiny_model, {tags.parallel_open: 8.0, eos: 3.0})
-    params = SamplingParams(seed=0, max_response_tokens=64, max_path_tokens=30, num_paths=2)
-    rollouts = ParallelEngine(model, tiny_tokenizer).generate(PROMPTS, n=3, params=params)
-    replaced = 0
+    engine = ParallelEngine(model, tiny_tokenizer)
+
+    def generate(seed):
+        params = SamplingParams(seed=seed, max_response_tokens=64, max_path_tokens=30, num_paths=2)
+        return engine.generate(PROMPTS, n=3, params=params)
+
+    def replaced(rollouts):
+        # A path closed before its cap by an inserted `</Path>`: the sampler drew EOS there.
+        return any(
+            p.token_span.end - p.token_span.start < 29 and not r.sampled_mask[p.token_span.end - 1]
+            for r in rollouts
+            for p in closed_paths(r)
+        )
+
+    rollouts, found = search_seeds(generate, replaced)
+    assert found, "no seed drew an EOS inside a path"
     for r in rollouts:
         for p in (p for b in r.structure.blocks for p in b.paths):
-            inside = r.response_ids[p.token_span.start : p.token_span.end]
-            assert eos not in inside
-            length = p.token_span.end - p.token_span.start
-            if p.closed and length < 29 and not r.sampled_mask[p.token_span.end - 1]:
-                replaced += 1
-    assert replaced > 0
+            assert eos not in r.response_ids[p.token_span.start : p.token_span.end]
 
 
-def test_block_cap_and_response_cap(block_model, tiny_tokenizer, tags):
+@pytest.mark.parametrize("max_blocks", [0, 1])
+def test_block_cap_and_response_cap(block_model, tiny_tokenizer, tags, max_blocks):
     engine = ParallelEngine(block_model, tiny_tokenizer)
-    for max_blocks in (0, 1):
-        params = SamplingParams(seed=0, max_response_tokens=70, max_path_tokens=8, max_blocks=max_blocks)
-        rollouts = engine.generate(PROMPTS, n=4, params=params)
-        for r in rollouts:
-            assert r.response_ids.count(tags.parallel_open) <= max_blocks
-            assert len(r.response_ids) <= 70
-            assert (len(r.response_ids) == 70) == (r.finish_reason == "length")
-            if r.finish_reason == "stop":
-                assert r.response_ids[-1] == tiny_tokenizer.eos_token_id
-        assert any(r.finish_reason == "length" for r in rollouts)
-    assert any(r.response_ids.count(tags.parallel_open) == 1 for r in rollouts)
+
+    def generate(seed):
+        params = SamplingParams(seed=seed, max_response_tokens=70, max_path_tokens=8, max_blocks=max_blocks)
+        return engine.generate(PROMPTS, n=4, params=params)
+
+    def both_caps(rollouts):
+        cut = any(r.finish_reason == "length" for r in rollouts)
+        return cut and any(r.response_ids.count(tags.parallel_open) == max_blocks for r in rollouts)
+
+    rollouts, found = search_seeds(generate, both_caps)
+    assert found, f"no seed drew a response cut at the length cap with {max_blocks} block(s)"
+    for r in rollouts:
+        assert r.response_ids.count(tags.parallel_open) <= max_blocks
+        assert len(r.response_ids) <= 70
+        assert (len(r.response_ids) == 70) == (r.finish_reason == "length")
+        if r.finish_reason == "stop":
+            assert r.response_ids[-1] == tiny_tokenizer.eos_token_id
 
 
 def test_output_parses_with_n_paths_and_only_tags_inserted(block_model, tiny_tokenizer, tags):
@@ -406,9 +434,6 @@ def test_chunked_output_layer_equals_the_layer(bias):
 def test_replayed_logprobs_are_those_of_the_distribution_sampled_from(
     block_model, tiny_tokenizer, tags, variant, top_k, top_p
 ):
-    from parallel_r1.attention import Behaviour
-    from parallel_r1.engine import ban_rows
-
     engine = ParallelEngine(block_model, tiny_tokenizer, behaviour_logprobs=True)
     params = SamplingParams(
         seed=5, variant=variant, max_response_tokens=96, max_path_tokens=20, max_blocks=1, top_k=top_k, top_p=top_p

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 from parallel_r1 import chunked_attention
+from parallel_r1.bans import Behaviour
 from parallel_r1.format import TagIds
 from parallel_r1.settings import VARIANTS
 
@@ -278,18 +279,6 @@ def model_attention(model, layout: Layout):
         f"structured (Unseen/Seen) scoring needs; load the model with attn_implementation set to one of "
         f"{DENSE_BACKENDS + (FLEX_BACKEND,)}"
     )
-
-
-@dataclass
-class Behaviour:
-    """What the engine's sampler drew each token from, for the trainer to replay (`sampler.warp_scores`):
-    `ban_rows` [B, T] the ban-table row of each token (`engine.ban_rows`), `table` [R, V] the engine's
-    `ban_table`, and the top-k / top-p the rollout sampled with."""
-
-    ban_rows: torch.Tensor
-    table: torch.Tensor
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 def token_logprobs(

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,7 @@ from parallel_r1.settings import (
     Variant,
 )
 from parallel_r1.settings import require as _require
+from parallel_r1.typed_yaml import Builder, Lines, location_name, merge_yaml, read_yaml
 
 # The embedded default and its sequential baseline ship inside the package, so that `parallel-r1 run`
 # works from any install; configs/tiny.yaml and configs/tiny_sequential.yaml link to them.
@@ -360,177 +359,9 @@ class Recipe:
         return self.seed if stage.seed is None else stage.seed
 
 
-# ---------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with errors that point at the offending line.
-
-Location = tuple[Any, ...]
-
-
-def _where(path: Location) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "recipe"
-
-
-# Where each value of a recipe was written: location in the data -> (file, line). A recipe that extends
-# another holds values of both files.
-Lines = dict[Location, tuple[str, int]]
-
-
-class _Builder:
-    def __init__(self, source: str, lines: Lines):
-        self.source = source
-        self.lines = lines
-
-    def error(self, path: Location, message: str) -> ConfigError:
-        for cut in range(len(path), -1, -1):
-            written = self.lines.get(tuple(path[:cut]))
-            if written is not None:
-                return ConfigError(f"{written[0]}:{written[1]}: {message}")
-        return ConfigError(f"{self.source}: {message}")
-
-    def build(self, tp: Any, value: Any, path: Location) -> Any:
-        origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):
-            options = typing.get_args(tp)
-            if value is None and type(None) in options:
-                return None
-            (inner,) = [o for o in options if o is not type(None)]
-            return self.build(inner, value, path)
-        if origin is Literal:
-            choices = typing.get_args(tp)
-            if value not in choices:
-                hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise self.error(path, f"{_where(path)}: {value!r} is not one of {list(choices)}{extra}")
-            return value
-        if origin is list:
-            (inner,) = typing.get_args(tp)
-            if not isinstance(value, list):
-                raise self.error(path, f"{_where(path)}: expected a list, got {type(value).__name__}")
-            return [self.build(inner, v, (*path, i)) for i, v in enumerate(value)]
-        if dataclasses.is_dataclass(tp):
-            return self.build_dataclass(tp, value, path)
-        return self.scalar(tp, value, path)
-
-    def scalar(self, tp: type, value: Any, path: Location) -> Any:
-        bad = self.error(path, f"{_where(path)}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise bad
-            return value
-        if tp is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise bad
-            return value
-        if tp is float:
-            # PyYAML reads "1e-5" (no dot) as a string, so numeric strings are accepted here.
-            if isinstance(value, bool):
-                raise bad
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise bad from None
-        if tp is str:
-            if not isinstance(value, str):
-                raise bad
-            return value
-        raise TypeError(f"unsupported config type {tp}")
-
-    def build_dataclass(self, cls: type, value: Any, path: Location) -> Any:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise self.error(path, f"{_where(path)}: expected a mapping of settings, got {value!r}")
-        hints = typing.get_type_hints(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
-        kwargs = {}
-        for key, item in value.items():
-            if key not in known:
-                hint = difflib.get_close_matches(str(key), known, n=1)
-                extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(known)})"
-                raise self.error((*path, key), f"{_where(path)}: unknown key {key!r}{extra}")
-            kwargs[key] = self.build(hints[key], item, (*path, key))
-        missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        if missing:
-            raise self.error(path, f"{_where(path)}: missing required key(s) {', '.join(missing)}")
-        try:
-            return cls(**kwargs)
-        except ValueError as exc:  # ConfigError, or the checks of a class shared with the code (SamplingSettings)
-            raise self.error(path, f"{_where(path)}: {exc}") from None
-
-
-def _line_numbers(node: yaml.Node, source: str, path: Location, out: Lines) -> None:
-    out[path] = (source, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = (*path, key_node.value)
-            _line_numbers(value_node, source, key, out)
-            out[key] = (source, key_node.start_mark.line + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_numbers(item, source, (*path, i), out)
-
-
 def recipe_from_dict(data: Any, source: str = "<recipe>", lines: Lines | None = None) -> Recipe:
     """Validate plain data (as read from YAML) into a Recipe."""
-    return _Builder(source, lines or {}).build_dataclass(Recipe, data, ())
-
-
-def _read_yaml(text: str, source: str) -> tuple[Any, Lines]:
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    lines: Lines = {}
-    if node is not None:
-        _line_numbers(node, source, (), lines)
-    return data, lines
-
-
-def _below(lines: Lines, prefix: Location) -> Lines:
-    """The entries of `lines` under `prefix`, relative to it."""
-    n = len(prefix)
-    return {loc[n:]: where for loc, where in lines.items() if loc[:n] == prefix}
-
-
-def _under(prefix: Location, lines: Lines) -> Lines:
-    return {(*prefix, *loc): where for loc, where in lines.items()}
-
-
-def _merge(base: Any, base_lines: Lines, top: Any, top_lines: Lines, path: Location = ()) -> tuple[Any, Lines]:
-    """`top` over `base`, with their lines: mappings merge key by key, the recipe's stages stage by stage
-    (matched by name; a new name is appended), and any other value or list of `top` replaces the base's."""
-    if isinstance(base, dict) and isinstance(top, dict):
-        merged, lines = dict(base), {loc: w for loc, w in base_lines.items() if loc[:1] and loc[0] not in top}
-        places = [(key, key) for key in top]
-    elif path == ("stages",) and isinstance(base, list) and isinstance(top, list):
-        merged, lines = list(base), dict(base_lines)
-        names = [stage.get("name") if isinstance(stage, dict) else None for stage in base]
-        places = []  # (index in top, index in the merged list)
-        for i, stage in enumerate(top):
-            name = stage.get("name") if isinstance(stage, dict) else None
-            places.append((i, names.index(name) if name is not None and name in names else len(merged)))
-            if places[-1][1] == len(merged):
-                merged.append(None)
-    else:
-        return top, top_lines
-    for key, place in places:
-        value, sub = top[key], _below(top_lines, (key,))
-        if isinstance(merged, dict) and key in base or isinstance(merged, list) and place < len(base):
-            value, sub = _merge(base[place], _below(base_lines, (place,)), value, sub, (*path, place))
-            lines = {loc: w for loc, w in lines.items() if loc[:1] != (place,)}
-        merged[place] = value
-        lines.update(_under((place,), sub))
-    if () in top_lines or () in base_lines:
-        lines[()] = top_lines.get((), base_lines.get(()))
-    return merged, lines
+    return Builder(source, lines or {}).build_dataclass(Recipe, data, ())
 
 
 def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, Lines]:
@@ -539,7 +370,7 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, Lines]:
     if here in chain:
         cycle = " -> ".join(p.name for p in (*chain[chain.index(here) :], here))
         raise ConfigError(f"{path}: extends itself through {cycle}")
-    data, lines = _read_yaml(path.read_text(), str(path))
+    data, lines = read_yaml(path.read_text(), str(path))
     if not isinstance(data, dict) or "extends" not in data:
         return data, lines
     data = dict(data)
@@ -552,13 +383,13 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, Lines]:
         raise ConfigError(f"{where}: extends {parent!r}: no such recipe file ({base_path})")
     base, base_lines = _read_recipe(base_path, (*chain, here))
     lines = {loc: w for loc, w in lines.items() if loc[:1] != ("extends",)}
-    return _merge(base, base_lines, data, lines)
+    return merge_yaml(base, base_lines, data, lines)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate a recipe from YAML text; `source` names it in error messages. Text that `extends`
     another file goes through `load_recipe`, which knows where the file is."""
-    data, lines = _read_yaml(text, source)
+    data, lines = read_yaml(text, source)
     if isinstance(data, dict) and "extends" in data:
         raise ConfigError(f"{source}: extends needs a recipe file (load_recipe), not text")
     return recipe_from_dict(data, source, lines)
@@ -613,7 +444,7 @@ def override(recipe: Recipe, assignments: list[str]) -> Recipe:
                 options = list(node) if isinstance(node, dict) else []
                 hint = difflib.get_close_matches(part, options, n=1)
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ConfigError(f"--set {assignment!r}: {_where(tuple(where))}: unknown key {part!r}{extra}")
+                raise ConfigError(f"--set {assignment!r}: {location_name(tuple(where))}: unknown key {part!r}{extra}")
             where.append(part)
             if last:
                 node[part] = yaml.safe_load(raw)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from parallel_r1.bans import BAN_MAIN, BAN_MAIN_CAPPED, BAN_NONE, BAN_PARALLEL, BAN_PATH, BAN_SUMMARY, ban_table
 from parallel_r1.format import TagIds
 from parallel_r1.kv_cache import SlotCache, SlotMeta
 from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
@@ -48,9 +49,6 @@ from parallel_r1.sampler import sample_tokens, uniforms_for
 logger = logging.getLogger(__name__)
 
 MAIN_STREAM = -1  # the stream id of the main thread / summary; paths are streams 0..N-1
-
-# Ban-table rows: which tags each decoding state may not sample.
-BAN_NONE, BAN_MAIN, BAN_MAIN_CAPPED, BAN_PATH, BAN_SUMMARY, BAN_PARALLEL = range(6)
 
 
 @dataclass
@@ -249,49 +247,6 @@ def step_mask(
     return query_mask(key_valid, key_block, key_path, q_index, q_block, q_path, dtype)
 
 
-def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[6, V] bool: row r holds the tokens banned in decoding state r (the BAN_* constants)."""
-    all_tags = tags.as_tuple()
-    banned = {
-        BAN_NONE: [],
-        BAN_MAIN: [t for t in all_tags if t != tags.parallel_open],
-        BAN_MAIN_CAPPED: list(all_tags),
-        BAN_PATH: [t for t in all_tags if t != tags.path_close],
-        BAN_SUMMARY: [t for t in all_tags if t != tags.summary_close],
-        BAN_PARALLEL: [tags.parallel_open],
-    }
-    table = torch.zeros(len(banned), vocab_size, dtype=torch.bool, device=device)
-    for row, ids in banned.items():
-        table[row, ids] = True
-    return table
-
-
-def ban_rows(response_ids: list[int], tags: TagIds, variant: str, max_blocks: int) -> list[int]:
-    """The ban-table row (BAN_*) each response token was sampled under, replayed from the tokens alone:
-    the decoding state `_Row.ban_row` reads when the engine samples it. Rows of engine-inserted tokens are
-    meaningless (they are not trained on)."""
-    rows, blocks, state = [], 0, "main"
-    for token in response_ids:
-        capped = blocks >= max_blocks
-        if variant == "seen":
-            rows.append(BAN_PARALLEL if capped else BAN_NONE)
-        elif state == "path":
-            rows.append(BAN_PATH)
-        else:
-            rows.append(BAN_SUMMARY if state == "summary" else BAN_MAIN_CAPPED if capped else BAN_MAIN)
-        if token == tags.parallel_open:
-            blocks += 1
-        elif token == tags.path_open:
-            state = "path"
-        elif token == tags.path_close:
-            state = "block"
-        elif token == tags.summary_open:
-            state = "summary"
-        elif token == tags.summary_close:
-            state = "main"
-    return rows
-
-
 def output_layer(head: torch.nn.Module, hidden: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """`head(hidden)` for hidden [M, d]; on CPU a large vocabulary goes in `chunk`-row slices of the weight,
     which keeps each output block in cache (1.2-1.4x faster than one matmul for M > 1 on a 49k vocabulary)."""
@@ -379,7 +334,7 @@ class ParallelEngine:
     ):
         self.model, self.tokenizer = model, tokenizer
         # Record log-probs of the distribution sampled from (bans, top-k/top-p), which `ban_rows` and
-        # `attention.Behaviour` let the trainer replay; otherwise those of the unwarped softmax.
+        # `bans.Behaviour` let the trainer replay; otherwise those of the unwarped softmax.
         self.behaviour_logprobs = behaviour_logprobs
         self.max_batch_size = max_batch_size
         self.prefill_tokens = prefill_tokens

@@ -10,7 +10,7 @@ One training step:
    forward's (hf), otherwise a no-grad forward; the gap between the two is logged every step (`mismatch_*`),
    and truncated importance sampling (`tis_cap`) can weight each token by min(exp(old - sampler), C).
    With `behaviour_logprobs` every log-prob, the engine's and the trainer's, is of the distribution the
-   engine sampled from (bans, top-k/top-p, renormalised: `attention.Behaviour`); the mass those remove
+   engine sampled from (bans, top-k/top-p, renormalised: `bans.Behaviour`); the mass those remove
    is logged as `ban_mass_*`;
 5. `ppo_epochs` passes of `prompts_per_step / mini_batch_size` optimiser steps, each over one mini-batch
    of groups, accumulating gradients over micro-batches; the loss is the clipped surrogate (and the k3 KL
@@ -37,11 +37,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from parallel_r1 import data, tasks
-from parallel_r1.attention import Behaviour, response_logprobs
+from parallel_r1.attention import response_logprobs
 from parallel_r1.backends import make_engine
+from parallel_r1.bans import Behaviour, ban_rows, ban_table
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.data import build_prompt, prompt_template
-from parallel_r1.engine import ban_rows, ban_table
 from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.rewards import score_batch
@@ -165,7 +165,7 @@ def collate_rollouts(
     rollouts: list, advantages: list[float], pad_id: int, response_ban_rows: list[list[int]] | None = None
 ) -> RolloutBatch:
     """Stack `prompt_ids + response_ids` of each rollout, left-padded to the longest; `response_ban_rows`
-    (`engine.ban_rows` of each rollout's response) fill `ban_rows_BT`, zeros without them."""
+    (`bans.ban_rows` of each rollout's response) fill `ban_rows_BT`, zeros without them."""
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     ids, attn, loss, old, rows = [], [], [], [], []
     for k, r in enumerate(rollouts):

@@ -79,7 +79,7 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def warp_scores(scaled: torch.Tensor, banned: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The scores the sampler draws from: temperature-scaled logits [M, V] with the `banned` [M, V] tokens at
-    -inf, then top-k and top-p. The trainer replays exactly this (`attention.Behaviour`), so both sides
+    -inf, then top-k and top-p. The trainer replays exactly this (`bans.Behaviour`), so both sides
     refer to the same behaviour policy."""
     scores = scaled.masked_fill(banned, float("-inf"))
     if top_k > 0:
