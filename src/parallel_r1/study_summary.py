@@ -271,6 +271,12 @@ def _num(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def markdown(summary: dict) -> str:
     """study.md: the tables of every comparison, with how to read them."""
     arms, comp = summary["arms"], summary["comparisons"]
@@ -284,20 +290,27 @@ def markdown(summary: dict) -> str:
         "",
         "## Accuracy at equal training budget",
         "",
-        "| arm | after SFT | after RL | RL gain (per seed) | vs sequential | "
-        f"vs {primary} | block ratio | tokens / response | positions / response | RL tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    rows = []
     for arm, row in arms.items():
-        gain = row.get("rl_gain")
         vs_primary = comp["primary"].get(arm)
-        lines.append(
-            f"| {arm} | {_pm(row.get('sft'))} | {_pm(row.get('rl'))} | {_pm(gain)} "
-            f"| {_diff(comp['vs_baseline'].get(arm))} "
-            f"| {_diff({**vs_primary, 'diff': -vs_primary['diff']}) if vs_primary else '-'} "
-            f"| {_num(row.get('rl_parallel_ratio'), 2)} | {_num(row.get('rl_tokens'))} "
-            f"| {_num(row.get('rl_positions'))} | {_num(row.get('train_generated_tokens'), 0)} |"
+        rows.append(
+            [
+                arm,
+                _pm(row.get("sft")),
+                _pm(row.get("rl")),
+                _pm(row.get("rl_gain")),
+                _diff(comp["vs_baseline"].get(arm)),
+                _diff({**vs_primary, "diff": -vs_primary["diff"]}) if vs_primary else "-",
+                _num(row.get("rl_parallel_ratio"), 2),
+                _num(row.get("rl_tokens")),
+                _num(row.get("rl_positions")),
+                _num(row.get("train_generated_tokens"), 0),
+            ]
         )
+    header = ["arm", "after SFT", "after RL", "RL gain (per seed)", "vs sequential", f"vs {primary}"]
+    header += ["block ratio", "tokens / response", "positions / response", "RL tokens"]
+    lines += _table(header, rows)
     lines += [
         "",
         f"`vs {primary}`: the arm minus {primary}. RL gain: after RL minus the same seed's SFT model, "
@@ -305,13 +318,14 @@ def markdown(summary: dict) -> str:
         "",
         "## RL gains against the baseline's",
         "",
-        "| arm | its RL gain | the baseline's | difference |",
-        "| --- | --- | --- | --- |",
     ]
-    for arm, g in comp["rl_gain_vs_baseline"].items():
-        lines.append(
-            f"| {arm} | {g['gain_a']:+.3f} ± {g['se_a']:.3f} | {g['gain_b']:+.3f} ± {g['se_b']:.3f} | {_diff(g)} |"
-        )
+    lines += _table(
+        ["arm", "its RL gain", "the baseline's", "difference"],
+        [
+            [arm, f"{g['gain_a']:+.3f} ± {g['se_a']:.3f}", f"{g['gain_b']:+.3f} ± {g['se_b']:.3f}", _diff(g)]
+            for arm, g in comp["rl_gain_vs_baseline"].items()
+        ],
+    )
     lines += [
         "",
         "## At equal test-time tokens: majority vote over m samples",
@@ -319,58 +333,49 @@ def markdown(summary: dict) -> str:
         f"{primary}'s single response against the other arm's majority vote over the fewest samples whose "
         f"tokens reach {primary}'s (ties split the credit).",
         "",
-        f"| arm | m | its tokens | {primary}'s tokens | {primary} minus the arm's maj@m |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for arm, e in comp["equal_tokens"].items():
-        lines.append(f"| {arm} | {e['m']} | {e['tokens']:.1f} | {e['primary_tokens']:.1f} | {_diff(e)} |")
+    lines += _table(
+        ["arm", "m", "its tokens", f"{primary}'s tokens", f"{primary} minus the arm's maj@m"],
+        [
+            [arm, str(e["m"]), f"{e['tokens']:.1f}", f"{e['primary_tokens']:.1f}", _diff(e)]
+            for arm, e in comp["equal_tokens"].items()
+        ],
+    )
     ms = sorted({r["m"] for row in arms.values() for r in row.get("rl_majority", [])})
     lines += [
         "",
         "maj@m after RL (accuracy / tokens / positions of the m samples decoded side by side), mean over seeds:",
         "",
-        "| arm | " + " | ".join(f"m={m}" for m in ms) + " |",
-        "| --- |" + " --- |" * len(ms),
     ]
+    rows = []
     for arm, row in arms.items():
         by_m = {r["m"]: r for r in row.get("rl_majority", [])}
         cells = [
             f"{by_m[m]['accuracy']:.3f} / {by_m[m]['tokens']:.0f} / {by_m[m]['positions']:.0f}" if m in by_m else "-"
             for m in ms
         ]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        rows.append([arm, *cells])
+    lines += _table(["arm", *(f"m={m}" for m in ms)], rows)
+    cap_header = ["arm", *(f"cap {c}" for c in CAPS)]
     lines += [
         "",
         "## At equal positions: accuracy under a position cap",
         "",
         "A response must fit in the cap (Unseen: main text plus each block's longest path).",
         "",
-        "| arm | " + " | ".join(f"cap {c}" for c in CAPS) + " |",
-        "| --- |" + " --- |" * len(CAPS),
     ]
-    for arm, row in arms.items():
-        caps = row.get("rl_caps", {})
-        lines.append(f"| {arm} | " + " | ".join(_pm(caps.get(str(c))) for c in CAPS) + " |")
-    if comp["caps"]:
-        lines += [
-            "",
-            f"{primary} minus each arm under the same cap:",
-            "",
-            "| arm | " + " | ".join(f"cap {c}" for c in CAPS) + " |",
-            "| --- |" + " --- |" * len(CAPS),
-        ]
-        for arm, by_cap in comp["caps"].items():
-            lines.append(f"| {arm} | " + " | ".join(_diff(by_cap.get(str(c))) for c in CAPS) + " |")
-    if comp.get("caps_vs_baseline"):
-        lines += [
-            "",
-            "Each arm minus sequential under the same cap:",
-            "",
-            "| arm | " + " | ".join(f"cap {c}" for c in CAPS) + " |",
-            "| --- |" + " --- |" * len(CAPS),
-        ]
-        for arm, by_cap in comp["caps_vs_baseline"].items():
-            lines.append(f"| {arm} | " + " | ".join(_diff(by_cap.get(str(c))) for c in CAPS) + " |")
+    lines += _table(
+        cap_header, [[arm, *(_pm(row.get("rl_caps", {}).get(str(c))) for c in CAPS)] for arm, row in arms.items()]
+    )
+    for title, key in (
+        (f"{primary} minus each arm under the same cap:", "caps"),
+        ("Each arm minus sequential under the same cap:", "caps_vs_baseline"),
+    ):
+        if comp.get(key):
+            lines += ["", title, ""]
+            lines += _table(
+                cap_header, [[arm, *(_diff(by_cap.get(str(c))) for c in CAPS)] for arm, by_cap in comp[key].items()]
+            )
     if summary["schedules"]:
         keys = list(dict.fromkeys(k for row in summary["schedules"].values() for k in row))
         lines += [
@@ -380,15 +385,14 @@ def markdown(summary: dict) -> str:
             f"Parallel ratio of the GRPO rollouts, first and last {WINDOW} steps of each stage, mean ± standard "
             "error over seeds (mixed cold start: blocks are a choice).",
             "",
-            "| arm | " + " | ".join(keys) + " | held-out after RL |",
-            "| --- |" + " --- |" * (len(keys) + 1),
         ]
-        for arm, row in summary["schedules"].items():
-            lines.append(
-                f"| {arm} | "
-                + " | ".join(_pm(row.get(k), 2) for k in keys)
-                + f" | {_num(arms[arm].get('rl_parallel_ratio'), 2)} |"
-            )
+        lines += _table(
+            ["arm", *keys, "held-out after RL"],
+            [
+                [arm, *(_pm(row.get(k), 2) for k in keys), _num(arms[arm].get("rl_parallel_ratio"), 2)]
+                for arm, row in summary["schedules"].items()
+            ],
+        )
     parallel = [a for a, row in arms.items() if row.get("rl_blocks")]
     if parallel:
         lines += [
@@ -399,17 +403,21 @@ def markdown(summary: dict) -> str:
             "dup: blocks whose paths try a candidate twice; cov: responses that try the right candidate; "
             "sum: summaries that name what their paths found; H: entropy (bits) of a prompt's first tries.",
             "",
-            "| arm | after SFT dup / cov / sum | after RL dup / cov / sum "
-            "| rollouts start H / dup | rollouts end H / dup |",
-            "| --- | --- | --- | --- | --- |",
         ]
+        header = ["arm", "after SFT dup / cov / sum", "after RL dup / cov / sum", "rollouts start H / dup"]
+        rows = []
         for arm in parallel:
-            row = arms[arm]
-            stage = _last_stage(row)
-            lines.append(
-                f"| {arm} | {_triple(row.get('sft_blocks'))} | {_triple(row.get('rl_blocks'))} "
-                f"| {_window(row, f'{stage}/start')} | {_window(row, f'{stage}/end')} |"
+            row, stage = arms[arm], _last_stage(arms[arm])
+            rows.append(
+                [
+                    arm,
+                    _triple(row.get("sft_blocks")),
+                    _triple(row.get("rl_blocks")),
+                    _window(row, f"{stage}/start"),
+                    _window(row, f"{stage}/end"),
+                ]
             )
+        lines += _table([*header, "rollouts end H / dup"], rows)
     timings = summary.get("timings", {})
     if "total" in timings:
         lines += ["", f"The study took {timings['total'] / 60:.1f} minutes."]
