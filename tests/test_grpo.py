@@ -6,16 +6,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig
 from parallel_r1.format import TagIds
-from parallel_r1.grpo import (
+from parallel_r1.grpo import GRPOTrainer, policy_update
+from parallel_r1.objectives import (
     clipped_policy_loss,
-    collate_rollouts,
     group_advantages,
     informative_groups,
     kl_k3,
     logprob_gap,
-    policy_update,
     tis_weights,
     token_mean,
 )
@@ -55,7 +55,7 @@ def test_clipped_loss_by_hand_inside_and_outside_the_clip_range():
     new, old = _ratios_to_logps(ratios)
     logp = torch.stack([new, new])
     old_logp = torch.stack([old, old])
-    loss, clipped = clipped_policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(logp - old_logp, torch.tensor([1.0, -1.0]), 0.2, 0.28)
     # A > 0: -min(r, clip(r)) -> a low ratio is not clipped, a high one is capped at 1.28.
     expected_pos = [-0.5, -0.9, -1.0, -1.2, -1.28]
     # A < 0: max(r, clip(r)) -> a low ratio is lifted to 0.8, a high one is not clipped.
@@ -68,9 +68,9 @@ def test_clipped_loss_by_hand_inside_and_outside_the_clip_range():
 
 def test_clip_is_asymmetric():
     new, old = _ratios_to_logps([1.25, 0.75])
-    loss, clipped = clipped_policy_loss(new[None], old[None], torch.tensor([1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(new[None] - old[None], torch.tensor([1.0]), 0.2, 0.28)
     assert clipped.tolist() == [[False, False]]  # 1.25 < 1.28; 0.75 with A > 0 is never clipped
-    loss, clipped = clipped_policy_loss(new[None], old[None], torch.tensor([-1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(new[None] - old[None], torch.tensor([-1.0]), 0.2, 0.28)
     assert clipped.tolist() == [[False, True]]
     assert loss[0, 1].item() == pytest.approx(0.8)
 
@@ -89,7 +89,7 @@ def test_gradient_equals_policy_gradient_when_old_equals_new():
     logp = (-torch.rand(3, 5)).requires_grad_()
     adv = torch.tensor([0.7, -1.3, 2.0])
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
-    loss, _ = clipped_policy_loss(logp, logp.detach(), adv, 0.2, 0.28)
+    loss, _ = clipped_policy_loss(logp - logp.detach(), adv, 0.2, 0.28)
     token_mean(loss, mask).backward()
     # d/d logp of -(1/N) sum_t A_b r_bt at r = 1 is -A_b / N on trained-on tokens.
     expected = -adv[:, None] * mask / mask.sum()
@@ -140,14 +140,18 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     favoured = [tiny_tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
     engine = ParallelEngine(tiny_model, tiny_tokenizer, max_batch_size=64)
-    params = SamplingParams(temperature=1.0, seed=0, max_response_tokens=12, variant="seen", max_blocks=0)
     n = 16
-    rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads 12 pages"], n=n, params=params)
-    # Reward: the share of sampled tokens that are digits.
-    rewards = torch.tensor([sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]).view(
-        2, n
-    )
-    assert informative_groups(rewards).all()
+    # Reward: the share of sampled tokens that are digits. The update needs every group to carry a signal:
+    # the first seed whose draw gives that is used, whichever it is.
+    for seed in range(20):
+        params = SamplingParams(temperature=1.0, seed=seed, max_response_tokens=12, variant="seen", max_blocks=0)
+        rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads 12 pages"], n=n, params=params)
+        shares = [sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]
+        rewards = torch.tensor(shares).view(2, n)
+        if informative_groups(rewards).all():
+            break
+    else:
+        pytest.fail("no seed in 0..19 drew two groups with differing rewards")
     adv = group_advantages(rewards)
     batch = collate_rollouts(rollouts, adv.flatten().tolist(), tiny_tokenizer.pad_token_id)
     before = _favoured_logmass(tiny_model, batch, tags, favoured)
@@ -169,6 +173,7 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
             "seen",
             max_grad_norm=1.0,
             num_tokens=batch.loss_mask_BT.sum().item(),
+            num_sequences=len(rollouts),
         )
 
     out = update(tiny_model, adv.flatten())
@@ -185,7 +190,6 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
 def test_engine_logprobs_equal_the_training_forward(tiny_model, tiny_tokenizer, variant):
     """What makes `old_logprobs: auto` use the engine's log-probs with the hf backend."""
     from parallel_r1.engine import ParallelEngine, SamplingParams
-    from parallel_r1.grpo import recompute_logprobs
 
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     # An output layer with a bias towards the tags, so that responses open blocks and fork paths.
@@ -230,7 +234,7 @@ def test_tis_corrects_a_perturbed_sampler():
     mask = torch.ones_like(sampler_B1)
 
     def gradient(weight_B1):
-        per_token, _ = clipped_policy_loss(logp_B1, logp_B1.detach(), adv_B, 0.2, 0.28)
+        per_token, _ = clipped_policy_loss(logp_B1 - logp_B1.detach(), adv_B, 0.2, 0.28)
         (grad,) = torch.autograd.grad(token_mean(per_token * weight_B1, mask), theta, retain_graph=True)
         return -grad
 
@@ -267,7 +271,6 @@ def test_every_step_logs_the_sampler_gap_and_tis_corrects_it(tmp_path, tis_cap):
     sampler whose log-probs are all 0.3 too high shows a gap of 0.3 on every trained token, and with
     `tis_cap` the trainer weights them by exp(-0.3)."""
     from parallel_r1.config import parse_recipe
-    from parallel_r1.grpo import GRPOTrainer
 
     recipe = parse_recipe(GRPO_STAGE)
     stage = recipe.stages[0]
@@ -299,7 +302,6 @@ def test_every_step_logs_the_sampler_gap_and_tis_corrects_it(tmp_path, tis_cap):
 
 def test_micro_batches_drop_shared_padding_and_keep_the_log_probs(tiny_model, tiny_tokenizer):
     from parallel_r1.attention import response_logprobs
-    from parallel_r1.grpo import RolloutBatch, recompute_logprobs
 
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     lengths = [5, 30, 12, 30, 7]
@@ -339,7 +341,6 @@ def test_logged_ban_mass_is_the_probability_the_bans_remove(tmp_path):
     """Seen with max_blocks 0 bans <Parallel> at every token and nothing else: the mass removed from a
     sampled token's softmax is the model's probability of <Parallel> there, computed here by hand."""
     from parallel_r1.config import parse_recipe
-    from parallel_r1.grpo import GRPOTrainer
 
     text = GRPO_STAGE.replace("variant: unseen", "variant: seen").replace("temperature: 1.0", "temperature: 0.8")
     stage = parse_recipe(text.replace("max_path_tokens: 6,", "max_path_tokens: 6, max_blocks: 0,")).stages[0]
@@ -368,7 +369,6 @@ def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp
     full softmax on both sides. The ban mass is logged either way."""
     from parallel_r1.attention import response_logprobs
     from parallel_r1.config import parse_recipe
-    from parallel_r1.grpo import GRPOTrainer
 
     stage = parse_recipe(GRPO_STAGE).stages[0]
     stage.grpo.old_logprobs = old_logprobs
