@@ -1,13 +1,16 @@
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig
+from parallel_r1.files import read_jsonl
 from parallel_r1.format import TagIds
 from parallel_r1.grpo import GRPOTrainer, policy_update
 from parallel_r1.objectives import (
@@ -19,6 +22,7 @@ from parallel_r1.objectives import (
     tis_weights,
     token_mean,
 )
+from parallel_r1.trainer import final_model
 
 
 def test_group_advantages_by_hand():
@@ -393,3 +397,162 @@ def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp
     assert on_ids == off_ids  # the setting changes what is recorded, not what is sampled
     assert on["ban_mass_mean"] == pytest.approx(off["ban_mass_mean"])
     assert on_gap > 1e-3 and off_gap < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dynamic sampling and overlong shaping, end to end on the tiny model with constructed rewards.
+
+REFILL_STAGE = """
+name: refill
+logging: {progress: false}
+stages:
+  - name: rl
+    kind: grpo
+    variant: unseen
+    model: {name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}
+    data: {source: task, task_size: 24, prompt: question}
+    lr: 1.0e-3
+    max_steps: 3
+    save_every: 1
+    keep_last: 5
+    grpo:
+      prompts_per_step: 4
+      n: 2
+      mini_batch_size: 2
+      dynamic_sampling: true
+      max_refill_rounds: 2
+      rollout: {max_response_tokens: 12, max_path_tokens: 6}
+"""
+
+
+def _constructed_rewards(monkeypatch):
+    """Rewards by construction: a group whose problem's answer is "DROP" scores 0 on every sample (not
+    informative), any other group -1, +1, -1, ... (informative), whatever was sampled."""
+    from parallel_r1 import grpo
+
+    score = grpo.score_batch
+
+    def constructed(texts, golds, *args, **kwargs):
+        scores = score(texts, golds, *args, **kwargs)
+        return [
+            dataclasses.replace(s, reward=0.0 if gold == "DROP" else (1.0 if k % 2 else -1.0))
+            for k, (s, gold) in enumerate(zip(scores, golds))
+        ]
+
+    monkeypatch.setattr(grpo, "score_batch", constructed)
+
+
+def _refill_trainer(stage, folder, keep_positions):
+    """A trainer whose problems at the other positions of epoch 0's order are answered "DROP"; its engine
+    keeps every round's rollouts (`trainer.sampled`, a list per generate call)."""
+    trainer = GRPOTrainer(stage, folder, init_model="tiny", seed=0)
+    first = trainer._order(0)
+    drop = {first[k] for k in range(len(first)) if k not in keep_positions}
+    trainer.problems = [
+        dataclasses.replace(p, answer="DROP") if i in drop else p for i, p in enumerate(trainer.problems)
+    ]
+    trainer.sampled, generate = [], trainer.engine.generate
+
+    def keep(*args, **kwargs):
+        trainer.sampled.append(generate(*args, **kwargs))
+        return trainer.sampled[-1]
+
+    trainer.engine.generate = keep
+    return trainer, drop
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_dynamic_sampling_refills_to_the_full_step_and_resumes_its_rounds_exactly(tmp_path, monkeypatch):
+    """Epoch 0's order keeps positions 0, 2, 4, 6 (step 1: 2 of its first 4 prompts informative, 2 more in a
+    refill round of 4), 8 alone of 8..19 (step 2: 1 informative group after the cap of 2 refill rounds) and
+    20, 22 (step 3 refills from epoch 1's order, where the same problems are kept). The rounds of every step
+    are also derived by hand from the data order. A run killed in step 3's refill round, after its data
+    position moved into epoch 1 but before a checkpoint saved it, resumes the same rounds exactly."""
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.objectives import refill_size
+
+    _constructed_rewards(monkeypatch)
+    stage = parse_recipe(REFILL_STAGE).stages[0]
+    keep_positions = {0, 2, 4, 6, 8, 20, 22}
+    trainer, drop = _refill_trainer(stage, tmp_path / "whole", keep_positions)
+    stream = trainer._order(0) + trainer._order(1)
+    trainer.train()
+    rows = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+
+    # The rounds by hand: the next prompts of the stream, refill_size(missing, sampled, kept, 4) at a time.
+    at = 0
+    for row in rows:
+        rounds = [stream[at : at + 4]]
+        while len(rounds) <= 2 and sum(i not in drop for r in rounds for i in r) < 4:
+            sampled, kept = sum(map(len, rounds)), sum(i not in drop for r in rounds for i in r)
+            start = at + sampled
+            rounds.append(stream[start : start + refill_size(4 - kept, sampled, kept, 4)])
+        at += sum(map(len, rounds))
+        assert row["data_indices"] == [i for r in rounds for i in r]
+        assert (row["sampling_rounds"], row["prompts_sampled"]) == (len(rounds), sum(map(len, rounds)))
+        assert row["groups_kept"] == min(4, sum(i not in drop for r in rounds for i in r))
+    assert [r["sampling_rounds"] for r in rows[:2]] == [2, 3] and [r["groups_kept"] for r in rows[:2]] == [4, 1]
+    assert rows[2]["sampling_rounds"] >= 2 and rows[2]["epoch"] == 1  # step 3 refilled from epoch 1's order
+
+    # Step 1 had to refill and trains on the full 4 groups: every sampled token of their 8 responses.
+    rollouts = [x for call in trainer.sampled[:2] for x in call]
+    trained = [x for x, i in zip(rollouts, [i for i in rows[0]["data_indices"] for _ in range(2)]) if i not in drop]
+    assert len(trained) == 8 and rows[0]["trained_tokens"] == sum(sum(x.sampled_mask) for x in trained)
+    assert rows[0]["optimizer_steps"] == 2 and rows[1]["optimizer_steps"] == 1  # step 2: one group, one batch
+
+    # Killed in step 3's second round; a fresh trainer resumes from the checkpoint of step 2.
+    killed, _ = _refill_trainer(stage, tmp_path / "killed", keep_positions)
+    generate = killed.engine.generate
+
+    def dying(*args, **kwargs):
+        if len(killed.sampled) == 6:  # 2 + 3 rounds done, step 3's first done: this is its refill round
+            raise _Killed
+        return generate(*args, **kwargs)
+
+    killed.engine.generate = dying
+    with pytest.raises(_Killed):
+        killed.train()
+    assert killed.state.epoch == 1  # the stream had moved on in memory
+    resumed, _ = _refill_trainer(stage, tmp_path / "killed", keep_positions)
+    assert (resumed.state.step, resumed.state.epoch) == (2, 0)
+    resumed.train()
+    again = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    keys = ("data_indices", "sampling_rounds", "prompts_sampled", "groups_kept", "loss", "reward", "grad_norm")
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+    ours = load_file(final_model(tmp_path / "killed") / "model.safetensors")
+    theirs = load_file(final_model(tmp_path / "whole") / "model.safetensors")
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_overlong_filter_and_penalty(tmp_path, monkeypatch):
+    """Responses cut at the 12-token cap: with overlong_filter they are not trained on; with a buffer of 4
+    each response's reward carries -(length - 8) / 4 * 0.5 (clamped to [-0.5, 0]) into its advantage."""
+    from parallel_r1.config import parse_recipe
+
+    _constructed_rewards(monkeypatch)
+    text = REFILL_STAGE.replace("dynamic_sampling: true", "overlong_filter: true")
+    stage = parse_recipe(
+        text.replace("max_refill_rounds: 2", "overlong_buffer: 4\n      overlong_penalty: 0.5")
+    ).stages[0]
+    trainer, _ = _refill_trainer(stage, tmp_path, set(range(24)))
+    # A bias towards EOS (in sampling and training alike) so that some responses stop before the cap; the
+    # first step whose draw has both kinds is checked.
+    bias = torch.zeros(len(trainer.tokenizer))
+    bias[trainer.tokenizer.eos_token_id] = 3.0
+    trainer.accelerator.unwrap_model(trainer.model).lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    for step in range(10):
+        metrics, records = trainer.train_step(step, [4 * step + k for k in range(4)])
+        rollouts = trainer.sampled[-1]
+        if {x.finish_reason for x in rollouts} == {"length", "stop"}:
+            break
+    else:
+        pytest.fail("no step of 10 drew responses both cut at the cap and stopped before it")
+    assert metrics["trained_tokens"] == sum(sum(x.sampled_mask) for x in rollouts if x.finish_reason != "length")
+    penalties = [-0.5 * min(max(len(x.response_ids) - 8, 0) / 4, 1.0) for x in rollouts]
+    assert [r["overlong_penalty"] for r in records] == pytest.approx(penalties, abs=1e-6)
+    shaped = torch.tensor([r["reward"] + p for r, p in zip(records, penalties)]).view(4, 2)
+    assert [r["advantage"] for r in records] == pytest.approx(group_advantages(shaped).flatten().tolist(), abs=1e-6)
+    assert metrics["overlong_penalty"] == pytest.approx(sum(penalties) / len(penalties), abs=1e-6)
