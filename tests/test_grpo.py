@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -556,3 +557,42 @@ def test_overlong_filter_and_penalty(tmp_path, monkeypatch):
     shaped = torch.tensor([r["reward"] + p for r, p in zip(records, penalties)]).view(4, 2)
     assert [r["advantage"] for r in records] == pytest.approx(group_advantages(shaped).flatten().tolist(), abs=1e-6)
     assert metrics["overlong_penalty"] == pytest.approx(sum(penalties) / len(penalties), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("dynamic_sampling: true\n      filter_zero_variance: false", "dynamic_sampling refills the groups"),
+        ("max_refill_rounds: 0", "max_refill_rounds must be >= 1"),
+        ("overlong_buffer: 24", r"overlong_buffer must be in \[0, rollout.max_response_tokens \(24\)\)"),
+        ("overlong_buffer: -1", "overlong_buffer must be in"),
+        ("overlong_penalty: 0", "overlong_penalty must be > 0"),
+        ("tis_mode: sequence_mask", "tis_mode sequence_mask needs tis_cap"),
+        ("tis_mode: sequence_clip", r"'sequence_clip' is not one of .* \(did you mean 'sequence_mask'\?\)"),
+        (
+            "loss_agg: seq-mean",
+            r"'seq-mean' is not one of \['token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean'\]",
+        ),
+        ("ratio_level: response", r"'response' is not one of \['token', 'sequence'\]"),
+    ],
+)
+def test_objective_settings_are_checked_at_load_with_the_line(setting, message):
+    from parallel_r1.config import ConfigError, parse_recipe
+
+    text = GRPO_STAGE.replace("      filter_zero_variance: false\n", f"      {setting}\n")
+    with pytest.raises(ConfigError, match=rf"recipe.yaml:\d+: stages\[0\]\.grpo.*: {message}"):
+        parse_recipe(text, "recipe.yaml")
+
+
+def test_the_dapo_recipe_turns_on_the_dapo_set():
+    from parallel_r1.config import load_recipe
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    dapo, s1 = load_recipe(configs / "unseen_s1_dapo.yaml"), load_recipe(configs / "unseen_s1.yaml")
+    g = dapo.stages[-1].grpo
+    assert (g.clip_low, g.clip_high, g.loss_agg, g.ratio_level) == (0.2, 0.28, "token-mean", "token")
+    assert g.dynamic_sampling and g.filter_zero_variance and g.overlong_buffer == 512 and g.overlong_penalty == 1.0
+    # Only the DAPO stage's objective differs from the recipe it extends.
+    assert dapo.stages[:2] == s1.stages[:2] and dapo.stages[-1].data == s1.stages[-1].data
+    plain = dataclasses.replace(g, dynamic_sampling=False, overlong_buffer=0)
+    assert plain == s1.stages[-1].grpo
