@@ -406,12 +406,12 @@ class GRPOTrainer(StageTrainer):
         updates = 0
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.prompts_per_step // cfg.mini_batch_size):
-                rows, num_tokens, num_sequences = self._minibatch_rows(
+                minibatch, num_tokens, num_sequences = self._minibatch(
                     slots[m * cfg.mini_batch_size :][: cfg.mini_batch_size], batch
                 )
                 if num_tokens == 0:
                     continue
-                minibatch = batch.rows(rows).to(acc.device)
+                minibatch = minibatch.to(acc.device)
                 out = policy_update(
                     acc, self.model, self.optimizer, minibatch, cfg, self.tags, self.stage.variant,
                     self.stage.max_grad_norm, num_tokens, num_sequences, self.ref_model,
@@ -428,27 +428,23 @@ class GRPOTrainer(StageTrainer):
             self.scheduler.step()
         return sums, updates
 
-    def _minibatch_rows(self, slots: list, batch: RolloutBatch) -> tuple[list[int], float, float]:
+    def _minibatch(self, slots: list, batch: RolloutBatch) -> tuple[RolloutBatch, float, float]:
         """(this process's rows of the mini-batch of `slots`, its trained-on tokens and rows over all processes).
 
         Every process joins the count all-reduce, and the backward pass whenever some process has tokens: a
-        process without trained rows of its own runs one stand-in row whose loss mask is zero (a dropped
-        group's row, or row 0).
+        process without trained rows of its own runs one stand-in row with its loss mask zeroed (a dropped
+        group's row, or row 0, which may be trained in another mini-batch).
         """
         acc, cfg = self.accelerator, self.cfg
-        groups = [g for process, g, _ in slots if process == acc.process_index]
-        rows = [
-            g * cfg.n + j for process, g, keep in slots if keep and process == acc.process_index for j in range(cfg.n)
-        ]
-        counts = (
-            [batch.loss_mask_BT[rows].sum().item(), (batch.loss_mask_BT[rows].sum(1) > 0).sum().item()]
-            if rows
-            else [0.0, 0.0]
-        )
-        num_tokens, num_sequences = acc.reduce(torch.tensor(counts, device=acc.device), "sum").tolist()
+        mine = [(g, keep) for process, g, keep in slots if process == acc.process_index]
+        rows = [g * cfg.n + j for g, keep in mine if keep for j in range(cfg.n)]
+        mask_BT = batch.loss_mask_BT[rows]
+        counts = torch.tensor([mask_BT.sum().item(), (mask_BT.sum(1) > 0).sum().item()], device=acc.device)
+        num_tokens, num_sequences = acc.reduce(counts, "sum").tolist()
+        minibatch = batch.rows(rows or [mine[0][0] * cfg.n if mine else 0])
         if not rows:
-            rows = [groups[0] * cfg.n] if groups else [0]
-        return rows, num_tokens, num_sequences
+            minibatch.loss_mask_BT.zero_()
+        return minibatch, num_tokens, num_sequences
 
     def _rollout_records(self, step: int, round_: _Round) -> list[dict]:
         """A round's rollout records (`rollout.RolloutRecord`), every process's, in process order."""
