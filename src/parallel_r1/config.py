@@ -225,8 +225,9 @@ class GRPOConfig:
     """dynamic_sampling: extra sampling rounds a step may take after its first (verl's max_num_gen_batches
     counts the first too)."""
     overlong_filter: bool = False
-    """DAPO's overlong filtering: a response cut at `rollout.max_response_tokens` (finish reason "length")
-    keeps its reward in its group's advantages but is masked from the loss."""
+    """DAPO's overlong filtering: a response cut at `rollout.max_response_tokens` (finish reason "length";
+    the cap counts tokens, every path's and the inserted tags included, not positions) keeps its reward in
+    its group's advantages but is masked from the loss."""
     overlong_buffer: int = 0
     """DAPO's soft overlong punishment: a response longer than max_response_tokens - overlong_buffer tokens
     gets a reward penalty growing linearly to -overlong_penalty at the cap. Like the cap it counts tokens,

@@ -306,6 +306,16 @@ class GRPOTrainer(StageTrainer):
                 break
             size = refill_size(cfg.prompts_per_step - kept, sampled, kept, cfg.prompts_per_step)
             rounds.append(self._sample_round(step, len(rounds), self._next_prompts(size)))
+        informative = sum(sum(r.keep) for r in rounds)
+        if cfg.dynamic_sampling and informative < cfg.prompts_per_step and acc.is_main_process:
+            log.info(
+                "step %d: %d of %d groups informative after %d sampling rounds (max_refill_rounds %d)",
+                step + 1,
+                informative,
+                cfg.prompts_per_step,
+                len(rounds),
+                cfg.max_refill_rounds,
+            )
         sample_s = time.perf_counter() - started
 
         # Batch: training tensors and old log-probs. Rows of groups not trained on stay, with their loss mask
@@ -453,8 +463,8 @@ class GRPOTrainer(StageTrainer):
             index = round_.mine[r.prompt_index]
             problem = self.problems[index]
             context = {"step": step + 1, "problem_index": index, "problem_id": problem.id}
-            scored = {"accuracy": s.accuracy, "parallel_bonus": s.parallel_bonus}
-            scored["advantage"] = round_.adv_PG.flatten()[k].item()
+            advantage = round_.adv_PG.flatten()[k].item()
+            scored = {"accuracy": s.accuracy, "parallel_bonus": s.parallel_bonus, "advantage": advantage}
             if self.cfg.overlong_buffer:
                 scored["overlong_penalty"] = round_.penalty_B[k].item()
             records.append(
