@@ -170,6 +170,8 @@ def aggregate_loss(
         seq-mean-token-sum   sum_i sum_t l_it / S
         seq-mean-token-mean  sum_i (sum_t l_it / |y_i|) / S  (the GRPO paper's; GSPO's)
     """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
     if mode == "token-mean":
         return token_mean(values_BT, mask_BT, num_tokens)
     per_row_B = (values_BT * mask_BT).sum(dim=1)
