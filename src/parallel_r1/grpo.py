@@ -388,7 +388,8 @@ class GRPOTrainer(StageTrainer):
         return _Round(prompts, mine, rollouts, scores, adv_PG, self._global_keep(keep_P.tolist()), penalty_B, bans)
 
     def _global_keep(self, keep: list[bool]) -> list[bool]:
-        """Every process's informative flags of a round, in the round's order (prompt j is on process j % P)."""
+        """Every process's informative flags of a round, in the round's order: prompt j of the round is on
+        process j modulo the process count."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return keep
