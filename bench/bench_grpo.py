@@ -55,7 +55,7 @@ def bench_parallel_r1(variant: str, steps: int, workdir: Path) -> float:
     rates = []
     for step in range(steps + 1):
         started = time.perf_counter()
-        _, records = trainer.train_step(step, trainer._next_prompts())
+        _, records = trainer.train_step(step, trainer._next_prompts(trainer.cfg.prompts_per_step))
         elapsed = time.perf_counter() - started
         if step > 0:
             rates.append(sum(r["response_tokens"] for r in records) / elapsed)

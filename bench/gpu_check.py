@@ -126,9 +126,9 @@ def biased_head(model, tokenizer, bias: dict[int, float]):
 def check_engine(device, dtype_name: str) -> None:
     import torch
 
+    from parallel_r1.batch import collate_rollouts, recompute_logprobs
     from parallel_r1.engine import ParallelEngine, SamplingParams
     from parallel_r1.format import TagIds
-    from parallel_r1.grpo import collate_rollouts, recompute_logprobs
 
     dtype = getattr(torch, dtype_name)
     model, tokenizer, _ = tiny_model(device, dtype)
@@ -349,8 +349,8 @@ def check_vllm(workdir: Path) -> None:
 
     # The vLLM request pattern is the threads variant: trained as threads, the sampled tokens' log-probs
     # differ from vLLM's by bf16 numerics only; trained as unseen, the summaries add a structural gap.
+    from parallel_r1.batch import collate_rollouts, recompute_logprobs
     from parallel_r1.format import TagIds
-    from parallel_r1.grpo import collate_rollouts, recompute_logprobs
 
     started = time.perf_counter()
     model = model.to("cuda")

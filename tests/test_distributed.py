@@ -285,6 +285,23 @@ def test_grpo_with_two_processes_equals_one_process(tmp_path, variant):
     _assert_close_runs(single, stage, keys)
 
 
+def test_dynamic_sampling_with_two_processes_equals_one_process(tmp_path):
+    """Refill rounds are split over the processes like a step's first round and the informative flags are
+    gathered, so 2 processes sample the same rounds and train the same groups in the same mini-batches as 1."""
+    refill = "      n: 2\n      dynamic_sampling: true\n      max_refill_rounds: 3\n"
+    config = _recipe(tmp_path, "grpo", _grpo_stage("unseen").replace("      n: 4\n", refill))
+    env = {"PR1_TEST_HASH_REWARD": "1"}
+    two = _launch(tmp_path, config, tmp_path / "two", processes=2, env=env)
+    one = _launch(tmp_path, config, tmp_path / "one", processes=1, env=env)
+    _finish(two, one)
+    stage, single = tmp_path / "two" / "00-grpo_unseen", tmp_path / "one" / "00-grpo_unseen"
+    rows = read_jsonl(single / "metrics.jsonl")
+    # With n = 2 about half the groups of the hash reward are uniform: the run must have refilled to test that.
+    assert any(r["sampling_rounds"] > 1 for r in rows), "no step refilled: the test no longer tests refills"
+    keys = ("sampling_rounds", "prompts_sampled", "groups_kept", "loss", "reward", "grad_norm", "trained_tokens")
+    _assert_close_runs(single, stage, keys)
+
+
 KILL_STAGES = SFT_STAGE + _grpo_stage("unseen", model=None, steps=4)
 
 

@@ -1,24 +1,29 @@
 import copy
+import dataclasses
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
+from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig
+from parallel_r1.files import read_jsonl
 from parallel_r1.format import TagIds
-from parallel_r1.grpo import (
+from parallel_r1.grpo import GRPOTrainer, policy_update
+from parallel_r1.objectives import (
     clipped_policy_loss,
-    collate_rollouts,
     group_advantages,
     informative_groups,
     kl_k3,
     logprob_gap,
-    policy_update,
     tis_weights,
     token_mean,
 )
+from parallel_r1.trainer import final_model
 
 
 def test_group_advantages_by_hand():
@@ -55,7 +60,7 @@ def test_clipped_loss_by_hand_inside_and_outside_the_clip_range():
     new, old = _ratios_to_logps(ratios)
     logp = torch.stack([new, new])
     old_logp = torch.stack([old, old])
-    loss, clipped = clipped_policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(logp - old_logp, torch.tensor([1.0, -1.0]), 0.2, 0.28)
     # A > 0: -min(r, clip(r)) -> a low ratio is not clipped, a high one is capped at 1.28.
     expected_pos = [-0.5, -0.9, -1.0, -1.2, -1.28]
     # A < 0: max(r, clip(r)) -> a low ratio is lifted to 0.8, a high one is not clipped.
@@ -68,9 +73,9 @@ def test_clipped_loss_by_hand_inside_and_outside_the_clip_range():
 
 def test_clip_is_asymmetric():
     new, old = _ratios_to_logps([1.25, 0.75])
-    loss, clipped = clipped_policy_loss(new[None], old[None], torch.tensor([1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(new[None] - old[None], torch.tensor([1.0]), 0.2, 0.28)
     assert clipped.tolist() == [[False, False]]  # 1.25 < 1.28; 0.75 with A > 0 is never clipped
-    loss, clipped = clipped_policy_loss(new[None], old[None], torch.tensor([-1.0]), 0.2, 0.28)
+    loss, clipped = clipped_policy_loss(new[None] - old[None], torch.tensor([-1.0]), 0.2, 0.28)
     assert clipped.tolist() == [[False, True]]
     assert loss[0, 1].item() == pytest.approx(0.8)
 
@@ -89,7 +94,7 @@ def test_gradient_equals_policy_gradient_when_old_equals_new():
     logp = (-torch.rand(3, 5)).requires_grad_()
     adv = torch.tensor([0.7, -1.3, 2.0])
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
-    loss, _ = clipped_policy_loss(logp, logp.detach(), adv, 0.2, 0.28)
+    loss, _ = clipped_policy_loss(logp - logp.detach(), adv, 0.2, 0.28)
     token_mean(loss, mask).backward()
     # d/d logp of -(1/N) sum_t A_b r_bt at r = 1 is -A_b / N on trained-on tokens.
     expected = -adv[:, None] * mask / mask.sum()
@@ -140,14 +145,18 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     favoured = [tiny_tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
     engine = ParallelEngine(tiny_model, tiny_tokenizer, max_batch_size=64)
-    params = SamplingParams(temperature=1.0, seed=0, max_response_tokens=12, variant="seen", max_blocks=0)
     n = 16
-    rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads 12 pages"], n=n, params=params)
-    # Reward: the share of sampled tokens that are digits.
-    rewards = torch.tensor([sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]).view(
-        2, n
-    )
-    assert informative_groups(rewards).all()
+    # Reward: the share of sampled tokens that are digits. The update needs every group to carry a signal:
+    # the first seed whose draw gives that is used, whichever it is.
+    for seed in range(20):
+        params = SamplingParams(temperature=1.0, seed=seed, max_response_tokens=12, variant="seen", max_blocks=0)
+        rollouts = engine.generate(["Question: Tom has 3 apples", "Amy reads 12 pages"], n=n, params=params)
+        shares = [sum(t in favoured for t in r.response_ids) / len(r.response_ids) for r in rollouts]
+        rewards = torch.tensor(shares).view(2, n)
+        if informative_groups(rewards).all():
+            break
+    else:
+        pytest.fail("no seed in 0..19 drew two groups with differing rewards")
     adv = group_advantages(rewards)
     batch = collate_rollouts(rollouts, adv.flatten().tolist(), tiny_tokenizer.pad_token_id)
     before = _favoured_logmass(tiny_model, batch, tags, favoured)
@@ -169,6 +178,7 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
             "seen",
             max_grad_norm=1.0,
             num_tokens=batch.loss_mask_BT.sum().item(),
+            num_sequences=len(rollouts),
         )
 
     out = update(tiny_model, adv.flatten())
@@ -185,7 +195,6 @@ def test_one_grpo_step_raises_the_probability_of_a_rewarded_token(tiny_model, ti
 def test_engine_logprobs_equal_the_training_forward(tiny_model, tiny_tokenizer, variant):
     """What makes `old_logprobs: auto` use the engine's log-probs with the hf backend."""
     from parallel_r1.engine import ParallelEngine, SamplingParams
-    from parallel_r1.grpo import recompute_logprobs
 
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     # An output layer with a bias towards the tags, so that responses open blocks and fork paths.
@@ -230,7 +239,7 @@ def test_tis_corrects_a_perturbed_sampler():
     mask = torch.ones_like(sampler_B1)
 
     def gradient(weight_B1):
-        per_token, _ = clipped_policy_loss(logp_B1, logp_B1.detach(), adv_B, 0.2, 0.28)
+        per_token, _ = clipped_policy_loss(logp_B1 - logp_B1.detach(), adv_B, 0.2, 0.28)
         (grad,) = torch.autograd.grad(token_mean(per_token * weight_B1, mask), theta, retain_graph=True)
         return -grad
 
@@ -267,7 +276,6 @@ def test_every_step_logs_the_sampler_gap_and_tis_corrects_it(tmp_path, tis_cap):
     sampler whose log-probs are all 0.3 too high shows a gap of 0.3 on every trained token, and with
     `tis_cap` the trainer weights them by exp(-0.3)."""
     from parallel_r1.config import parse_recipe
-    from parallel_r1.grpo import GRPOTrainer
 
     recipe = parse_recipe(GRPO_STAGE)
     stage = recipe.stages[0]
@@ -299,7 +307,6 @@ def test_every_step_logs_the_sampler_gap_and_tis_corrects_it(tmp_path, tis_cap):
 
 def test_micro_batches_drop_shared_padding_and_keep_the_log_probs(tiny_model, tiny_tokenizer):
     from parallel_r1.attention import response_logprobs
-    from parallel_r1.grpo import RolloutBatch, recompute_logprobs
 
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     lengths = [5, 30, 12, 30, 7]
@@ -339,7 +346,6 @@ def test_logged_ban_mass_is_the_probability_the_bans_remove(tmp_path):
     """Seen with max_blocks 0 bans <Parallel> at every token and nothing else: the mass removed from a
     sampled token's softmax is the model's probability of <Parallel> there, computed here by hand."""
     from parallel_r1.config import parse_recipe
-    from parallel_r1.grpo import GRPOTrainer
 
     text = GRPO_STAGE.replace("variant: unseen", "variant: seen").replace("temperature: 1.0", "temperature: 0.8")
     stage = parse_recipe(text.replace("max_path_tokens: 6,", "max_path_tokens: 6, max_blocks: 0,")).stages[0]
@@ -368,7 +374,6 @@ def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp
     full softmax on both sides. The ban mass is logged either way."""
     from parallel_r1.attention import response_logprobs
     from parallel_r1.config import parse_recipe
-    from parallel_r1.grpo import GRPOTrainer
 
     stage = parse_recipe(GRPO_STAGE).stages[0]
     stage.grpo.old_logprobs = old_logprobs
@@ -393,3 +398,201 @@ def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp
     assert on_ids == off_ids  # the setting changes what is recorded, not what is sampled
     assert on["ban_mass_mean"] == pytest.approx(off["ban_mass_mean"])
     assert on_gap > 1e-3 and off_gap < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dynamic sampling and overlong shaping, end to end on the tiny model with constructed rewards.
+
+REFILL_STAGE = """
+name: refill
+logging: {progress: false}
+stages:
+  - name: rl
+    kind: grpo
+    variant: unseen
+    model: {name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128}}
+    data: {source: task, task_size: 24, prompt: question}
+    lr: 1.0e-3
+    max_steps: 3
+    save_every: 1
+    keep_last: 5
+    grpo:
+      prompts_per_step: 4
+      n: 2
+      mini_batch_size: 2
+      dynamic_sampling: true
+      max_refill_rounds: 2
+      rollout: {max_response_tokens: 12, max_path_tokens: 6}
+"""
+
+
+def _constructed_rewards(monkeypatch):
+    """Rewards by construction: a group whose problem's answer is "DROP" scores 0 on every sample (not
+    informative), any other group -1, +1, -1, ... (informative), whatever was sampled."""
+    from parallel_r1 import grpo
+
+    score = grpo.score_batch
+
+    def constructed(texts, golds, *args, **kwargs):
+        scores = score(texts, golds, *args, **kwargs)
+        return [
+            dataclasses.replace(s, reward=0.0 if gold == "DROP" else (1.0 if k % 2 else -1.0))
+            for k, (s, gold) in enumerate(zip(scores, golds))
+        ]
+
+    monkeypatch.setattr(grpo, "score_batch", constructed)
+
+
+def _refill_trainer(stage, folder, keep_positions):
+    """A trainer whose problems at the other positions of epoch 0's order are answered "DROP"; its engine
+    keeps every round's rollouts (`trainer.sampled`, a list per generate call)."""
+    trainer = GRPOTrainer(stage, folder, init_model="tiny", seed=0)
+    first = trainer._order(0)
+    drop = {first[k] for k in range(len(first)) if k not in keep_positions}
+    trainer.problems = [
+        dataclasses.replace(p, answer="DROP") if i in drop else p for i, p in enumerate(trainer.problems)
+    ]
+    trainer.sampled, generate = [], trainer.engine.generate
+
+    def keep(*args, **kwargs):
+        trainer.sampled.append(generate(*args, **kwargs))
+        return trainer.sampled[-1]
+
+    trainer.engine.generate = keep
+    return trainer, drop
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_dynamic_sampling_refills_to_the_full_step_and_resumes_its_rounds_exactly(tmp_path, monkeypatch):
+    """Epoch 0's order keeps positions 0, 2, 4, 6 (step 1: 2 of its first 4 prompts informative, 2 more in a
+    refill round of 4), 8 alone of 8..19 (step 2: 1 informative group after the cap of 2 refill rounds) and
+    20, 22 (step 3 refills from epoch 1's order, where the same problems are kept). The rounds of every step
+    are also derived by hand from the data order. A run killed in step 3's refill round, after its data
+    position moved into epoch 1 but before a checkpoint saved it, resumes the same rounds exactly."""
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.objectives import refill_size
+
+    _constructed_rewards(monkeypatch)
+    stage = parse_recipe(REFILL_STAGE).stages[0]
+    keep_positions = {0, 2, 4, 6, 8, 20, 22}
+    trainer, drop = _refill_trainer(stage, tmp_path / "whole", keep_positions)
+    stream = trainer._order(0) + trainer._order(1)
+    trainer.train()
+    rows = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+
+    # The rounds by hand: the next prompts of the stream, refill_size(missing, sampled, kept, 4) at a time.
+    at = 0
+    for row in rows:
+        rounds = [stream[at : at + 4]]
+        while len(rounds) <= 2 and sum(i not in drop for r in rounds for i in r) < 4:
+            sampled, kept = sum(map(len, rounds)), sum(i not in drop for r in rounds for i in r)
+            start = at + sampled
+            rounds.append(stream[start : start + refill_size(4 - kept, sampled, kept, 4)])
+        at += sum(map(len, rounds))
+        assert row["data_indices"] == [i for r in rounds for i in r]
+        assert (row["sampling_rounds"], row["prompts_sampled"]) == (len(rounds), sum(map(len, rounds)))
+        assert row["groups_kept"] == min(4, sum(i not in drop for r in rounds for i in r))
+    assert [r["sampling_rounds"] for r in rows[:2]] == [2, 3] and [r["groups_kept"] for r in rows[:2]] == [4, 1]
+    assert rows[2]["sampling_rounds"] >= 2 and rows[2]["epoch"] == 1  # step 3 refilled from epoch 1's order
+
+    # Step 1 had to refill and trains on the full 4 groups: every sampled token of their 8 responses.
+    rollouts = [x for call in trainer.sampled[:2] for x in call]
+    trained = [x for x, i in zip(rollouts, [i for i in rows[0]["data_indices"] for _ in range(2)]) if i not in drop]
+    assert len(trained) == 8 and rows[0]["trained_tokens"] == sum(sum(x.sampled_mask) for x in trained)
+    assert rows[0]["optimizer_steps"] == 2 and rows[1]["optimizer_steps"] == 1  # step 2: one group, one batch
+
+    # Killed in step 3's second round; a fresh trainer resumes from the checkpoint of step 2.
+    killed, _ = _refill_trainer(stage, tmp_path / "killed", keep_positions)
+    generate = killed.engine.generate
+
+    def dying(*args, **kwargs):
+        if len(killed.sampled) == 6:  # 2 + 3 rounds done, step 3's first done: this is its refill round
+            raise _Killed
+        return generate(*args, **kwargs)
+
+    killed.engine.generate = dying
+    with pytest.raises(_Killed):
+        killed.train()
+    assert killed.state.epoch == 1  # the stream had moved on in memory
+    resumed, _ = _refill_trainer(stage, tmp_path / "killed", keep_positions)
+    assert (resumed.state.step, resumed.state.epoch) == (2, 0)
+    resumed.train()
+    again = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    keys = ("data_indices", "sampling_rounds", "prompts_sampled", "groups_kept", "loss", "reward", "grad_norm")
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+    ours = load_file(final_model(tmp_path / "killed") / "model.safetensors")
+    theirs = load_file(final_model(tmp_path / "whole") / "model.safetensors")
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_overlong_filter_and_penalty(tmp_path, monkeypatch):
+    """Responses cut at the 12-token cap: with overlong_filter they are not trained on; with a buffer of 4
+    each response's reward carries -(length - 8) / 4 * 0.5 (clamped to [-0.5, 0]) into its advantage."""
+    from parallel_r1.config import parse_recipe
+
+    _constructed_rewards(monkeypatch)
+    text = REFILL_STAGE.replace("dynamic_sampling: true", "overlong_filter: true")
+    stage = parse_recipe(
+        text.replace("max_refill_rounds: 2", "overlong_buffer: 4\n      overlong_penalty: 0.5")
+    ).stages[0]
+    trainer, _ = _refill_trainer(stage, tmp_path, set(range(24)))
+    # A bias towards EOS (in sampling and training alike) so that some responses stop before the cap; the
+    # first step whose draw has both kinds is checked.
+    bias = torch.zeros(len(trainer.tokenizer))
+    bias[trainer.tokenizer.eos_token_id] = 3.0
+    trainer.accelerator.unwrap_model(trainer.model).lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    for step in range(10):
+        metrics, records = trainer.train_step(step, [4 * step + k for k in range(4)])
+        rollouts = trainer.sampled[-1]
+        if {x.finish_reason for x in rollouts} == {"length", "stop"}:
+            break
+    else:
+        pytest.fail("no step of 10 drew responses both cut at the cap and stopped before it")
+    assert metrics["trained_tokens"] == sum(sum(x.sampled_mask) for x in rollouts if x.finish_reason != "length")
+    penalties = [-0.5 * min(max(len(x.response_ids) - 8, 0) / 4, 1.0) for x in rollouts]
+    assert [r["overlong_penalty"] for r in records] == pytest.approx(penalties, abs=1e-6)
+    shaped = torch.tensor([r["reward"] + p for r, p in zip(records, penalties)]).view(4, 2)
+    assert [r["advantage"] for r in records] == pytest.approx(group_advantages(shaped).flatten().tolist(), abs=1e-6)
+    assert metrics["overlong_penalty"] == pytest.approx(sum(penalties) / len(penalties), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("dynamic_sampling: true\n      filter_zero_variance: false", "dynamic_sampling refills the groups"),
+        ("max_refill_rounds: 0", "max_refill_rounds must be >= 1"),
+        ("overlong_buffer: 24", r"overlong_buffer must be in \[0, rollout.max_response_tokens \(24\)\)"),
+        ("overlong_buffer: -1", "overlong_buffer must be in"),
+        ("overlong_penalty: 0", "overlong_penalty must be > 0"),
+        ("tis_mode: sequence_mask", "tis_mode sequence_mask needs tis_cap"),
+        ("tis_mode: sequence_clip", r"'sequence_clip' is not one of .* \(did you mean 'sequence_mask'\?\)"),
+        (
+            "loss_agg: seq-mean",
+            r"'seq-mean' is not one of \['token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean'\]",
+        ),
+        ("ratio_level: response", r"'response' is not one of \['token', 'sequence'\]"),
+    ],
+)
+def test_objective_settings_are_checked_at_load_with_the_line(setting, message):
+    from parallel_r1.config import ConfigError, parse_recipe
+
+    text = GRPO_STAGE.replace("      filter_zero_variance: false\n", f"      {setting}\n")
+    with pytest.raises(ConfigError, match=rf"recipe.yaml:\d+: stages\[0\]\.grpo.*: {message}"):
+        parse_recipe(text, "recipe.yaml")
+
+
+def test_the_dapo_recipe_turns_on_the_dapo_set():
+    from parallel_r1.config import load_recipe
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    dapo, s1 = load_recipe(configs / "unseen_s1_dapo.yaml"), load_recipe(configs / "unseen_s1.yaml")
+    g = dapo.stages[-1].grpo
+    assert (g.clip_low, g.clip_high, g.loss_agg, g.ratio_level) == (0.2, 0.28, "token-mean", "token")
+    assert g.dynamic_sampling and g.filter_zero_variance and g.overlong_buffer == 512 and g.overlong_penalty == 1.0
+    # Only the DAPO stage's objective differs from the recipe it extends.
+    assert dapo.stages[:2] == s1.stages[:2] and dapo.stages[-1].data == s1.stages[-1].data
+    plain = dataclasses.replace(g, dynamic_sampling=False, overlong_buffer=0)
+    assert plain == s1.stages[-1].grpo

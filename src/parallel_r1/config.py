@@ -213,6 +213,33 @@ class GRPOConfig:
     """Weight of the k3 KL estimate to the stage's starting model; 0 loads no reference model."""
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal (their advantages are zero)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: after dropping the groups whose rewards are all equal, sample more prompts
+    (the next ones of the data order) until the step has `prompts_per_step` informative groups or
+    `max_refill_rounds` extra rounds were sampled. A round samples the missing count scaled by the step's
+    informative share so far (at most `prompts_per_step`); informative groups beyond the count are not
+    trained on. Needs filter_zero_variance. The metrics `sampling_rounds` and `prompts_sampled` say what a
+    step took."""
+    max_refill_rounds: int = 4
+    """dynamic_sampling: extra sampling rounds a step may take after its first (verl's max_num_gen_batches
+    counts the first too)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: a response cut at `rollout.max_response_tokens` (finish reason "length";
+    the cap counts tokens, every path's and the inserted tags included, not positions) keeps its reward in
+    its group's advantages but is masked from the loss."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: a response longer than max_response_tokens - overlong_buffer tokens
+    gets a reward penalty growing linearly to -overlong_penalty at the cap. Like the cap it counts tokens,
+    not positions: in a parallel response every path's tokens and the inserted tags count. 0: off."""
+    overlong_penalty: float = 1.0
+    """The soft overlong punishment at the cap (DAPO: 1, the reward's scale)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses of a mini-batch become one number (verl's loss_agg_mode names): token-mean, over
+    every trained token (DAPO, the reference); seq-mean-token-sum, each response's sum, averaged over
+    responses; seq-mean-token-mean, each response's mean, averaged over responses (the GRPO paper; GSPO)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """token: a ratio per token (PPO, GRPO). sequence: GSPO's ratio per response, the geometric mean of its
+    tokens' ratios, clipped once per response (GSPO clips at ~3e-4 / 4e-4, far tighter than token ratios)."""
     old_logprobs: Literal["auto", "engine", "recompute"] = "auto"
     """engine: use the sampling log-probs; recompute: a no-grad forward before the update; auto: engine
     when the backend guarantees they match the training forward (hf: same mask, positions and full-vocab
@@ -221,7 +248,12 @@ class GRPOConfig:
     """Truncated importance sampling (verl's TIS): each token's surrogate is weighted by
     min(exp(old - sampler), tis_cap), old being the trainer's recomputed log-prob and sampler the engine's,
     which corrects for a sampler whose probabilities differ from the trainer's (vLLM kernels, bf16, the
-    unseen variant sampled by vLLM). Needs recomputed old log-probs. null: off; 2.0 is a common cap."""
+    unseen variant sampled by vLLM). Needs recomputed old log-probs. null: off; 2.0 is a common cap.
+    `tis_mode` chooses the weight's level and what the cap does."""
+    tis_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
+    """With tis_cap (TRL's vllm_importance_sampling_mode names): token_*: a weight per token; sequence_*: one
+    per response, exp(sum over its tokens of old - sampler); *_truncate: min(weight, tis_cap); *_mask: the
+    weight, or 0 above tis_cap (the response is dropped from the loss; sequence_mask is TRL's default)."""
     behaviour_logprobs: bool | None = None
     """Log-probs of the distribution the engine sampled from: its state-dependent tag bans (only `</Path>`
     closes a path, `<Parallel>` banned at the block cap, ...) and top-k/top-p, renormalised. The engine
@@ -253,7 +285,21 @@ class GRPOConfig:
             self.tis_cap is None or self.old_logprobs != "engine",
             "tis_cap weighs the trainer's log-probs against the sampler's: it needs old_logprobs auto or recompute",
         )
+        _require(
+            self.tis_mode == "token_truncate" or self.tis_cap is not None,
+            f"tis_mode {self.tis_mode} needs tis_cap (the threshold it truncates or masks at)",
+        )
         _require(self.mismatch_threshold > 0, "mismatch_threshold must be > 0")
+        _require(
+            not self.dynamic_sampling or self.filter_zero_variance,
+            "dynamic_sampling refills the groups filter_zero_variance drops: it needs filter_zero_variance true",
+        )
+        _require(self.max_refill_rounds >= 1, "max_refill_rounds must be >= 1")
+        _require(
+            0 <= self.overlong_buffer < self.rollout.max_response_tokens,
+            f"overlong_buffer must be in [0, rollout.max_response_tokens ({self.rollout.max_response_tokens}))",
+        )
+        _require(self.overlong_penalty > 0, "overlong_penalty must be > 0")
         _require(
             not (self.behaviour_logprobs and self.rollout.backend == "vllm"),
             "behaviour_logprobs needs the hf backend (vLLM bans by a finite logit bias the trainer cannot replay)",

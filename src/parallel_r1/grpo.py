@@ -5,21 +5,24 @@ One training step:
 1. take the next `prompts_per_step` problems of the shuffled data;
 2. sample `n` responses for each with the rollout engine, under the stage's variant (the same mask and
    positions the training forward uses);
-3. score them with the reward schedule at this step, and turn rewards into group-normalised advantages;
+3. score them with the reward schedule at this step (minus DAPO's soft overlong penalty when
+   `overlong_buffer` is set), and turn rewards into group-normalised advantages. Groups whose rewards are
+   all equal carry no signal and are dropped; with `dynamic_sampling` the next problems of the data order
+   are sampled in further rounds until `prompts_per_step` groups are informative (or `max_refill_rounds`);
 4. old log-probs: the engine's sampling log-probs when the backend guarantees they equal the training
    forward's (hf), otherwise a no-grad forward; the gap between the two is logged every step (`mismatch_*`),
-   and truncated importance sampling (`tis_cap`) can weight each token by min(exp(old - sampler), C).
+   and importance weights (`tis_cap`, `tis_mode`) can correct each token or response for it.
    With `behaviour_logprobs` every log-prob, the engine's and the trainer's, is of the distribution the
    engine sampled from (bans, top-k/top-p, renormalised: `bans.Behaviour`); the mass those remove
    is logged as `ban_mass_*`;
 5. `ppo_epochs` passes of `prompts_per_step / mini_batch_size` optimiser steps, each over one mini-batch
-   of groups, accumulating gradients over micro-batches; the loss is the clipped surrogate (and the k3 KL
-   when asked) averaged over every trained-on token of the mini-batch (token-level aggregation).
+   of groups, accumulating gradients over micro-batches; the loss is the clipped surrogate (per token, or
+   per response with `ratio_level: sequence`) and the k3 KL when asked, aggregated over the mini-batch by
+   `loss_agg` (default: the mean over every trained-on token). Entropy is logged per step and per region.
 
 Trained-on tokens are the response tokens the model sampled (`Rollout.sampled_mask`); tags the engine
-inserted are context only. Groups whose rewards are all equal carry no signal and are dropped.
-
-The pure functions below carry tensor shapes in their names: B rows, T tokens, P prompts, G group size.
+inserted are context only, and with `overlong_filter` responses cut at the length cap are not trained on.
+The math is in `objectives`, as pure functions.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,11 +42,29 @@ from accelerate.utils import gather_object
 from parallel_r1 import data, tasks
 from parallel_r1.attention import response_logprobs
 from parallel_r1.backends import make_engine
-from parallel_r1.bans import Behaviour, ban_rows, ban_table
+from parallel_r1.bans import ban_rows, ban_table
+from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.data import build_prompt, prompt_template
 from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
+from parallel_r1.objectives import (
+    REGIONS,
+    add_gap,
+    aggregate_loss,
+    clipped_policy_loss,
+    group_advantages,
+    informative_groups,
+    kl_k3,
+    logprob_gap,
+    overlong_penalty,
+    policy_log_ratio,
+    refill_size,
+    region_sums,
+    tis_cut,
+    tis_weights,
+    token_regions,
+)
 from parallel_r1.rewards import score_batch
 from parallel_r1.rollout import Rollout, rollout_record, sampling_params
 from parallel_r1.trainer import StageTrainer, clip_gradients, load_stage_model
@@ -51,181 +72,12 @@ from parallel_r1.trainer import StageTrainer, clip_gradients, load_stage_model
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------
-# The math, as pure functions.
+# The policy update.
 
 
-def group_advantages(rewards_PG: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Advantages [P, G]: reward minus its group's mean, divided by the group's std when `scale`
-    (GRPO); `scale=False` is Dr. GRPO's unscaled form. A group of equal rewards gets zeros."""
-    centred_PG = rewards_PG - rewards_PG.mean(dim=1, keepdim=True)
-    if not scale:
-        return centred_PG
-    return centred_PG / (rewards_PG.std(dim=1, keepdim=True) + eps)
-
-
-def informative_groups(rewards_PG: torch.Tensor) -> torch.Tensor:
-    """Bool [P]: True where the group's rewards are not all equal (zero-variance groups give no gradient)."""
-    return (rewards_PG != rewards_PG[:, :1]).any(dim=1)
-
-
-def clipped_policy_loss(
-    logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_B: torch.Tensor, clip_low: float, clip_high: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss [B, T], clipped [B, T] bool) of the PPO surrogate with separate clip bounds.
-
-    loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(logp - old_logp); `clipped`
-    marks tokens where the clipped term is the larger one (its gradient is zero there).
-    """
-    ratio_BT = torch.exp(logp_BT - old_logp_BT)
-    adv_B1 = adv_B[:, None]
-    unclipped_BT = -adv_B1 * ratio_BT
-    clipped_BT = -adv_B1 * ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high)
-    return torch.maximum(unclipped_BT, clipped_BT), clipped_BT > unclipped_BT
-
-
-def kl_k3(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate [B, T] of KL(policy || reference): exp(d) - d - 1 with d = ref - logp (>= 0)."""
-    d_BT = ref_logp_BT - logp_BT
-    return torch.exp(d_BT) - d_BT - 1.0
-
-
-def tis_weights(old_logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weights [B, T]: min(exp(old_logp - sampler_logp), cap) (verl's TIS).
-
-    The rollouts came from the sampler's distribution, while the surrogate is an expectation under the
-    trainer's: weighting each token by the ratio of the two corrects the gradient, and the cap bounds the
-    variance that rare tokens with a large ratio would add."""
-    return torch.exp(old_logp_BT - sampler_logp_BT).clamp(max=cap)
-
-
-def logprob_gap(logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, mask_BT: torch.Tensor, threshold: float) -> dict:
-    """Sums over masked tokens of |logp - sampler_logp|: {gap_sum, gap_max, gap_over (count above
-    `threshold`), gap_tokens}, as floats to add up over micro-batches and processes."""
-    gap_BT = (logp_BT.detach() - sampler_logp_BT).abs() * mask_BT
-    return {
-        "gap_sum": gap_BT.sum().item(),
-        "gap_max": gap_BT.max().item() if gap_BT.numel() else 0.0,
-        "gap_over": ((gap_BT > threshold) & (mask_BT > 0)).sum().item(),
-        "gap_tokens": mask_BT.sum().item(),
-    }
-
-
-def token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """Token-level aggregation: sum of values over masked tokens / num_tokens (default: mask.sum()).
-    Passing the whole mini-batch's token count lets micro-batches add up to the mini-batch mean."""
-    total = (values_BT * mask_BT).sum()
-    if num_tokens is None:
-        return total / mask_BT.sum().clamp(min=1.0)
-    return total * (1.0 / max(float(num_tokens), 1.0))
-
-
-# ---------------------------------------------------------------------------------------------------
-# From rollouts to tensors, and the policy update.
-
-
-@dataclass
-class RolloutBatch:
-    """Left-padded training tensors for B rollouts of varying length."""
-
-    input_ids_BT: torch.Tensor
-    attention_mask_BT: torch.Tensor
-    loss_mask_BT: torch.Tensor  # 1.0 on response tokens the model sampled
-    old_logp_BT: torch.Tensor  # the policy's log-probs before the update: the engine's, or recomputed
-    adv_B: torch.Tensor
-    sampler_logp_BT: torch.Tensor  # the engine's sampling log-probs on response tokens, 0 elsewhere
-    weight_BT: torch.Tensor  # per-token weight of the surrogate (1, or the TIS weight)
-    ban_rows_BT: torch.Tensor  # long: the engine's ban-table row each token was sampled under (0 elsewhere)
-
-    def to(self, device) -> RolloutBatch:
-        return RolloutBatch(*(t.to(device) for t in vars(self).values()))
-
-    def rows(self, index: list[int]) -> RolloutBatch:
-        idx = torch.tensor(index, dtype=torch.long)
-        return RolloutBatch(*(t[idx.to(t.device)] for t in vars(self).values()))
-
-    def micro_batch(self, index: list[int]) -> RolloutBatch:
-        """The given rows without the columns that are padding in all of them (rows are left-padded), so
-        a micro-batch of short rows is not computed at the width of the step's longest."""
-        part = self.rows(index)
-        first = int(part.attention_mask_BT.any(0).nonzero()[0]) if part.attention_mask_BT.any() else 0
-        return RolloutBatch(*(t[:, first:] if t.dim() == 2 else t for t in vars(part).values()))
-
-    def by_length(self) -> list[int]:
-        """Row indices, longest first: micro-batches of neighbours in this order carry little padding."""
-        lengths = self.attention_mask_BT.sum(1).tolist()
-        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
-
-    def behaviour(self, table: torch.Tensor | None, top_k: int, top_p: float) -> Behaviour | None:
-        """What the engine sampled these tokens from, given its ban `table` (None: score the unwarped
-        softmax)."""
-        return None if table is None else Behaviour(self.ban_rows_BT, table, top_k, top_p)
-
-
-def collate_rollouts(
-    rollouts: list, advantages: list[float], pad_id: int, response_ban_rows: list[list[int]] | None = None
-) -> RolloutBatch:
-    """Stack `prompt_ids + response_ids` of each rollout, left-padded to the longest; `response_ban_rows`
-    (`bans.ban_rows` of each rollout's response) fill `ban_rows_BT`, zeros without them."""
-    width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-    ids, attn, loss, old, rows = [], [], [], [], []
-    for k, r in enumerate(rollouts):
-        pad = width - len(r.prompt_ids) - len(r.response_ids)
-        head = pad + len(r.prompt_ids)
-        ids.append([pad_id] * pad + list(r.prompt_ids) + list(r.response_ids))
-        attn.append([0] * pad + [1] * (len(r.prompt_ids) + len(r.response_ids)))
-        loss.append([0.0] * head + [1.0 if s else 0.0 for s in r.sampled_mask])
-        old.append([0.0] * head + [float(lp) for lp in r.logprobs])
-        rows.append([0] * head + (response_ban_rows[k] if response_ban_rows else [0] * len(r.response_ids)))
-    sampler = torch.tensor(old, dtype=torch.float32)
-    loss_mask = torch.tensor(loss)
-    return RolloutBatch(
-        torch.tensor(ids),
-        torch.tensor(attn),
-        loss_mask,
-        sampler.clone(),
-        torch.tensor(advantages, dtype=torch.float32),
-        sampler,
-        torch.ones_like(loss_mask),
-        torch.tensor(rows, dtype=torch.long),
-    )
-
-
-@torch.no_grad()
-def recompute_logprobs(
-    model,
-    batch: RolloutBatch,
-    tags: TagIds,
-    variant: str,
-    temperature: float,
-    micro_batch_size: int,
-    ban_table: torch.Tensor | None = None,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """Log-probs [B, T] of the batch under `model` (no grad), micro-batch by micro-batch; with the engine's
-    `ban_table`, of the distribution it sampled from (`RolloutBatch.behaviour`)."""
-    was_training = model.training
-    model.eval()
-    B, T = batch.input_ids_BT.shape
-    out_BT = torch.zeros(B, T, device=batch.input_ids_BT.device)
-    order = batch.by_length()
-    for start in range(0, B, micro_batch_size):
-        index = order[start : start + micro_batch_size]
-        part = batch.micro_batch(index)
-        logp, _ = response_logprobs(
-            model,
-            part.input_ids_BT,
-            part.attention_mask_BT,
-            tags,
-            variant=variant,
-            temperature=temperature,
-            behaviour=part.behaviour(ban_table, top_k, top_p),
-        )
-        # where, not a product: under behaviour log-probs an untrained token may be -inf (see policy_update)
-        logp = torch.where(part.loss_mask_BT > 0, logp, 0.0)
-        out_BT[torch.tensor(index, device=out_BT.device), T - logp.shape[1] :] = logp
-    model.train(was_training)
-    return out_BT
+# What `policy_update` sums over tokens, and `GRPOTrainer._step_metrics` over processes.
+SUMMED = ("loss", "clipped", "entropy", "kl", "tokens", "tis_weight", "tis_truncated")
+SUMMED += tuple(f"{key}_{region}" for key in ("entropy", "tokens") for region in REGIONS)
 
 
 def policy_update(
@@ -238,32 +90,26 @@ def policy_update(
     variant: str,
     max_grad_norm: float,
     num_tokens: float,
+    num_sequences: float,
     ref_model=None,
     measure_gap: bool = False,
     ban_table: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One optimiser step on `batch` (this process's rows of a mini-batch).
 
-    `num_tokens` is the mini-batch's trained-on token count over all processes: each micro-batch's
-    loss is its token sum divided by it, so the accumulated gradient is that of the mini-batch's
-    token-level mean. Rows with all-zero loss mask may stand in on a process left without data.
-    Returns sums over this process's tokens (loss, clipped, entropy, KL) and the grad norm; with
-    `measure_gap` (the policy has not moved since sampling) also `logprob_gap` of the forward's log-probs
-    against the sampler's. With the engine's `ban_table` the policy and the reference are scored on the
-    distribution the engine sampled from (`RolloutBatch.behaviour`), entropy included.
+    `num_tokens` and `num_sequences` are the mini-batch's trained-on tokens and rows over all processes:
+    each micro-batch's loss is its share of the mini-batch's `cfg.loss_agg` (`objectives.aggregate_loss`),
+    so the accumulated gradient is that of the whole mini-batch's loss. Rows with all-zero loss mask may
+    stand in on a process left without data. Returns sums over this process's tokens (`SUMMED`: loss,
+    clipped, entropy, by region too, KL, ...) and the grad norm; with `measure_gap` (the policy has not
+    moved since sampling) also `logprob_gap` of the forward's log-probs against the sampler's. With the
+    engine's `ban_table` the policy and the reference are scored on the distribution the engine sampled
+    from (`RolloutBatch.behaviour`), entropy included.
     """
     model.train()
     order = batch.by_length()
     starts = list(range(0, len(order), cfg.micro_batch_size))
-    sums = {
-        "loss": 0.0,
-        "clipped": 0.0,
-        "entropy": 0.0,
-        "kl": 0.0,
-        "tokens": 0.0,
-        "tis_weight": 0.0,
-        "tis_truncated": 0.0,
-    }
+    sums = dict.fromkeys(SUMMED, 0.0)
     for k, start in enumerate(starts):
         mb = batch.micro_batch(order[start : start + cfg.micro_batch_size])
         sync = accelerator.no_sync(model) if k < len(starts) - 1 else nullcontext()
@@ -281,9 +127,8 @@ def policy_update(
             # the loss; the masked fill passes no gradient to it.
             untrained_BT = mb.loss_mask_BT == 0
             logp_BT = logp_BT.masked_fill(untrained_BT, 0.0)
-            per_token_BT, clipped_BT = clipped_policy_loss(
-                logp_BT, mb.old_logp_BT, mb.adv_B, cfg.clip_low, cfg.clip_high
-            )
+            log_ratio_BT = policy_log_ratio(logp_BT, mb.old_logp_BT, mb.loss_mask_BT, cfg.ratio_level)
+            per_token_BT, clipped_BT = clipped_policy_loss(log_ratio_BT, mb.adv_B, cfg.clip_low, cfg.clip_high)
             per_token_BT = per_token_BT * mb.weight_BT
             if ref_model is not None:
                 with torch.no_grad():
@@ -292,8 +137,8 @@ def policy_update(
                 kl_BT = kl_k3(logp_BT, ref_logp_BT)
                 per_token_BT = per_token_BT + cfg.kl_coef * kl_BT
                 sums["kl"] += (kl_BT.detach() * mb.loss_mask_BT).sum().item()
-            loss = token_mean(per_token_BT, mb.loss_mask_BT, num_tokens)
-            # DDP averages gradients over processes; the token mean wants their sum.
+            loss = aggregate_loss(per_token_BT, mb.loss_mask_BT, cfg.loss_agg, num_tokens, num_sequences)
+            # DDP averages gradients over processes; the mini-batch's loss wants their sum.
             accelerator.backward(loss * accelerator.num_processes)
         mask = mb.loss_mask_BT
         if measure_gap:
@@ -301,20 +146,19 @@ def policy_update(
         sums["loss"] += (per_token_BT.detach() * mask).sum().item()
         sums["clipped"] += (clipped_BT.float() * mask).sum().item()
         sums["entropy"] += (entropy_BT.detach() * mask).sum().item()
+        # From the logits of this forward: where in a parallel response the policy is uncertain.
+        by_region = region_sums(entropy_BT.detach(), mask, token_regions(mb.input_ids_BT, tags)).tolist()
+        for region, entropy, tokens in zip(REGIONS, *by_region):
+            sums[f"entropy_{region}"] += entropy
+            sums[f"tokens_{region}"] += tokens
         if cfg.tis_cap is not None:
             sums["tis_weight"] += (mb.weight_BT * mask).sum().item()
-            sums["tis_truncated"] += ((mb.weight_BT >= cfg.tis_cap) & (mask > 0)).sum().item()
+            sums["tis_truncated"] += (tis_cut(mb.weight_BT, cfg.tis_cap, cfg.tis_mode) & (mask > 0)).sum().item()
         sums["tokens"] += mask.sum().item()
     sums["grad_norm"] = clip_gradients(accelerator, model, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
-
-
-def add_gap(sums: dict[str, float], gap: dict[str, float]) -> None:
-    """Fold one `logprob_gap` into running sums (the maximum stays a maximum)."""
-    for key, value in gap.items():
-        sums[key] = max(sums.get(key, 0.0), value) if key == "gap_max" else sums.get(key, 0.0) + value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,6 +172,20 @@ def load_stage_problems(stage: StageConfig, seed: int) -> list:
         levels = cfg.task_levels or tasks.task_module(cfg.task).RL_EASY_LEVELS
         return tasks.make_problems(cfg.limit or cfg.task_size, levels, "train", seed, cfg.task, pool="rl")
     return data.load_problems(cfg.source, split=cfg.split, limit=cfg.limit)
+
+
+@dataclass
+class _Round:
+    """One sampling round of a step: its prompts (every process's, in order) and this process's share."""
+
+    prompts: list[int]
+    mine: list[int]  # this process's prompts: prompts[process_index::num_processes]
+    rollouts: list[Rollout]
+    scores: list
+    adv_PG: torch.Tensor
+    keep: list[bool]  # informative, per prompt of `prompts` (every process's)
+    penalty_B: torch.Tensor  # the overlong penalty in each rollout's reward (0 when off)
+    ban_rows: list[list[int]] = field(default_factory=list)  # `bans.ban_rows` per rollout, with a ban table
 
 
 class GRPOTrainer(StageTrainer):
@@ -401,48 +259,107 @@ class GRPOTrainer(StageTrainer):
         random.Random(f"grpo-order-{self.state.data_seed}-{epoch}").shuffle(order)
         return order
 
-    def _next_prompts(self) -> list[int]:
+    def _next_prompts(self, count: int) -> list[int]:
+        """The next `count` problems of the data order; the position is `state` (epoch, index), which
+        checkpoints save, so a resumed run continues the stream where the last saved step left it."""
         chosen: list[int] = []
-        while len(chosen) < self.cfg.prompts_per_step:
+        while len(chosen) < count:
             order = self._order(self.state.epoch)
-            take = order[self.state.index : self.state.index + self.cfg.prompts_per_step - len(chosen)]
+            take = order[self.state.index : self.state.index + count - len(chosen)]
             chosen += take
             self.state.index += len(take)
             if self.state.index >= len(order):
                 self.state.epoch, self.state.index = self.state.epoch + 1, 0
         return chosen
 
-    def sampling_params(self, step: int):
+    def sampling_params(self, step: int, round_: int = 0):
         acc = self.accelerator
         # A seed per step: a resumed run samples exactly what the first one would have. The hf engine draws
         # each sample from (seed, problem index, sample index) alone (`train_step` passes the problem indices
         # as keys), so the seed is the same on every process and any process count samples the same
-        # rollouts; vLLM has no per-prompt keys, so there each process gets a seed of its own.
-        seed = self.seed * 1_000_003 + step
+        # rollouts; vLLM has no per-prompt keys, so there each process gets a seed of its own. Refill rounds
+        # of dynamic sampling get seeds no step's first round has (steps stay below 1e9).
+        seed = self.seed * 1_000_003 + step + round_ * 1_000_000_007
         if self.cfg.rollout.backend != "hf":
             seed = seed * acc.num_processes + acc.process_index
         return sampling_params(self.cfg.rollout, variant=self.stage.variant, seed=seed)
 
     def step(self) -> tuple[dict, list[dict]]:
-        return self.train_step(self.state.step, self._next_prompts())
+        return self.train_step(self.state.step, self._next_prompts(self.cfg.prompts_per_step))
 
     def describe(self, metrics: dict) -> str:
         return f"reward {metrics['reward']:.2f} acc {metrics['accuracy']:.2f} par {metrics['parallel_ratio']:.2f}"
 
     def train_step(self, step: int, problem_indices: list[int]) -> tuple[dict, list[dict]]:
-        """Run training step `step` (0-based) on the given problems; return (metrics, rollout records)."""
+        """Run training step `step` (0-based) on the given problems, and with dynamic sampling on the next
+        ones of the data order until enough groups are informative; return (metrics, rollout records)."""
         acc, cfg = self.accelerator, self.cfg
         started = time.perf_counter()
-        # Sample: each process samples whole groups, prompts i, i + P, ... of the step.
-        mine = problem_indices[acc.process_index :: acc.num_processes]
         if cfg.rollout.backend == "vllm" and self._vllm_stale:
             self.engine.load_weights(acc.get_state_dict(self.model).items())
-        keys = {"keys": mine} if cfg.rollout.backend == "hf" else {}
         if cfg.rollout.backend == "hf":
             self.engine.reset_stats()
-        params = self.sampling_params(step)
-        rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys)
+        rounds = [self._sample_round(step, 0, problem_indices)]
+        while cfg.dynamic_sampling and len(rounds) <= cfg.max_refill_rounds:
+            sampled, kept = sum(len(r.keep) for r in rounds), sum(sum(r.keep) for r in rounds)
+            if kept >= cfg.prompts_per_step:
+                break
+            size = refill_size(cfg.prompts_per_step - kept, sampled, kept, cfg.prompts_per_step)
+            rounds.append(self._sample_round(step, len(rounds), self._next_prompts(size)))
+        informative = sum(sum(r.keep) for r in rounds)
+        if cfg.dynamic_sampling and informative < cfg.prompts_per_step and acc.is_main_process:
+            log.info(
+                "step %d: %d of %d groups informative after %d sampling rounds (max_refill_rounds %d)",
+                step + 1,
+                informative,
+                cfg.prompts_per_step,
+                len(rounds),
+                cfg.max_refill_rounds,
+            )
         sample_s = time.perf_counter() - started
+
+        # Batch: training tensors and old log-probs. Rows of groups not trained on stay, with their loss mask
+        # zeroed: they serve as stand-in rows for a process left without data.
+        slots = self._train_slots(rounds)
+        trained = {g for process, g, keep in slots if keep and process == acc.process_index}
+        rollouts = [x for r in rounds for x in r.rollouts]
+        keep_P = torch.tensor([g in trained for g in range(len(rollouts) // cfg.n)], dtype=torch.bool)
+        advantages = [a for r in rounds for a in r.adv_PG.flatten().tolist()]
+        response_ban_rows = [b for r in rounds for b in r.ban_rows] if self.ban_table is not None else None
+        batch = collate_rollouts(rollouts, advantages, self.tokenizer.pad_token_id, response_ban_rows)
+        batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
+        if cfg.overlong_filter:
+            batch.loss_mask_BT[torch.tensor([x.finish_reason == "length" for x in rollouts], dtype=torch.bool)] = 0.0
+        gap: dict[str, float] = {}
+        if not self.use_engine_logprobs:
+            old_logp_BT = recompute_logprobs(
+                acc.unwrap_model(self.model), batch.to(acc.device), self.tags, self.stage.variant,
+                cfg.rollout.temperature, cfg.micro_batch_size, self.ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
+            )  # fmt: skip
+            batch.old_logp_BT = old_logp_BT.cpu()
+            gap = logprob_gap(batch.old_logp_BT, batch.sampler_logp_BT, batch.loss_mask_BT, cfg.mismatch_threshold)
+            if cfg.tis_cap is not None:
+                batch.weight_BT = tis_weights(
+                    batch.old_logp_BT, batch.sampler_logp_BT, cfg.tis_cap, cfg.tis_mode, batch.loss_mask_BT
+                )
+
+        # Update: `ppo_epochs` passes, one optimiser step per mini-batch of prompts.
+        sums, updates = self._update(batch, slots, measure_gap=not gap)
+        add_gap(sums, gap)
+        elapsed = time.perf_counter() - started
+
+        records = [rec for r in rounds for rec in self._rollout_records(step, r)]
+        metrics = self._step_metrics(step, rounds, records, sums, updates, float(keep_P.sum()), sample_s, elapsed)
+        return {**metrics, "data_indices": [i for r in rounds for i in r.prompts]}, records
+
+    def _sample_round(self, step: int, round_: int, prompts: list[int]) -> _Round:
+        """Sample, score and normalise the groups of `prompts` (round `round_` of step `step`): each process
+        samples whole groups, prompts i, i + P, ... of the round."""
+        acc, cfg = self.accelerator, self.cfg
+        mine = prompts[acc.process_index :: acc.num_processes]
+        keys = {"keys": mine} if cfg.rollout.backend == "hf" else {}
+        params = self.sampling_params(step, round_)
+        rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys) if mine else []
 
         # Score with the schedule's reward at this step.
         golds = [self.problems[mine[r.prompt_index]].answer for r in rollouts]
@@ -453,51 +370,46 @@ class GRPOTrainer(StageTrainer):
             parallel_value=reward.parallel_value, timeout_s=reward.verify_timeout_s,
             format_error_value=reward.format_error_value,
         )  # fmt: skip
+        rewards_B = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+        penalty_B = torch.zeros_like(rewards_B)
+        if cfg.overlong_buffer:
+            lengths_B = torch.tensor([len(x.response_ids) for x in rollouts])
+            penalty_B = overlong_penalty(
+                lengths_B, cfg.rollout.max_response_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+            )
 
         # Advantages relative to the group; groups whose rewards are all equal carry no signal.
-        rewards_PG = torch.tensor([s.reward for s in scores], dtype=torch.float32).view(len(mine), cfg.n)
+        rewards_PG = (rewards_B + penalty_B).view(len(mine), cfg.n)
         adv_PG = group_advantages(rewards_PG, scale=cfg.advantage == "grpo")
         keep_P = informative_groups(rewards_PG) if cfg.filter_zero_variance else torch.ones(len(mine), dtype=torch.bool)
-
-        # Batch: training tensors and old log-probs. Dropped groups' rows stay, with their loss mask zeroed:
-        # they serve as stand-in rows for a process left without data.
-        variant = self.stage.variant
-        response_ban_rows = None
+        bans = []
         if self.ban_table is not None:
-            response_ban_rows = [ban_rows(r.response_ids, self.tags, variant, params.max_blocks) for r in rollouts]
-        batch = collate_rollouts(rollouts, adv_PG.flatten().tolist(), self.tokenizer.pad_token_id, response_ban_rows)
-        batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
-        gap: dict[str, float] = {}
-        if not self.use_engine_logprobs:
-            old_logp_BT = recompute_logprobs(
-                acc.unwrap_model(self.model),
-                batch.to(acc.device),
-                self.tags,
-                variant,
-                cfg.rollout.temperature,
-                cfg.micro_batch_size,
-                self.ban_table,
-                cfg.rollout.top_k,
-                cfg.rollout.top_p,
-            )
-            batch.old_logp_BT = old_logp_BT.cpu()
-            gap = logprob_gap(batch.old_logp_BT, batch.sampler_logp_BT, batch.loss_mask_BT, cfg.mismatch_threshold)
-            if cfg.tis_cap is not None:
-                batch.weight_BT = tis_weights(batch.old_logp_BT, batch.sampler_logp_BT, cfg.tis_cap)
+            bans = [ban_rows(r.response_ids, self.tags, self.stage.variant, params.max_blocks) for r in rollouts]
+        return _Round(prompts, mine, rollouts, scores, adv_PG, self._global_keep(keep_P.tolist()), penalty_B, bans)
 
-        # Update: `ppo_epochs` passes, one optimiser step per mini-batch of prompts.
-        sums, updates = self._update(batch, keep_P, len(problem_indices), measure_gap=not gap)
-        add_gap(sums, gap)
-        elapsed = time.perf_counter() - started
+    def _global_keep(self, keep: list[bool]) -> list[bool]:
+        """Every process's informative flags of a round, in the round's order: prompt j of the round is on
+        process j modulo the process count."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return keep
+        parts = gather_object([keep])
+        return [parts[j % acc.num_processes][j // acc.num_processes] for j in range(sum(map(len, parts)))]
 
-        records = self._rollout_records(step, mine, rollouts, scores, adv_PG.flatten().tolist())
-        metrics = self._step_metrics(step, records, sums, updates, keep_P, rollouts, sample_s, elapsed)
-        return {**metrics, "data_indices": problem_indices}, records
+    def _train_slots(self, rounds: list[_Round]) -> list[tuple[int, int, bool]]:
+        """(process, its group index, trained) of the step's slots, in mini-batch order: the first round's
+        prompts, or with dynamic sampling the first `prompts_per_step` informative groups of every round."""
+        num = self.accelerator.num_processes
+        slots, before = [], [0] * num
+        for r in rounds:
+            slots += [(j % num, before[j % num] + j // num, keep) for j, keep in enumerate(r.keep)]
+            before = [b + len(r.prompts[p::num]) for p, b in enumerate(before)]
+        if not self.cfg.dynamic_sampling:
+            return slots
+        return [slot for slot in slots if slot[2]][: self.cfg.prompts_per_step]
 
-    def _update(
-        self, batch: RolloutBatch, keep_P: torch.Tensor, num_prompts: int, measure_gap: bool
-    ) -> tuple[dict[str, float], int]:
-        """`ppo_epochs` passes over the step's batch, one optimiser step per mini-batch of prompts; then the
+    def _update(self, batch: RolloutBatch, slots: list, measure_gap: bool) -> tuple[dict[str, float], int]:
+        """`ppo_epochs` passes over the step's batch, one optimiser step per mini-batch of `slots`; then the
         schedule's step. Returns the summed `policy_update` statistics and the number of optimiser steps.
         `measure_gap`: the first optimiser step, scored before the policy moves, measures the sampler gap."""
         acc, cfg = self.accelerator, self.cfg
@@ -505,24 +417,17 @@ class GRPOTrainer(StageTrainer):
         updates = 0
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.prompts_per_step // cfg.mini_batch_size):
-                rows, num_tokens = self._minibatch_rows(m, num_prompts, batch, keep_P)
+                minibatch, num_tokens, num_sequences = self._minibatch(
+                    slots[m * cfg.mini_batch_size :][: cfg.mini_batch_size], batch
+                )
                 if num_tokens == 0:
                     continue
-                minibatch = batch.rows(rows).to(acc.device)
+                minibatch = minibatch.to(acc.device)
                 out = policy_update(
-                    acc,
-                    self.model,
-                    self.optimizer,
-                    minibatch,
-                    cfg,
-                    self.tags,
-                    self.stage.variant,
-                    self.stage.max_grad_norm,
-                    num_tokens,
-                    self.ref_model,
-                    measure_gap=measure_gap and updates == 0,
-                    ban_table=self.ban_table,
-                )
+                    acc, self.model, self.optimizer, minibatch, cfg, self.tags, self.stage.variant,
+                    self.stage.max_grad_norm, num_tokens, num_sequences, self.ref_model,
+                    measure_gap=measure_gap and updates == 0, ban_table=self.ban_table,
+                )  # fmt: skip
                 updates += 1
                 self._vllm_stale = True
                 add_gap(sums, {k: out.pop(k) for k in list(out) if k.startswith("gap_")})
@@ -534,37 +439,35 @@ class GRPOTrainer(StageTrainer):
             self.scheduler.step()
         return sums, updates
 
-    def _minibatch_rows(
-        self, m: int, num_prompts: int, batch: RolloutBatch, keep_P: torch.Tensor
-    ) -> tuple[list[int], float]:
-        """(this process's rows of mini-batch `m`, the mini-batch's trained-on tokens over all processes).
+    def _minibatch(self, slots: list, batch: RolloutBatch) -> tuple[RolloutBatch, float, float]:
+        """(this process's rows of the mini-batch of `slots`, its trained-on tokens and rows over all processes).
 
-        Mini-batch m is the step's prompts [m * mini_batch_size, (m + 1) * mini_batch_size); this process
-        holds prompts process_index, process_index + P, ... as its groups 0, 1, ... Every process joins the
-        token all-reduce, and the backward pass whenever some process has tokens: a process without kept
-        rows of its own runs one stand-in row whose loss mask is zero (a dropped group's row, or row 0).
+        Every process joins the count all-reduce, and the backward pass whenever some process has tokens: a
+        process without trained rows of its own runs one stand-in row with its loss mask zeroed (a dropped
+        group's row, or row 0, which may be trained in another mini-batch).
         """
         acc, cfg = self.accelerator, self.cfg
-        local_slots = range(acc.process_index, num_prompts, acc.num_processes)
-        lo, hi = m * cfg.mini_batch_size, (m + 1) * cfg.mini_batch_size
-        groups = [g for g, slot in enumerate(local_slots) if lo <= slot < hi]
-        rows = [g * cfg.n + j for g in groups if keep_P[g] for j in range(cfg.n)]
-        local_tokens = batch.loss_mask_BT[rows].sum().item() if rows else 0.0
-        num_tokens = acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item()
+        mine = [(g, keep) for process, g, keep in slots if process == acc.process_index]
+        rows = [g * cfg.n + j for g, keep in mine if keep for j in range(cfg.n)]
+        mask_BT = batch.loss_mask_BT[rows]
+        counts = torch.tensor([mask_BT.sum().item(), (mask_BT.sum(1) > 0).sum().item()], device=acc.device)
+        num_tokens, num_sequences = acc.reduce(counts, "sum").tolist()
+        minibatch = batch.rows(rows or [mine[0][0] * cfg.n if mine else 0])
         if not rows:
-            rows = [groups[0] * cfg.n] if groups else [0]
-        return rows, num_tokens
+            minibatch.loss_mask_BT.zero_()
+        return minibatch, num_tokens, num_sequences
 
-    def _rollout_records(
-        self, step: int, mine: list[int], rollouts: list[Rollout], scores: list, advantages: list[float]
-    ) -> list[dict]:
-        """The step's rollout records (`rollout.RolloutRecord`), every process's, in process order."""
+    def _rollout_records(self, step: int, round_: _Round) -> list[dict]:
+        """A round's rollout records (`rollout.RolloutRecord`), every process's, in process order."""
         records = []
-        for r, s, advantage in zip(rollouts, scores, advantages):
-            index = mine[r.prompt_index]
+        for k, (r, s) in enumerate(zip(round_.rollouts, round_.scores)):
+            index = round_.mine[r.prompt_index]
             problem = self.problems[index]
             context = {"step": step + 1, "problem_index": index, "problem_id": problem.id}
+            advantage = round_.adv_PG.flatten()[k].item()
             scored = {"accuracy": s.accuracy, "parallel_bonus": s.parallel_bonus, "advantage": advantage}
+            if self.cfg.overlong_buffer:
+                scored["overlong_penalty"] = round_.penalty_B[k].item()
             records.append(
                 rollout_record(r, question=problem.question, gold=problem.answer, score=s, **context, **scored)
             )
@@ -573,25 +476,22 @@ class GRPOTrainer(StageTrainer):
     def _step_metrics(
         self,
         step: int,
+        rounds: list[_Round],
         records: list[dict],
         sums: dict[str, float],
         updates: int,
-        keep_P: torch.Tensor,
-        rollouts: list[Rollout],
+        kept: float,
         sample_s: float,
         elapsed: float,
     ) -> dict:
-        """The step's metrics: rollout statistics over every process's records, loss statistics per
-        trained-on token over every process."""
+        """The step's metrics: rollout statistics over every process's records (every round's), loss
+        statistics per trained-on token over every process."""
         acc = self.accelerator
-        totals = torch.tensor(
-            [sums.get(k, 0.0) for k in ("loss", "clipped", "entropy", "kl", "tokens", "tis_weight", "tis_truncated")]
-            + [float(keep_P.sum()), float(sum(len(r.response_ids) for r in rollouts))],
-            device=acc.device,
-        )
-        loss, clipped, entropy, kl, tokens, tis_weight, tis_truncated, kept, generated = acc.reduce(
-            totals, "sum"
-        ).tolist()
+        generated = float(sum(len(x.response_ids) for r in rounds for x in r.rollouts))
+        totals = torch.tensor([sums.get(k, 0.0) for k in SUMMED] + [kept, generated], device=acc.device)
+        *reduced, kept, generated = acc.reduce(totals, "sum").tolist()
+        total = dict(zip(SUMMED, reduced))
+        loss, clipped, entropy, kl, tokens, tis_weight, tis_truncated = (total[k] for k in SUMMED[:7])
         gap = torch.tensor([sums.get(k, 0.0) for k in ("gap_sum", "gap_over", "gap_tokens")], device=acc.device)
         gap_sum, gap_over, gap_tokens = acc.reduce(gap, "sum").tolist()
         gap_max = acc.gather(torch.tensor([sums.get("gap_max", 0.0)], device=acc.device)).max().item()
@@ -645,4 +545,12 @@ class GRPOTrainer(StageTrainer):
             metrics["tis_truncated"] = tis_truncated / max(tokens, 1.0)
         if self.ref_model is not None:
             metrics["kl"] = kl / max(tokens, 1.0)
+        for region in REGIONS:
+            if total[f"tokens_{region}"]:
+                metrics[f"entropy_{region}"] = total[f"entropy_{region}"] / total[f"tokens_{region}"]
+        if self.cfg.dynamic_sampling:
+            metrics["sampling_rounds"] = len(rounds)
+            metrics["prompts_sampled"] = sum(len(r.prompts) for r in rounds)
+        if self.cfg.overlong_buffer:
+            metrics["overlong_penalty"] = mean("overlong_penalty")
         return metrics
