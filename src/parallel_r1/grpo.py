@@ -46,7 +46,7 @@ from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.rewards import score_batch
 from parallel_r1.rollout import Rollout, rollout_record, sampling_params
-from parallel_r1.trainer import StageTrainer, clip_gradients, load_stage_model
+from parallel_r1.trainer import StageTrainer, clip_gradients, full_weights, load_stage_model
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +441,8 @@ class GRPOTrainer(StageTrainer):
         if cfg.rollout.backend == "hf":
             self.engine.reset_stats()
         params = self.sampling_params(step)
-        rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys)
+        with full_weights(acc, self.model):
+            rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys)
         sample_s = time.perf_counter() - started
 
         # Score with the schedule's reward at this step.
