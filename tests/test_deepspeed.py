@@ -56,16 +56,21 @@ def _zero_env(zero: int) -> dict:
     return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(zero)}
 
 
-def _launch_zero(tmp_path: Path, config: Path, run_dir: Path, zero: int, *, launcher="torchrun", env=None):
+def _launch_zero(
+    tmp_path: Path, config: Path, run_dir: Path, zero: int, *, launcher="torchrun", overrides=(), env=None
+) -> subprocess.Popen:
     """`parallel-r1 train` on 2 DeepSpeed processes, by torchrun or by the `accelerate launch` line."""
     if launcher == "torchrun":
-        return _launch(tmp_path, config, run_dir, processes=2, env={**_zero_env(zero), **(env or {})})
+        env = {**_zero_env(zero), **(env or {})}
+        return _launch(tmp_path, config, run_dir, processes=2, overrides=overrides, env=env)
     entry = tmp_path / "entry.py"
     entry.write_text(_ENTRY)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", f"--zero_stage={zero}"]
     cmd += ["--num_processes=2", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
     cmd += [f"--main_process_port={_free_port()}", str(entry), "train", "--config", str(config)]
     cmd += ["--run-dir", str(run_dir)]
+    for item in overrides:
+        cmd += ["--set", item]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     full_env.update(env or {})
     full_env.pop("WORLD_SIZE", None)
@@ -99,17 +104,21 @@ def _check_deepspeed_checkpoint(ckpt: Path, zero: int) -> None:
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_sft_with_zero_on_two_processes_equals_one_process(tmp_path, zero):
-    """SFT (Unseen, grad_accum 2) with the same global batch (2 x 2 rows vs 1 x 4 rows): same data order, losses,
-    grad norms, eval loss and weights as one process without DeepSpeed; the checkpoints hold DeepSpeed's
-    shards and a Hugging Face folder from the gathered weights. ZeRO-3 through `accelerate launch`."""
+    """SFT (Unseen, grad_accum 2, a cosine schedule) with the same global batch (2 x 2 rows vs 1 x 4 rows):
+    same data order, learning rates, losses, grad norms, eval loss and weights as one process without DeepSpeed;
+    the checkpoints hold DeepSpeed's shards and a Hugging Face folder from the gathered weights. ZeRO-3
+    through `accelerate launch`."""
     config = _recipe(tmp_path, "sft", SFT_STAGE)
+    # A schedule that moves every step: the trainer steps it, DeepSpeed's optimizer must take its rate.
+    cosine = ("stages.0.lr_schedule=cosine",)
     launcher = "accelerate" if zero == 3 else "torchrun"
-    two = _launch_zero(tmp_path, config, tmp_path / "two", zero, launcher=launcher)
-    one = _launch(tmp_path, config, tmp_path / "one", processes=1, overrides=("stages.0.sft.batch_size=4",))
+    two = _launch_zero(tmp_path, config, tmp_path / "two", zero, launcher=launcher, overrides=cosine)
+    one = _launch(tmp_path, config, tmp_path / "one", processes=1, overrides=("stages.0.sft.batch_size=4", *cosine))
     _finish(two, one)
     a, b = tmp_path / "one" / "00-sft", tmp_path / "two" / "00-sft"
     _assert_close_runs(a, b, ("loss", "grad_norm", "eval_loss", "tokens", "lr"))
-    assert len(read_jsonl(b / "metrics.jsonl")) == 4
+    rows = read_jsonl(b / "metrics.jsonl")
+    assert len(rows) == 4 and len({row["lr"] for row in rows}) == 4
     _check_deepspeed_checkpoint(final_model(b), zero)
     assert sorted(p.name for p in b.iterdir()) == ["DONE", "checkpoint-000002", "checkpoint-000004", "metrics.jsonl"]
 
