@@ -1,4 +1,5 @@
-"""What the CPU test suite cannot prove, checked on a CUDA GPU in one command (under 8 minutes).
+"""What the CPU test suite cannot prove, checked on a CUDA GPU in one command (under 8 minutes; the
+DeepSpeed runs, when deepspeed is installed, add four launches).
 
     python bench/gpu_check.py            # every check; one table; exit 1 if a check fails, 2 without CUDA
     python bench/gpu_check.py --skip-launch   # in-process checks only (no `accelerate launch` runs)

@@ -12,11 +12,11 @@ Tolerance. 1 process (no DeepSpeed) and 2 DeepSpeed processes with the same glob
 sums in another order: ZeRO reduce-scatters the two processes' gradients (averaged, as DDP does) into each
 process's shard, which Adam then steps. The tolerances are test_distributed's (1e-5 relative, 1e-7 absolute
 on logged losses and grad norms, 2e-5 absolute on weights; its docstring justifies them). Measured here:
-SFT weights to 7e-8 (ZeRO-2) and 1.2e-7 (ZeRO-3) after 4 steps at lr 3e-3, GRPO weights to 8.2e-6 after
-6 optimiser steps at lr 1e-3 with both stages, losses and grad norms to 2e-6 relative (a GRPO loss of 4e-4
-to 2e-5 relative, 1e-8 absolute). Rollouts (texts and rewards) must be equal: under ZeRO-3 the rollout
-engine samples from the gathered weights (`trainer.full_weights`). Resuming with the same process count and
-stage reproduces the run bit for bit and is checked exactly.
+SFT weights to 6e-8 (ZeRO-2) and 8e-8 (ZeRO-3) after 4 steps of a cosine schedule from lr 3e-3, GRPO
+weights to 8.2e-6 after 6 optimiser steps at lr 1e-3 with both stages, losses and grad norms to 2e-6
+relative (a GRPO loss of 4e-4 to 2e-5 relative, 1e-8 absolute). Rollouts (texts and rewards) must be
+equal: under ZeRO-3 the rollout engine samples from the gathered weights (`trainer.full_weights`). Resuming
+with the same process count and stage reproduces the run bit for bit and is checked exactly.
 """
 
 import os
