@@ -1,4 +1,5 @@
-"""What the CPU test suite cannot prove, checked on a CUDA GPU in one command (under 8 minutes).
+"""What the CPU test suite cannot prove, checked on a CUDA GPU in one command (under 8 minutes; the
+DeepSpeed runs, when deepspeed is installed, add four launches).
 
     python bench/gpu_check.py            # every check; one table; exit 1 if a check fails, 2 without CUDA
     python bench/gpu_check.py --skip-launch   # in-process checks only (no `accelerate launch` runs)
@@ -14,11 +15,13 @@ scratch and the built-in task, so nothing is downloaded. Checks:
 * decode throughput of the engine for N = 1 (no block), 2, 4, 8 paths (bf16), and of vLLM if installed;
 * `accelerate launch` runs: FSDP2 (`--use_fsdp --fsdp_version 2`, 1 process, or 2 with two GPUs) resumed
   from a middle checkpoint ends on the uninterrupted run, and its final model is a plain Hugging Face
-  folder; with two GPUs, DDP with 2 processes matches 1 process (SFT and GRPO).
+  folder; with two GPUs, DDP with 2 processes matches 1 process (SFT and GRPO); with deepspeed installed,
+  ZeRO-2 and ZeRO-3 (`--use_deepspeed --zero_stage N`, 1 or 2 processes) resumed in the GRPO stage end on
+  the uninterrupted run, ZeRO-3 agrees with ZeRO-2, and the final models are plain Hugging Face folders.
 
 `--device cpu` runs the same checks on the CPU to test this script itself (fp32 in place of bf16, no
-flex_attention training step: FlexAttention has no backward on CPU; the DDP launch on 2 CPU processes, no
-FSDP launch: accelerate turns FSDP on for GPUs only); it is not a GPU check.
+flex_attention training step: FlexAttention has no backward on CPU; the DDP launch, and DeepSpeed's if
+installed, on 2 CPU processes, no FSDP launch: accelerate turns FSDP on for GPUs only); it is not a GPU check.
 """
 
 from __future__ import annotations
@@ -430,10 +433,29 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _resume_from_middle(
+    workdir: Path, full: Path, name: str, copy_done: list[str], resume: str, launch_args: list[str], config: Path
+) -> Path:
+    """Run `name` as the run `full` resumed after a crash in stage `resume`, just after its checkpoint 2:
+    the stages `copy_done` finished, `resume` holding that checkpoint and its logs up to step 2."""
+    from parallel_r1.files import read_jsonl
+
+    run = workdir / name
+    shutil.rmtree(run, ignore_errors=True)
+    for stage in copy_done:
+        shutil.copytree(full / stage, run / stage)
+    (run / resume).mkdir(parents=True)
+    shutil.copytree(full / resume / "checkpoint-000002", run / resume / "checkpoint-000002")
+    for log in ("metrics.jsonl", "rollouts.jsonl"):
+        if (full / resume / log).is_file():
+            rows = [r for r in read_jsonl(full / resume / log) if r["step"] <= 2]
+            (run / resume / log).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _launch(workdir, name, launch_args, config)
+
+
 @guarded("FSDP resume")
 def check_fsdp(workdir: Path, gpus: int) -> None:
     from parallel_r1.checkpoint import checkpoint_info
-    from parallel_r1.files import read_jsonl
     from parallel_r1.trainer import final_model
 
     started = time.perf_counter()
@@ -452,18 +474,8 @@ def check_fsdp(workdir: Path, gpus: int) -> None:
     full = _launch(workdir, "fsdp-full", fsdp, config)
     # The same run resumed as after a crash: (a) in the SFT stage, from its middle checkpoint; (b) in the
     # GRPO stage, from its middle checkpoint.
-    for name, copy_done, resume in (("fsdp-sft", [], "00-sft"), ("fsdp-grpo", ["00-sft"], "01-grpo")):
-        run = workdir / name
-        shutil.rmtree(run, ignore_errors=True)
-        for stage in copy_done:
-            shutil.copytree(full / stage, run / stage)
-        (run / resume).mkdir(parents=True)
-        shutil.copytree(full / resume / "checkpoint-000002", run / resume / "checkpoint-000002")
-        for log in ("metrics.jsonl", "rollouts.jsonl"):
-            if (full / resume / log).is_file():
-                rows = [r for r in read_jsonl(full / resume / log) if r["step"] <= 2]
-                (run / resume / log).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        _launch(workdir, name, fsdp, config)
+    _resume_from_middle(workdir, full, "fsdp-sft", [], "00-sft", fsdp, config)
+    _resume_from_middle(workdir, full, "fsdp-grpo", ["00-sft"], "01-grpo", fsdp, config)
     info = checkpoint_info(final_model(full / "00-sft"))
     sharded = info.get("distributed_type") == "FSDP" and (final_model(full / "00-sft") / "accelerator").is_dir()
     ok_sft, sft_value = _compare(full / "00-sft", workdir / "fsdp-sft" / "00-sft", LAUNCH_RTOL, LAUNCH_WEIGHT_ATOL)
@@ -478,6 +490,35 @@ def check_fsdp(workdir: Path, gpus: int) -> None:
         f"rel {LAUNCH_RTOL:g}, abs {LAUNCH_WEIGHT_ATOL:g}",
         started,
     )
+
+
+@guarded("DeepSpeed resume")
+def check_deepspeed(workdir: Path, procs: int) -> None:
+    """ZeRO-2 and ZeRO-3 by the user's line, `accelerate launch --use_deepspeed --zero_stage N`: each resumed in
+    its GRPO stage ends on its uninterrupted run; ZeRO-3 agrees with ZeRO-2; the final models are plain Hugging
+    Face folders. (tests/test_deepspeed.py runs the same on 2 CPU processes, against 1 process.)"""
+    from transformers import AutoModelForCausalLM
+
+    from parallel_r1.checkpoint import checkpoint_info
+    from parallel_r1.trainer import final_model
+
+    started = time.perf_counter()
+    config = workdir / "deepspeed.yaml"
+    config.write_text(stage_yaml("float32", "sdpa"))
+    full = {}
+    for zero in (2, 3):
+        args = ["--use_deepspeed", f"--zero_stage={zero}", f"--num_processes={procs}"]
+        full[zero] = _launch(workdir, f"zero{zero}-full", args, config)
+        resumed = _resume_from_middle(workdir, full[zero], f"zero{zero}-grpo", ["00-sft"], "01-grpo", args, config)
+        ok, value = _compare(full[zero] / "01-grpo", resumed / "01-grpo", LAUNCH_RTOL, LAUNCH_WEIGHT_ATOL)
+        ok = ok and checkpoint_info(final_model(full[zero] / "01-grpo")).get("distributed_type") == "DEEPSPEED"
+        AutoModelForCausalLM.from_pretrained(final_model(full[zero] / "01-grpo"))  # a plain Hugging Face folder
+        limit = f"rel {LAUNCH_RTOL:g}, abs {LAUNCH_WEIGHT_ATOL:g}"
+        record(f"ZeRO-{zero} x{procs}: resumed = uninterrupted (GRPO)", ok, value, limit, started)
+        started = time.perf_counter()
+    for stage in ("00-sft", "01-grpo"):
+        ok, value = _compare(full[2] / stage, full[3] / stage, LAUNCH_RTOL, LAUNCH_WEIGHT_ATOL)
+        record(f"ZeRO-3 = ZeRO-2 x{procs} ({stage[3:]})", ok, value, f"rel {LAUNCH_RTOL:g}, abs {LAUNCH_WEIGHT_ATOL:g}")
 
 
 @guarded("DDP x2")
@@ -498,6 +539,12 @@ def check_ddp(workdir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def print_table() -> None:
     width = max(len(r.check) for r in ROWS)
     print()
@@ -511,7 +558,7 @@ def print_table() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: test this script (slow)")
-    parser.add_argument("--skip-launch", action="store_true", help="no `accelerate launch` runs (FSDP, DDP)")
+    parser.add_argument("--skip-launch", action="store_true", help="no `accelerate launch` runs (FSDP, DDP, DeepSpeed)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
 
@@ -563,12 +610,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not args.skip_launch:
             gpus = torch.cuda.device_count()
             check_fsdp(workdir, gpus)
+            if deepspeed_installed():
+                check_deepspeed(workdir, min(gpus, 2))
+            else:
+                record("DeepSpeed ZeRO-2/3", None, "not installed (pip install parallel-r1[deepspeed]): skipped")
             if gpus >= 2:
                 check_ddp(workdir)
             else:
                 record("DDP x2 = 1 process", None, "one GPU: skipped (tests/test_distributed.py covers it on CPU)")
         elif not args.skip_launch:  # the launch machinery itself, on 2 CPU processes (FSDP needs GPUs here)
             check_ddp(workdir)
+            if deepspeed_installed():
+                check_deepspeed(workdir, 2)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -267,9 +267,14 @@ def build_attention(
     return dense_mask(layout, dtype), layout.positions
 
 
+def hf_config(model):
+    """`model`'s Hugging Face config, also through a DeepSpeed engine (whose own `config` is DeepSpeed's)."""
+    return getattr(model, "module", model).config
+
+
 def model_attention(model, layout: Layout):
     """The `layout`'s mask in the form `model`'s attention backend takes, or a ValueError naming the backend."""
-    backend = getattr(model.config, "_attn_implementation", None)
+    backend = getattr(hf_config(model), "_attn_implementation", None)
     if backend in DENSE_BACKENDS:
         return dense_mask(layout, dtype=model.dtype)
     if backend == FLEX_BACKEND:
@@ -385,7 +390,7 @@ def attention_kernel(model, columns: int, kernel: str = "auto") -> str:
     """The kernel `response_logprobs` uses for rows of `columns` columns: "dense" or "chunked"."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
-    backend = getattr(model.config, "_attn_implementation", None)
+    backend = getattr(hf_config(model), "_attn_implementation", None)
     # Gradient checkpointing recomputes the forward during backward, after the backend is restored.
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
@@ -442,7 +447,7 @@ def _columns(layout: Layout, start: int, end: int) -> Layout:
 def _chunked_backend(model):
     """Run `model`'s attention through `chunked_attention.attention_forward` inside the block."""
     chunked_attention.register()
-    config = model.config
+    config = hf_config(model)
     saved = config._attn_implementation
     config._attn_implementation = chunked_attention.STRUCTURED_ATTENTION
     try:

@@ -67,7 +67,7 @@ from parallel_r1.objectives import (
 )
 from parallel_r1.rewards import score_batch
 from parallel_r1.rollout import Rollout, rollout_record, sampling_params
-from parallel_r1.trainer import StageTrainer, clip_gradients, load_stage_model
+from parallel_r1.trainer import StageTrainer, clip_gradients, full_weights, load_stage_model
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,10 @@ class GRPOTrainer(StageTrainer):
         mine = prompts[acc.process_index :: acc.num_processes]
         keys = {"keys": mine} if cfg.rollout.backend == "hf" else {}
         params = self.sampling_params(step, round_)
-        rollouts = self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys) if mine else []
+        with full_weights(self.accelerator, self.model):  # ZeRO-3: every process gathers, sampling or not
+            rollouts = (
+                self.engine.generate([self.prompts[i] for i in mine], n=cfg.n, params=params, **keys) if mine else []
+            )
 
         # Score with the schedule's reward at this step.
         golds = [self.problems[mine[r.prompt_index]].answer for r in rollouts]

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -75,15 +77,119 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
+def _uses_deepspeed(kwargs: dict) -> bool:
+    # `accelerate launch --use_deepspeed` says so through this variable, as does an `Accelerator` given a plugin.
+    flag = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return flag or kwargs.get("deepspeed_plugin") is not None
+
+
+class StageAccelerator(Accelerator):
+    """accelerate's `Accelerator`, with `no_sync` meaning under DeepSpeed what it means under DDP.
+
+    The trainers run a step's micro-batches but the last under `no_sync` and step the optimizer after the last.
+    Under DeepSpeed accelerate runs the optimizer step inside `backward` whenever `sync_gradients` is set, and
+    its `no_sync` does nothing under ZeRO-2/3, so every micro-batch would take an optimizer step. Here `no_sync`
+    clears `sync_gradients` instead, which marks the backward as inside a gradient-accumulation window: the
+    engine accumulates, and steps (clipping first) in the last micro-batch's backward."""
+
+    @contextmanager
+    def no_sync(self, model):
+        if self.distributed_type != DistributedType.DEEPSPEED:
+            with super().no_sync(model):
+                yield
+            return
+        self.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            self.gradient_state._set_sync_gradients(True)
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """The run's `Accelerator`. Several processes on a machine without GPUs (`torchrun --nproc_per_node 2`,
     `accelerate launch --multi_gpu --num_processes 2`) run data parallel on the CPU over gloo: accelerate
     only does that when told `cpu=True`, so that is set when WORLD_SIZE > 1 and no accelerator device exists.
     (`accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up:
-    docs/training.md.)"""
+    docs/training.md.)
+
+    DeepSpeed on such a machine (`accelerate launch --use_deepspeed`): accelerate 1.16 then starts DeepSpeed's
+    process group but, finding no device, records one process of rank 0 on every process, and `cpu=True`
+    would turn DeepSpeed off. The CPU process state (gloo, the launcher's ranks) is set up first instead, and
+    the DeepSpeed state builds on it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device():
-        kwargs.setdefault("cpu", True)
-    return Accelerator(**kwargs)
+        if _uses_deepspeed(kwargs):
+            PartialState(cpu=True)
+        else:
+            kwargs.setdefault("cpu", True)
+    return StageAccelerator(**kwargs)
+
+
+def configure_deepspeed(accelerator: Accelerator, stage: StageConfig) -> None:
+    """Set the DeepSpeed config entries that the trainers' loop decides, before `prepare` starts the engine.
+
+    The trainers batch, shard and accumulate on their own (`sft.batch_size`, `grad_accum`, GRPO's micro-batches)
+    and mark the last micro-batch (`StageAccelerator.no_sync`): to DeepSpeed each backward is one sample per
+    process with no accumulation, so no loss is divided by its accumulation steps. DeepSpeed clips inside its
+    step, which runs in the last backward, before the trainer's `clip_gradients` (which then reads the norm):
+    the stage's `max_grad_norm` goes into the config. The stage's optimizer is torch's AdamW, also with an
+    offloaded optimizer (DeepSpeedCPUAdam is a compiled op). ZeRO-3 gathers the weights for the checkpoint's
+    Hugging Face folder."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = accelerator.num_processes
+    config["gradient_clipping"] = float(stage.max_grad_norm)
+    config["zero_force_ds_cpu_optimizer"] = False
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        refused = zero3_grpo_gaps(stage) if stage.kind == "grpo" else []
+        if refused:
+            raise ValueError(
+                f"stage {stage.name!r}: under DeepSpeed ZeRO-3 GRPO samples with the hf backend from the gathered "
+                f"weights (trainer.full_weights), but {'; '.join(refused)}. Run the stage with ZeRO-2 "
+                "(accelerate launch --use_deepspeed --zero_stage 2) or turn the setting off"
+            )
+
+
+def zero3_grpo_gaps(stage: StageConfig) -> list[str]:
+    """The GRPO settings that read a ZeRO-3 model's weights outside `full_weights` (each says where)."""
+    grpo = stage.grpo
+    gaps = {
+        "rollout.backend vllm loads the weights from get_state_dict, which ZeRO-3 gathers on the main process "
+        "alone": grpo.rollout.backend == "vllm",
+        "kl_coef > 0 loads the reference model sharded (zero.Init) with no engine to gather it": grpo.kl_coef > 0,
+        "behaviour_logprobs reads the vocabulary size from the sharded output embedding": bool(grpo.behaviour_logprobs),
+    }
+    return [gap for gap, on in gaps.items() if on]
+
+
+@contextmanager
+def full_weights(accelerator: Accelerator, model):
+    """Every process holds the full weights of `model` (as handed to `prepare`) inside the block.
+
+    The hf rollout engine reads weights directly (the vocabulary from the output embedding) and runs its own
+    number of forwards on each process. ZeRO-3 keeps each process's shard only and gathers a module's weights
+    in hooks around its forward, a collective that would need the same forwards on every process: here the
+    weights are gathered once for the block and those hooks taken off, then put back (what TRL's
+    `unwrap_model_for_generation` does). Any other set-up holds the full weights already."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = model.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for param in offload.module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
 
 def load_stage_model(stage: StageConfig, source: str | Path, seed: int):
@@ -187,6 +293,8 @@ class StageTrainer:
         self.accelerator.free_memory()
         self.optimizer = build_optimizer(self.model, self.stage)
         self.scheduler = build_scheduler(self.optimizer, self.stage, total_steps)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            configure_deepspeed(self.accelerator, self.stage)
         # The scheduler is stepped by hand once per optimiser step, so it is not handed to `prepare`.
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         expose_model_attributes(self.model, self.accelerator.unwrap_model(self.model))
