@@ -188,3 +188,19 @@ def test_chat_few_shot_prompt_gives_the_shots_as_turns(chat_tokenizer):
         {"role": "user", "content": build_prompt(QUESTION, SEQUENTIAL_TEMPLATE)},
     ]
     assert _ids(chat_tokenizer, fmt.render(QUESTION)) == _template_ids(chat_tokenizer, messages)
+
+
+def test_every_prompting_command_takes_the_chat_template_setting(capsys):
+    from parallel_r1.cli import build_parser, main
+
+    parser = build_parser()
+    for argv in (
+        ["eval", "--model", "m"],
+        ["generate", "--model", "m", "--prompt", "p"],
+        ["data", "generate", "--teacher-url", "u", "--model", "m"],
+    ):
+        args = parser.parse_args([*argv, "--chat-template", "off", "--system-prompt", "Be brief."])
+        assert (args.chat_template, args.system_prompt) == ("off", "Be brief.")
+        assert parser.parse_args(argv).chat_template == "auto"
+    assert main(["generate", "--model", "tiny", "--prompt", "1 + 1?", "--chat-template", "on"]) == 2
+    assert "chat_template is on, but the tokenizer" in capsys.readouterr().err

@@ -59,6 +59,9 @@ Problem: {question}
 
 QUESTION_TEMPLATE = "Problem: {question}\n"
 
+# The question as it is: the user turn of a model card whose system prompt says how to answer.
+BARE_TEMPLATE = "{question}"
+
 # Minerva's MATH layout: the solution follows on the next line.
 MINERVA_TEMPLATE = "Problem:\n{question}\n\nSolution:\n"
 
@@ -67,6 +70,7 @@ PROMPT_TEMPLATES = {
     "parallel": PROMPT_TEMPLATE,
     "sequential": SEQUENTIAL_TEMPLATE,
     "question": QUESTION_TEMPLATE,
+    "bare": BARE_TEMPLATE,
     "minerva": MINERVA_TEMPLATE,
 }
 
@@ -76,8 +80,9 @@ SHOT_STOP = "\n\nProblem:"
 
 def prompt_template(name: str) -> str:
     """The template named `name`: "parallel" (asks for blocks), "sequential" (does not), "question" (the
-    question alone, a short prompt for tiny models trained from scratch) or "minerva" (Minerva's
-    ``Problem:`` / ``Solution:`` layout, for few-shot prompts of base models)."""
+    question alone, a short prompt for tiny models trained from scratch), "bare" (the question as it is,
+    for a system prompt that says how to answer) or "minerva" (Minerva's ``Problem:`` / ``Solution:``
+    layout, for few-shot prompts of base models)."""
     if name not in PROMPT_TEMPLATES:
         raise InputError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
     return PROMPT_TEMPLATES[name]
