@@ -423,3 +423,12 @@ def test_shared_gsm8k_train_split_has_no_worked_solutions_to_draw_from(shared_da
 
     with pytest.raises(ValueError, match="no worked solutions"):
         shot_pool("gsm8k", str(shared_data / "gsm8k_test.jsonl"), EvalConfig(shots=4), shared_data)
+
+
+def test_hub_gsm8k_is_evaluated_on_its_test_split_and_its_shots_come_from_train():
+    from parallel_r1.evaluate import eval_split, shot_source
+
+    assert eval_split("gsm8k") == "test" and eval_split("math500") is None
+    assert shot_source("gsm8k", "gsm8k", EvalConfig(shots=2), None) == "gsm8k"  # load_problems' default: train
+    with pytest.raises(ValueError, match="shots would be drawn from the evaluated problems"):
+        shot_source("math500", "math500", EvalConfig(shots=2, shots_from="math500"), None)

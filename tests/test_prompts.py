@@ -204,3 +204,14 @@ def test_every_prompting_command_takes_the_chat_template_setting(capsys):
         assert parser.parse_args(argv).chat_template == "auto"
     assert main(["generate", "--model", "tiny", "--prompt", "1 + 1?", "--chat-template", "on"]) == 2
     assert "chat_template is on, but the tokenizer" in capsys.readouterr().err
+
+
+def test_the_embedded_recipes_prompt_the_tiny_model_in_plain_text_as_before(tiny_tokenizer):
+    from parallel_r1.config import default_recipe
+    from parallel_r1.prompts import prompt_template, stage_prompt_format
+
+    for stage in default_recipe().stages:
+        assert stage.data.chat_template == "auto" and stage.data.system_prompt is None
+        fmt = stage_prompt_format(stage, tiny_tokenizer)
+        assert not fmt.chat and fmt.end_id == tiny_tokenizer.eos_token_id
+        assert fmt.render(QUESTION) == build_prompt(QUESTION, prompt_template(stage.data.prompt))

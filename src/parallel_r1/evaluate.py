@@ -47,6 +47,8 @@ BENCHMARK_FILES = {
     "math": ("math_test", "math"),
 }
 DATA_SUFFIXES = (".jsonl", ".parquet")
+# Hub benchmarks evaluated on another split than their default one, which is the split training reads.
+EVAL_SPLITS = {"gsm8k": "test"}
 # Where a benchmark's few-shot examples come from by default: its training split, under --data-dir the
 # files of these stems, else the Hub dataset of this name (whose default split is its training split).
 SHOT_FILES = {"gsm8k": ("gsm8k_train",), "math500": ("math_train",), "math": ("math_train",)}
@@ -262,6 +264,11 @@ def resolve_benchmark(name: str, data_dir: str | Path | None) -> tuple[str, str]
     raise FileNotFoundError(f"benchmark {name!r}: none of {tried} in {data_dir}")
 
 
+def eval_split(source: str) -> str | None:
+    """The split evaluated of a benchmark `source` (None: its default, or a local file's rows)."""
+    return None if Path(source).exists() else EVAL_SPLITS.get(source)
+
+
 def shot_source(name: str, source: str, cfg: EvalConfig, data_dir: str | Path | None) -> str:
     """Where the shots of benchmark `name` (read from `source`) come from: `cfg.shots_from`, else the
     benchmark's training split (`SHOT_FILES` under `data_dir`, `SHOT_DATASETS` on the Hub). Never the
@@ -280,7 +287,8 @@ def shot_source(name: str, source: str, cfg: EvalConfig, data_dir: str | Path | 
     else:
         raise InputError(f"{name}: no training split known to draw shots from; name one with --shots-from")
     local = Path(chosen).exists() and Path(source).exists()
-    if chosen == source or (local and Path(chosen).resolve() == Path(source).resolve()):
+    same_split = eval_split(source) is None  # the shots are read from a source's default split
+    if (chosen == source and same_split) or (local and Path(chosen).resolve() == Path(source).resolve()):
         raise InputError(f"{name}: shots would be drawn from the evaluated problems ({source}); use a training split")
     return chosen
 
@@ -305,7 +313,7 @@ def run_eval(
 ) -> list[BenchmarkResult]:
     """Evaluate each model on each benchmark; write `out` (JSON) and `out` with .samples.jsonl."""
     sources = [resolve_benchmark(b, data_dir) for b in benchmarks]
-    problem_sets = {label: load_problems(source, limit=limit) for label, source in sources}
+    problem_sets = {label: load_problems(source, eval_split(source), limit) for label, source in sources}
     shots: dict[str, tuple[Shot, ...]] = {}
     for label, source in sources if cfg.shots else ():
         pool = shot_pool(label, source, cfg, data_dir)
