@@ -94,10 +94,12 @@ class DataConfig:
     (blocks only while three or more candidates remain): see tasks/search.py)."""
     eval_size: int = 0
     """SFT: records held out for the eval loss (0: no eval)."""
-    prompt: Literal["parallel", "sequential", "question"] = "parallel"
-    """Prompt template: "parallel" (the project's instruction to think in parallel, what `evaluate`
-    uses), "sequential" (no mention of blocks), "question" ("Problem: <question>" alone: a short
-    prompt for tiny models trained from scratch). SFT records from a file are re-prompted with it."""
+    prompt: Literal["parallel", "sequential", "question", "bare", "minerva"] = "parallel"
+    """Prompt template (`prompts.PROMPT_TEMPLATES`): "parallel" (the project's instruction to think in
+    parallel, what `evaluate` uses), "sequential" (no mention of blocks), "question" ("Problem: <question>"
+    alone: a short prompt for tiny models trained from scratch), "bare" (the question as it is, for a
+    system_prompt that says how to answer), "minerva" ("Problem:" / "Solution:"). SFT records from a file
+    are re-prompted with it."""
     chat_template: ChatTemplateMode = "auto"
     """The instruction as the user turn of the tokenizer's chat template, the response as the assistant
     turn (its end-of-turn token trained on, the template's other tokens not): "auto" when the tokenizer has

@@ -122,9 +122,10 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and with_specials == [bos] != tokenizer("a", add_special_tokens=False)["input_ids"][:1]
 
 
-def chat_text(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
-    """`messages` through the chat template, as text that `tokenizer(text)` turns into the template's ids."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """`messages` and the generation prompt through the chat template, as text that `tokenizer(text)` turns
+    into the template's ids."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos) :]
