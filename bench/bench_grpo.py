@@ -68,8 +68,8 @@ def bench_trl(steps: int, workdir: Path) -> tuple[float, str]:
     from transformers import PrinterCallback, TrainerCallback
 
     from parallel_r1 import tasks
-    from parallel_r1.data import QUESTION_TEMPLATE, build_prompt
     from parallel_r1.models import load_model_and_tokenizer
+    from parallel_r1.prompts import QUESTION_TEMPLATE, build_prompt
     from parallel_r1.rewards import RewardSchedule, score_batch
 
     model, tokenizer = load_model_and_tokenizer("tiny")

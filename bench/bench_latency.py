@@ -32,9 +32,9 @@ import torch
 
 from parallel_r1 import tasks
 from parallel_r1.answers import is_correct
-from parallel_r1.data import build_prompt, prompt_template
 from parallel_r1.engine import ParallelEngine
 from parallel_r1.models import load_model_and_tokenizer
+from parallel_r1.prompts import build_prompt, prompt_template
 from parallel_r1.rollout import Rollout, SamplingParams
 
 

@@ -28,6 +28,26 @@ def tiny_tokenizer():
     return build_tokenizer(TINY_CORPUS, vocab_size=300)
 
 
+# A ChatML template (the shape of SmolLM2's and Qwen's), for the tiny tokenizer.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """The tiny tokenizer with ChatML turn tokens (special) and a chat template."""
+    from transformers import AddedToken
+
+    from parallel_r1.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(TINY_CORPUS, vocab_size=300)
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
     """A 2-layer Llama in fp32 with sdpa attention, freshly initialised (deterministic)."""

@@ -6,17 +6,15 @@ import pytest
 
 from parallel_r1.data import (
     BENCHMARKS,
-    PROMPT_TEMPLATE,
-    SEQUENTIAL_TEMPLATE,
     Problem,
     SFTRecord,
-    build_prompt,
     dapo_question,
     gsm8k_final_answer,
+    gsm8k_worked_solution,
     load_problems,
     load_sft_records,
 )
-from parallel_r1.format import TAGS
+from parallel_r1.prompts import build_prompt
 
 ROWS = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "7"},
@@ -228,25 +226,22 @@ def test_dapo_question_keeps_bare_problems():
     assert dapo_question("Find $x$.") == "Find $x$."
 
 
-# ---- prompts ----
+# ---- worked solutions (the few-shot examples) ----
 
 
-def test_build_prompt():
-    question = "What is $\\{1, 2\\}$ with {braces}?"
-    prompt = build_prompt(question)
-    assert prompt.endswith(f"Problem: {question}\n")
-    assert prompt.startswith(PROMPT_TEMPLATE.split("{question}")[0])
-    assert build_prompt("  7 + 1?  ", SEQUENTIAL_TEMPLATE).endswith("Problem: 7 + 1?\n")
-    with pytest.raises(ValueError, match="placeholder"):
-        build_prompt("q", template="no placeholder")
-
-
-def test_templates():
-    for tag in TAGS:
-        assert tag in PROMPT_TEMPLATE
-        assert tag not in SEQUENTIAL_TEMPLATE
-    for template in (PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE):
-        assert "Final Answer:" in template and template.count("{question}") == 1
+def test_worked_solutions_from_a_solution_field_or_a_gsm8k_answer(tmp_path):
+    rows = [
+        {"question": "q1", "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n#### 1,024"},
+        {"question": "q2", "answer": "5", "solution": "2 + 3 = 5."},
+        {"question": "q3", "answer": "6"},
+    ]
+    problems = load_problems(str(_write_jsonl(tmp_path / "train.jsonl", rows)))
+    assert [(p.answer, p.solution) for p in problems] == [
+        ("1024", "Half of 48 is 48/2 = 24."),
+        ("5", "2 + 3 = 5."),
+        ("6", None),
+    ]
+    assert gsm8k_worked_solution("a <<1+1=2>>2\nb\n#### 2") == "a 2\nb"
 
 
 # ---- cold-start records ----

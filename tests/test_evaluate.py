@@ -295,3 +295,140 @@ def test_run_eval_on_real_benchmark_files(shared_data, tmp_path, tiny_model, tin
     gold = {json.loads(line)["answer"] for line in (shared_data / "aime25.jsonl").read_text().splitlines()[:2]}
     assert {s["gold"] for s in samples if s["benchmark"] == "aime25"} == gold
     assert all(s["response_tokens"] <= 24 for s in samples)
+
+
+# ---- prompts: the chat template and few-shot examples ----
+
+
+class ScriptedEngine:
+    """An engine that answers every prompt with `reply` and remembers the prompts it was given."""
+
+    def __init__(self, tokenizer, reply: str):
+        self.tokenizer, self.reply, self.prompts = tokenizer, reply, []
+
+    def generate(self, prompts, n=1, params=None):
+        from parallel_r1.rollout import make_rollout
+
+        self.prompts += prompts
+        ids = self.tokenizer(self.reply, add_special_tokens=False)["input_ids"]
+        return [
+            make_rollout(
+                self.tokenizer,
+                i,
+                j,
+                self.tokenizer(p)["input_ids"],
+                ids,
+                [True] * len(ids),
+                [0.0] * len(ids),
+                "stop",
+                False,
+            )
+            for i, p in enumerate(prompts)
+            for j in range(n)
+        ]
+
+
+def test_evaluate_benchmark_prompts_through_the_chat_template(chat_tokenizer):
+    from parallel_r1.prompts import build_prompt
+
+    engine = ScriptedEngine(chat_tokenizer, "3 + 4 = 7\nFinal Answer: 7")
+    cfg = EvalConfig(k=1, template=TEMPLATE, system_prompt="Be brief.")
+    result, _ = evaluate_benchmark(engine, _problems(["7"]), cfg, "m", "toy")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": build_prompt(QUESTION, TEMPLATE)},
+    ]
+    assert engine.prompts == [chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
+    assert result.mean_at_k == 1.0
+    off = ScriptedEngine(chat_tokenizer, "Final Answer: 7")
+    evaluate_benchmark(off, _problems(["7"]), EvalConfig(k=1, template=TEMPLATE, chat_template="off"), "m", "toy")
+    assert off.prompts == [build_prompt(QUESTION, TEMPLATE)]
+    with pytest.raises(ValueError, match="no chat template"):
+        evaluate_benchmark(
+            ScriptedEngine(_plain(chat_tokenizer), ""), _problems(["7"]), EvalConfig(k=1, chat_template="on"), "m", "t"
+        )
+
+
+def _plain(tokenizer):
+    from copy import deepcopy
+
+    plain = deepcopy(tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+def test_a_plain_few_shot_answer_is_read_before_the_next_problem_the_model_makes_up(tiny_tokenizer):
+    from parallel_r1.prompts import MINERVA_TEMPLATE, Shot
+
+    reply = "3 + 4 = 7.\nFinal Answer: 7\n\nProblem:\nWhat is 9 + 9?\n\nSolution:\nFinal Answer: 18"
+    cfg = EvalConfig(k=1, template=MINERVA_TEMPLATE)
+    shots = (Shot("What is 1 + 1?", "Final Answer: 2"),)
+    with_shots, records = evaluate_benchmark(
+        ScriptedEngine(tiny_tokenizer, reply), _problems(["7"]), cfg, "m", "t", shots
+    )
+    assert with_shots.mean_at_k == 1.0 and records[0]["pred"] == "7"
+    without, records = evaluate_benchmark(ScriptedEngine(tiny_tokenizer, reply), _problems(["7"]), cfg, "m", "t")
+    assert without.mean_at_k == 0.0 and records[0]["pred"] == "18"
+
+
+def _gsm8k_rows(start, n):
+    return [
+        {
+            "question": f"Ann has {i} pens and buys 2. How many pens?",
+            "answer": f"{i} + 2 = <<{i}+2={i + 2}>>{i + 2}\n#### {i + 2}",
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def test_shots_come_from_the_training_split_and_never_from_the_evaluated_problems(
+    tmp_path, monkeypatch, tiny_model, tiny_tokenizer
+):
+    from parallel_r1.engine import ParallelEngine
+    from parallel_r1.models import save_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    test_rows, train_rows = _gsm8k_rows(0, 3), _gsm8k_rows(0, 2) + _gsm8k_rows(10, 3)  # 2 train rows are also test rows
+    for name, rows in (("gsm8k_test", test_rows), ("gsm8k_train", train_rows)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny")
+    seen = []
+    generate = ParallelEngine.generate
+    monkeypatch.setattr(
+        ParallelEngine, "generate", lambda self, prompts, **kw: seen.extend(prompts) or generate(self, prompts, **kw)
+    )
+    cfg = EvalConfig(k=1, max_response_tokens=4, shots=3, template="Problem:\n{question}\n\nSolution:\n")
+    run_eval([str(tmp_path / "tiny")], ["gsm8k"], cfg, data_dir=data)
+    assert len(seen) == 3
+    for prompt, row in zip(seen, test_rows, strict=True):
+        shown = [block.split("\n\nSolution:")[0] for block in prompt.split("Problem:\n")[1:]]
+        assert shown[-1] == row["question"]  # the evaluated problem comes last
+        # The shots: from the training split, without the two problems it shares with the evaluated one.
+        assert sorted(shown[:-1]) == sorted(r["question"] for r in train_rows[2:])
+        assert "Solution:\n10 + 2 = 12\nFinal Answer: 12\n\n" in prompt  # worked, no calculator annotations
+    with pytest.raises(ValueError, match="shots would be drawn from the evaluated problems"):
+        run_eval(
+            [str(tmp_path / "tiny")],
+            ["gsm8k"],
+            EvalConfig(k=1, shots=1, shots_from=str(data / "gsm8k_test.jsonl")),
+            data_dir=data,
+        )
+    with pytest.raises(ValueError, match="no training split known"):
+        run_eval([str(tmp_path / "tiny")], ["t=" + str(data / "gsm8k_test.jsonl")], EvalConfig(k=1, shots=1))
+
+
+def test_shared_gsm8k_train_split_has_no_worked_solutions_to_draw_from(shared_data):
+    from parallel_r1.evaluate import shot_pool
+
+    with pytest.raises(ValueError, match="no worked solutions"):
+        shot_pool("gsm8k", str(shared_data / "gsm8k_test.jsonl"), EvalConfig(shots=4), shared_data)
+
+
+def test_hub_gsm8k_is_evaluated_on_its_test_split_and_its_shots_come_from_train():
+    from parallel_r1.evaluate import eval_split, shot_source
+
+    assert eval_split("gsm8k") == "test" and eval_split("math500") is None
+    assert shot_source("gsm8k", "gsm8k", EvalConfig(shots=2), None) == "gsm8k"  # load_problems' default: train
+    with pytest.raises(ValueError, match="shots would be drawn from the evaluated problems"):
+        shot_source("math500", "math500", EvalConfig(shots=2, shots_from="math500"), None)

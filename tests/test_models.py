@@ -122,3 +122,38 @@ def test_smollm2_preset_converts_once_and_matches_the_gguf(monkeypatch, tmp_path
     mtime = (cached / "model.safetensors").stat().st_mtime
     loader.load_model_and_tokenizer(loader.SMOLLM2)
     assert (cached / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(tmp_path, chat_tokenizer):
+    from parallel_r1.engine import ParallelEngine
+    from parallel_r1.prompts import prompt_format
+    from parallel_r1.rollout import SamplingParams
+    from parallel_r1.tiny import build_model
+
+    saved = loader.save_model(
+        build_model(chat_tokenizer, hidden_size=32, num_layers=1, num_heads=2), chat_tokenizer, tmp_path / "m"
+    )
+    model, tokenizer = loader.load_model_and_tokenizer(saved)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end != tokenizer.eos_token_id and end in model.generation_config.eos_token_id
+    prompt = prompt_format(tokenizer).render("What is 3 + 4?")
+    params = SamplingParams(temperature=0.0, max_response_tokens=12, variant="seen", seed=0)
+    # Three tokens of text, then the model's strongest wish is to end its turn.
+    text_ids = tokenizer("7 .", add_special_tokens=False)["input_ids"]
+
+    def steer(module, inputs, logits):
+        logits = logits.clone()
+        written = steer.calls
+        target = text_ids[written] if written < len(text_ids) else end
+        logits[..., target] += 1e4
+        steer.calls += 1
+        return logits
+
+    steer.calls = 0
+    handle = model.lm_head.register_forward_hook(steer)
+    try:
+        (rollout,) = ParallelEngine(model, tokenizer).generate([prompt], params=params)
+    finally:
+        handle.remove()
+    assert rollout.finish_reason == "stop" and rollout.response_ids == [*text_ids, end]
+    assert rollout.text == "7 ."  # the end of the turn is not part of the response's text

@@ -145,3 +145,75 @@ def test_a_max_length_that_cuts_every_response_away_is_refused(tmp_path):
     stage = parse_recipe(TINY_SFT.format(variant="seen").replace("epochs: 8", "epochs: 1, max_length: 12")).stages[0]
     with pytest.raises(ValueError, match="sft.max_length 12 leaves no response token in any record"):
         SFTTrainer(stage, tmp_path / "sft", init_model="tiny", seed=0)
+
+
+# ---- under a chat template ----
+
+CHAT_RESPONSE = (
+    "3 + 4 = 7\n<Parallel>\n<Path>3 + 4</Path>\n<Path>4 + 3</Path>\n</Parallel>\n<Summary>7</Summary>\nFinal Answer: 7"
+)
+
+
+def _conversation_ids(tokenizer, instruction: str, response: str | None = None) -> list[int]:
+    messages = [{"role": "user", "content": instruction}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=response is None, return_dict=True)
+    return encoded["input_ids"]
+
+
+def _check_masks_exactly_the_template(tokenizer, example: Example, instruction: str) -> None:
+    """The example is the template's rendering of the conversation up to the end of the assistant's turn, and
+    the loss falls on the assistant's tokens and its end-of-turn token only."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = _conversation_ids(tokenizer, instruction)
+    full = _conversation_ids(tokenizer, instruction, canonicalize(CHAT_RESPONSE))
+    ids = example.input_ids
+    assert ids == full[: len(ids)] and ids[-1] == end
+    assert tokenizer.decode(full[len(ids) :]) == "\n"  # what the template writes after the turn is not trained on
+    _, _, loss = collate([example], tokenizer.pad_token_id)
+    assert loss[0].tolist() == [0.0] * len(prompt) + [1.0] * (len(ids) - len(prompt))
+    response_ids = ids[len(prompt) :]
+    # The tags stay single tokens inside the assistant turn.
+    order = ["<Parallel>", "<Path>", "</Path>", "<Path>", "</Path>", "</Parallel>", "<Summary>", "</Summary>"]
+    tag_ids = set(tokenizer.convert_tokens_to_ids(order))
+    assert [t for t in response_ids if t in tag_ids] == tokenizer.convert_tokens_to_ids(order)
+
+
+def test_chat_template_tokens_are_masked_and_the_turn_ends_with_its_end_token(chat_tokenizer):
+    from parallel_r1.prompts import build_prompt, prompt_format
+
+    fmt = prompt_format(chat_tokenizer, chat_template="on")
+    instruction = build_prompt("Tom has 3 apples and buys 4. How many?")
+    example = encode_record(chat_tokenizer, fmt.wrap(instruction), CHAT_RESPONSE, 4096, fmt.end_id)
+    _check_masks_exactly_the_template(chat_tokenizer, example, instruction)
+
+
+def test_sft_stage_trains_through_the_models_chat_template(tmp_path, chat_tokenizer):
+    import json
+
+    from parallel_r1.models import save_model
+    from parallel_r1.prompts import SEQUENTIAL_TEMPLATE, build_prompt
+    from parallel_r1.tiny import build_model
+
+    model_dir = save_model(
+        build_model(chat_tokenizer, hidden_size=32, num_layers=1, num_heads=2), chat_tokenizer, tmp_path / "m"
+    )
+    rows = [{"question": f"Tom has {i} apples and buys 4. How many?", "response": CHAT_RESPONSE} for i in range(4)]
+    data = tmp_path / "cold.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = f"""
+stages:
+  - name: sft
+    kind: sft
+    model: {{name_or_path: {model_dir}}}
+    data: {{source: {data}, prompt: sequential, chat_template: on}}
+    max_steps: 1
+"""
+    trainer = SFTTrainer(parse_recipe(recipe).stages[0], tmp_path / "sft", init_model=str(model_dir), seed=0)
+    assert len(trainer.train_examples) == 4
+    for row in rows:
+        instruction = build_prompt(row["question"], SEQUENTIAL_TEMPLATE)
+        expected = _conversation_ids(chat_tokenizer, instruction)
+        example = next(e for e in trainer.train_examples if e.input_ids[: len(expected)] == expected)
+        _check_masks_exactly_the_template(chat_tokenizer, example, instruction)

@@ -25,10 +25,11 @@ from rich.logging import RichHandler
 
 from parallel_r1 import check as response_format
 from parallel_r1.config import ConfigError, default_recipe, load_recipe, override
-from parallel_r1.data import PROMPT_TEMPLATES
+from parallel_r1.prompts import PROMPT_TEMPLATES
 from parallel_r1.settings import (
     ARMS,
     BACKENDS,
+    CHAT_TEMPLATE_MODES,
     DEFAULT_BENCHMARKS,
     DEFAULT_VARIANT,
     SAMPLING_FIELDS,
@@ -89,6 +90,18 @@ def _sampling_values(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in SAMPLING_FIELDS}
 
 
+def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    """--chat-template and --system-prompt, as `settings.EvalConfig` declares them."""
+    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
+    parser.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_MODES,
+        default=EvalConfig.chat_template,
+        help=f"{help_of['chat_template']} (default: {EvalConfig.chat_template})",
+    )
+    parser.add_argument("--system-prompt", help=help_of["system_prompt"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The commands.
 
@@ -134,8 +147,22 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument(
         "--template",
-        default="parallel",
-        help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}}",
+        help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}} "
+        "(default: parallel; minerva with --shots)",
+    )
+    _add_prompt_flags(ev)
+    ev.add_argument(
+        "--shots",
+        type=int,
+        default=defaults.shots,
+        help="worked examples before each problem, in the Minerva layout with the minerva template, drawn from "
+        "the benchmark's training split (never the evaluated one; a base model's few-shot evaluation)",
+    )
+    ev.add_argument(
+        "--shots-from",
+        help="dataset of the shots: a name (its training split) or a file with question, answer and a worked "
+        "solution (a solution field, or a GSM8K answer with ####); default: gsm8k's train split "
+        "(under --data-dir: gsm8k_train.jsonl)",
     )
     ev.add_argument("--out", help="write results (JSON) here, and the samples next to it (.samples.jsonl)")
     ev.set_defaults(func=_cmd_eval)
@@ -146,12 +173,13 @@ def _cmd_eval(args) -> int:
 
     from parallel_r1.evaluate import markdown_table, run_eval
 
-    if args.template in PROMPT_TEMPLATES:
-        template = PROMPT_TEMPLATES[args.template]
-    elif Path(args.template).is_file():
-        template = Path(args.template).read_text(encoding="utf-8")
+    name = args.template or ("minerva" if args.shots else "parallel")
+    if name in PROMPT_TEMPLATES:
+        template = PROMPT_TEMPLATES[name]
+    elif Path(name).is_file():
+        template = Path(name).read_text(encoding="utf-8")
     else:
-        raise FileNotFoundError(f"--template {args.template}: neither {', '.join(PROMPT_TEMPLATES)} nor a file")
+        raise FileNotFoundError(f"--template {name}: neither {', '.join(PROMPT_TEMPLATES)} nor a file")
     cfg = EvalConfig(
         **_sampling_values(args),
         k=args.k,
@@ -159,6 +187,10 @@ def _cmd_eval(args) -> int:
         variant=args.variant,
         max_batch_size=args.batch_size,
         template=template,
+        chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
+        shots=args.shots,
+        shots_from=args.shots_from,
     )
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     results = run_eval(args.model, benchmarks, cfg, data_dir=args.data_dir, limit=args.limit, out=args.out)
@@ -187,6 +219,14 @@ def _add_data_parser(sub) -> None:
     gen.add_argument("--retries", type=int, default=3, help="retries on timeouts, connection errors, 429 and 5xx")
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--max-response-tokens", type=int, default=4096, help="cap on the teacher's reply")
+    gen.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_MODES,
+        default="auto",
+        help="auto, on: the instruction as the user turn of a chat-completions request (the server applies the "
+        "teacher's template); off: a plain completions request (default: auto)",
+    )
+    gen.add_argument("--system-prompt", help="a system turn before the instruction")
     gen.set_defaults(func=_cmd_data_generate)
 
 
@@ -201,6 +241,8 @@ def _cmd_data_generate(args) -> int:
         timeout_s=args.timeout,
         retries=args.retries,
         concurrency=args.concurrency,
+        chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
     )
     report = run_generate(cfg, args.dataset, args.out, limit=args.limit, split=args.split)
     log.info("%s: %s", args.out, report.describe())
@@ -423,9 +465,12 @@ def _cmd_study(args) -> int:
 def _add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="sample responses with the parallel rollout engine and show their paths")
     gen.add_argument("--model", required=True, help="model preset (tiny, smollm2-135m), local directory or Hub id")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument(
+        "--prompt", action="append", required=True, help="prompt text, the user turn under a chat template (repeatable)"
+    )
     gen.add_argument("--n", type=int, default=1, help="samples per prompt")
     _add_sampling_flags(gen)
+    _add_prompt_flags(gen)
     gen.add_argument(
         "--open-block",
         action="store_true",
@@ -440,6 +485,7 @@ def _cmd_generate(args) -> int:
     from parallel_r1.backends import make_engine
     from parallel_r1.files import atomic_write_text
     from parallel_r1.models import load_model_and_tokenizer
+    from parallel_r1.prompts import prompt_format
     from parallel_r1.rollout import rollout_record
     from parallel_r1.viewer import render_rollout
 
@@ -448,13 +494,16 @@ def _cmd_generate(args) -> int:
         model, tokenizer = load_model_and_tokenizer(args.model)
     else:
         model, tokenizer = args.model, None  # vLLM loads its own copy, with the model's tokenizer
-    rollouts = make_engine(args.backend, model, tokenizer).generate(args.prompt, n=args.n, params=params)
+    engine = make_engine(args.backend, model, tokenizer)
+    fmt = prompt_format(engine.tokenizer, chat_template=args.chat_template, system_prompt=args.system_prompt)
+    prompts = [fmt.wrap(p) for p in args.prompt]
+    rollouts = engine.generate(prompts, n=args.n, params=params)
     console = Console()
     for rollout in rollouts:
         console.print(render_rollout(rollout))
     if args.jsonl:
         records = [
-            rollout_record(r, prompt=args.prompt[r.prompt_index], token_ids=True, prompt_index=r.prompt_index)
+            rollout_record(r, prompt=prompts[r.prompt_index], token_ids=True, prompt_index=r.prompt_index)
             for r in rollouts
         ]
         atomic_write_text(args.jsonl, "".join(json.dumps(r) + "\n" for r in records))

@@ -2,6 +2,10 @@
 problems in the parallel-thinking format, and keep only what passes the strict format check and the answer
 check (docs/evaluation.md, `parallel-r1 data generate`).
 
+The instruction is the user turn of a chat-completions request, which the server renders through the
+teacher's chat template, after an optional system turn; with the chat template off it is the whole prompt of
+a plain completions request (a base model served without a template).
+
 The requests go through the `openai` client (`pip install parallel-r1[teacher]`), which handles timeouts,
 retries with backoff (timeouts, connection errors, 429 and 5xx) and the API key header. A bounded pool of
 threads sends them. The main thread checks each reply and appends one JSON line per kept output with a
@@ -24,9 +28,10 @@ from pathlib import Path
 from rich.progress import Progress
 
 from parallel_r1.answers import extract_answer, verify
-from parallel_r1.data import build_prompt, load_problems
+from parallel_r1.data import load_problems
 from parallel_r1.format import parse
-from parallel_r1.settings import InputError
+from parallel_r1.prompts import build_prompt
+from parallel_r1.settings import CHAT_TEMPLATE_MODES, InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +48,17 @@ class TeacherConfig:
     retries: int = 3  # extra attempts after the first (the client's backoff), on timeouts, connection errors, 429, 5xx
     concurrency: int = 8
     require_block: bool = True  # an output without any <Parallel> block teaches nothing about the format
+    # auto and on: a chat-completions request (the server applies the teacher's template); off: plain completions
+    chat_template: str = "auto"
+    system_prompt: str | None = None  # a system turn before the instruction (chat) or a first paragraph (off)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.retries < 0 or self.timeout_s <= 0:
             raise ValueError("TeacherConfig: need concurrency >= 1, retries >= 0 and timeout_s > 0")
+        if self.chat_template not in CHAT_TEMPLATE_MODES:
+            raise InputError(
+                f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}"
+            )
 
 
 @dataclass
@@ -98,20 +110,30 @@ def ask_teacher(client, cfg: TeacherConfig, prompt: str) -> str:
     import openai
 
     where = api_base(cfg.url)
+    chat = cfg.chat_template != "off"
     try:
-        reply = client.chat.completions.create(
-            model=cfg.model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-        )
+        if chat:
+            system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+            reply = client.chat.completions.create(
+                model=cfg.model,
+                messages=[*system, {"role": "user", "content": prompt}],
+                temperature=cfg.temperature,
+                max_tokens=cfg.max_tokens,
+            )
+        else:
+            text = f"{cfg.system_prompt.strip()}\n\n{prompt}" if cfg.system_prompt else prompt
+            reply = client.completions.create(
+                model=cfg.model, prompt=text, temperature=cfg.temperature, max_tokens=cfg.max_tokens
+            )
     except openai.APIStatusError as e:
         raise TeacherError(f"HTTP {e.status_code} from {where}") from e
     except openai.APIConnectionError as e:  # timeouts included
         raise TeacherError(f"{where}: {e}") from e
-    content = reply.choices[0].message.content if reply.choices else None
+    choice = reply.choices[0] if reply.choices else None
+    content = (choice.message.content if chat else choice.text) if choice is not None else None
     if not isinstance(content, str):
-        raise TeacherError(f"{where}: the reply has no choices[0].message.content text")
+        field_name = "message.content" if chat else "text"
+        raise TeacherError(f"{where}: the reply has no choices[0].{field_name} text")
     return content
 
 

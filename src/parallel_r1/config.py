@@ -20,6 +20,7 @@ import yaml
 
 from parallel_r1.settings import (
     DEFAULT_VARIANT,
+    ChatTemplateMode,
     ConfigError,
     RewardSchedule,
     SamplingSettings,
@@ -93,10 +94,19 @@ class DataConfig:
     (blocks only while three or more candidates remain): see tasks/search.py)."""
     eval_size: int = 0
     """SFT: records held out for the eval loss (0: no eval)."""
-    prompt: Literal["parallel", "sequential", "question"] = "parallel"
-    """Prompt template: "parallel" (the project's instruction to think in parallel, what `evaluate`
-    uses), "sequential" (no mention of blocks), "question" ("Problem: <question>" alone: a short
-    prompt for tiny models trained from scratch). SFT records from a file are re-prompted with it."""
+    prompt: Literal["parallel", "sequential", "question", "bare", "minerva"] = "parallel"
+    """Prompt template (`prompts.PROMPT_TEMPLATES`): "parallel" (the project's instruction to think in
+    parallel, what `evaluate` uses), "sequential" (no mention of blocks), "question" ("Problem: <question>"
+    alone: a short prompt for tiny models trained from scratch), "bare" (the question as it is, for a
+    system_prompt that says how to answer), "minerva" ("Problem:" / "Solution:"). SFT records from a file
+    are re-prompted with it."""
+    chat_template: ChatTemplateMode = "auto"
+    """The instruction as the user turn of the tokenizer's chat template, the response as the assistant
+    turn (its end-of-turn token trained on, the template's other tokens not): "auto" when the tokenizer has
+    one (the tiny model's has none), "on" (a stage whose tokenizer has none fails when it starts), "off"."""
+    system_prompt: str | None = None
+    """A system turn before the instruction (in plain text, a first paragraph); empty: none, or the chat
+    template's own default."""
 
     def __post_init__(self) -> None:
         _require(self.limit is None or self.limit > 0, "limit must be > 0 or empty")
@@ -400,6 +410,14 @@ class Recipe:
             self.stages[0].model.name_or_path is not None,
             f"the first stage ({self.stages[0].name}) must name a model (model.name_or_path)",
         )
+        model = None
+        for stage in self.stages:
+            model = stage.model.name_or_path or model
+            # The tiny preset's tokenizer has no chat template; other models are checked when their stage starts.
+            _require(
+                not (model == "tiny" and stage.data.chat_template == "on"),
+                f"stage {stage.name!r}: data.chat_template is on, but the tiny model's tokenizer has no chat template",
+            )
 
     def stage_seed(self, stage: StageConfig) -> int:
         return self.seed if stage.seed is None else stage.seed

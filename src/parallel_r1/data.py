@@ -1,4 +1,4 @@
-"""Problems and cold-start records, from the Hugging Face Hub or from local files, and the prompt.
+"""Problems and cold-start records, from the Hugging Face Hub or from local files.
 
 Local files (.jsonl, .json, .parquet, or a directory of them) use one flat schema, one object per
 problem: ``{"question": ..., "answer": ...}`` (the schema of the project's shared data folder); other
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from parallel_r1.files import iter_jsonl
+from parallel_r1.prompts import PROMPT_TEMPLATE, build_prompt
 from parallel_r1.settings import InputError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Problem:
     answer: str  # the ground truth, as text ("18", "\\frac{9}{7}")
     source: str  # the benchmark name or the file it came from
     id: str  # unique within its source
+    solution: str | None = None  # a worked solution, when the data has one (the few-shot examples)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,15 @@ def gsm8k_final_answer(solution: str) -> str:
     if "####" not in solution:
         raise InputError(f"GSM8K answer has no '####' marker: {solution[-80:]!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_worked_solution(solution: str) -> str:
+    """The reasoning of a GSM8K solution, before its "####" line, without the ``<<48/2=24>>`` calculator
+    annotations (they are not text a model should learn to write)."""
+    return _CALCULATOR.sub("", solution.rsplit("####", 1)[0]).strip()
 
 
 _DAPO_LEAD = re.compile(r"^\s*Solve the following math problem[^\n]*\n+")
@@ -73,14 +84,25 @@ class HubDataset:
     question: str
     answer: str
     id: str | None = None  # a field holding a stable id; rows without it use their row number
+    solution: str | None = None  # a field holding a worked solution
     clean_question: Callable[[str], str] | None = None
     clean_answer: Callable[[str], str] | None = None
+    clean_solution: Callable[[str], str] | None = None
     dedupe: bool = False  # drop repeated questions (keeping the first)
 
 
 BENCHMARKS: dict[str, HubDataset] = {
     # GSM8K: grade-school word problems; the answer field is a worked solution ending in "#### 72".
-    "gsm8k": HubDataset("openai/gsm8k", "main", "train", "question", "answer", clean_answer=gsm8k_final_answer),
+    "gsm8k": HubDataset(
+        "openai/gsm8k",
+        "main",
+        "train",
+        "question",
+        "answer",
+        solution="answer",
+        clean_answer=gsm8k_final_answer,
+        clean_solution=gsm8k_worked_solution,
+    ),
     # DAPO-Math-17k: the RL set of the DAPO paper, chat-format prompts with integer ground truths.
     # The Hub copy repeats each of its ~17.9k problems many times (1.79M rows), hence dedupe.
     "dapo": HubDataset(
@@ -94,7 +116,9 @@ BENCHMARKS: dict[str, HubDataset] = {
         dedupe=True,
     ),
     # MATH-500: the 500-problem MATH test subset of "Let's Verify Step by Step"; answers are LaTeX.
-    "math500": HubDataset("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", id="unique_id"),
+    "math500": HubDataset(
+        "HuggingFaceH4/MATH-500", None, "test", "problem", "answer", id="unique_id", solution="solution"
+    ),
     # AIME 2024 I and II (30 problems), integer answers.
     "aime24": HubDataset("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", id="id"),
     # AIME 2025 I and II (30 problems), integer answers; a widely used community copy.
@@ -103,56 +127,6 @@ BENCHMARKS: dict[str, HubDataset] = {
     "amc23": HubDataset("math-ai/amc23", None, "test", "question", "answer", id="id"),
 }
 BENCHMARKS["dapo_math_17k"] = BENCHMARKS["dapo"]
-
-
-PROMPT_TEMPLATE = """\
-Work out the problem below step by step.
-
-You can think in parallel. Where more than one approach looks promising, or where an independent check \
-would make you more confident, open a parallel block:
-<Parallel><Path>one line of reasoning</Path><Path>another line of reasoning</Path></Parallel>\
-<Summary>what the paths establish together</Summary>
-A block needs at least two paths. Each path must work on its own: it may not mention, build on or \
-compare itself with another path, as if it could not see them. Right after </Parallel>, write exactly \
-one <Summary>...</Summary> that combines the paths, then carry on with your reasoning. Blocks do not \
-go inside other blocks; use as many as help, and none where a single line of thought is enough.
-
-Finish with a last line of the form
-Final Answer: <answer>
-
-Problem: {question}
-"""
-
-SEQUENTIAL_TEMPLATE = """\
-Work out the problem below step by step.
-
-Finish with a last line of the form
-Final Answer: <answer>
-
-Problem: {question}
-"""
-
-
-QUESTION_TEMPLATE = "Problem: {question}\n"
-
-# The templates by the names a recipe's `data.prompt` and `parallel-r1 eval --template` take.
-PROMPT_TEMPLATES = {"parallel": PROMPT_TEMPLATE, "sequential": SEQUENTIAL_TEMPLATE, "question": QUESTION_TEMPLATE}
-
-
-def prompt_template(name: str) -> str:
-    """The template named `name`: "parallel" (asks for blocks), "sequential" (does not) or "question" (the
-    question alone, a short prompt for tiny models trained from scratch)."""
-    if name not in PROMPT_TEMPLATES:
-        raise InputError(f"unknown prompt template {name!r} (known: {', '.join(PROMPT_TEMPLATES)})")
-    return PROMPT_TEMPLATES[name]
-
-
-def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
-    """The prompt for `question`: `template` with its ``{question}`` placeholder filled in."""
-    if "{question}" not in template:
-        raise InputError("the prompt template has no {question} placeholder")
-    # replace, not str.format: questions and user templates are full of LaTeX braces.
-    return template.replace("{question}", question.strip())
 
 
 def _field(row: dict[str, Any], path: str) -> Any:
@@ -185,6 +159,14 @@ def _text_field(row: dict[str, Any], path: str, where: str) -> str:
     if not text.strip():
         raise InputError(f"{where}: field {path!r} is empty")
     return text
+
+
+def _optional_text(row: dict[str, Any], path: str) -> str | None:
+    try:
+        value = _field(row, path)
+    except KeyError:
+        return None
+    return None if value is None else _as_text(value).strip()
 
 
 def _row_id(row: dict[str, Any], path: str, default: int) -> str:
@@ -268,7 +250,10 @@ def _hub_problems(
                 continue
             seen.add(question)
         row_id = _row_id(row, spec.id, i) if spec.id else str(i)
-        yield Problem(question, answer, name, f"{name}/{row_id}")
+        solution = _optional_text(row, spec.solution) if spec.solution else None
+        if solution is not None and spec.clean_solution:
+            solution = spec.clean_solution(solution)
+        yield Problem(question, answer, name, f"{name}/{row_id}", solution or None)
 
 
 def _local_problems(
@@ -278,9 +263,11 @@ def _local_problems(
     for n, (stem, where, row) in enumerate(_local_rows(source, split)):
         question = _text_field(row, question_path, where).strip()
         answer = _text_field(row, answer_path, where).strip()
+        solution = _optional_text(row, "solution")
         if "####" in answer:
+            solution = solution or gsm8k_worked_solution(answer)
             answer = gsm8k_final_answer(answer)
-        yield Problem(question, answer, stem, f"{stem}/{_row_id(row, 'id', n)}")
+        yield Problem(question, answer, stem, f"{stem}/{_row_id(row, 'id', n)}", solution or None)
 
 
 def load_problems(
@@ -295,7 +282,8 @@ def load_problems(
     `split` picks the Hub split (default: the benchmark's own) or, in a local directory, the files
     named after it. `limit` keeps the first problems. `question_field` / `answer_field` override the
     field names ("question" / "answer" for local files). A GSM8K-style answer ("... #### 72") keeps
-    only its final answer. A missing or empty field raises ValueError naming the file, row and field.
+    only its final answer, its reasoning becoming the problem's solution (a "solution" field is one too).
+    A missing or empty field raises ValueError naming the file, row and field.
     """
     if limit is not None and limit < 1:
         raise InputError(f"limit must be >= 1, got {limit}")

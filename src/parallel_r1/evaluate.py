@@ -5,6 +5,10 @@ lengths and throughput.
 The metric functions at the top are pure; `evaluate_benchmark` runs one model on one benchmark and
 `run_eval` drives several models over several benchmarks, writing a JSON summary and one JSONL line per
 sample (the same record shape the GRPO trainer logs, so `viewer` and `analysis` read both).
+
+Prompts go through `prompts.PromptFormat`: the chat template when the model's tokenizer has one (unless
+`EvalConfig.chat_template` says otherwise), and `EvalConfig.shots` worked examples drawn from a training
+split (`shot_pool`), never from the problems evaluated.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from math import comb
 from pathlib import Path
 
@@ -22,12 +26,13 @@ from rich.progress import Progress
 
 from parallel_r1.answers import verify
 from parallel_r1.backends import make_engine
-from parallel_r1.data import PROMPT_TEMPLATE, build_prompt, load_problems
+from parallel_r1.data import Problem, load_problems
 from parallel_r1.files import atomic_write_text
 from parallel_r1.models import load_model_and_tokenizer
+from parallel_r1.prompts import PROMPT_TEMPLATE, SHOT_STOP, Shot, draw_shots, prompt_format
 from parallel_r1.rewards import score_response
 from parallel_r1.rollout import rollout_record, sampling_params, upgrade_record
-from parallel_r1.settings import EvalConfig
+from parallel_r1.settings import EvalConfig, InputError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,12 @@ BENCHMARK_FILES = {
     "math": ("math_test", "math"),
 }
 DATA_SUFFIXES = (".jsonl", ".parquet")
+# Hub benchmarks evaluated on another split than their default one, which is the split training reads.
+EVAL_SPLITS = {"gsm8k": "test"}
+# Where a benchmark's few-shot examples come from by default: its training split, under --data-dir the
+# files of these stems, else the Hub dataset of this name (whose default split is its training split).
+SHOT_FILES = {"gsm8k": ("gsm8k_train",), "math500": ("math_train",), "math": ("math_train",)}
+SHOT_DATASETS = {"gsm8k": "gsm8k"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,14 +192,20 @@ def summarize(
 
 
 def evaluate_benchmark(
-    engine, problems: Sequence, cfg: EvalConfig, model_name: str, benchmark: str
+    engine, problems: Sequence, cfg: EvalConfig, model_name: str, benchmark: str, shots: Sequence[Shot] = ()
 ) -> tuple[BenchmarkResult, list[dict]]:
     """Sample cfg.k responses per problem with `engine` (`backends.make_engine`), score and aggregate them.
 
+    The prompts are `prompts.PromptFormat`'s for the engine's tokenizer, with `shots` before each problem.
     Problems go to the engine in chunks of about max_batch_size rollouts, so the progress bar moves;
     each chunk gets its own seed (cfg.seed + chunk index) so that results do not depend on chunking luck.
     """
-    template = cfg.template or PROMPT_TEMPLATE
+    fmt = prompt_format(
+        engine.tokenizer, cfg.template or PROMPT_TEMPLATE, cfg.chat_template, cfg.system_prompt, tuple(shots)
+    )
+    # A base model that has answered a plain few-shot prompt goes on with a next problem of its own: its
+    # answer is the one before (the stop sequence of the few-shot evaluations).
+    cut = SHOT_STOP if shots and not fmt.chat else None
     params = sampling_params(cfg, variant=cfg.variant)
     per_call = max(1, cfg.max_batch_size // cfg.k)
     records: list[dict] = []
@@ -202,10 +219,12 @@ def evaluate_benchmark(
             chunk = problems[start : start + per_call]
             params.seed = cfg.seed + chunk_index
             t0 = time.perf_counter()
-            rollouts = engine.generate([build_prompt(p.question, template) for p in chunk], n=cfg.k, params=params)
+            rollouts = engine.generate([fmt.render(p.question) for p in chunk], n=cfg.k, params=params)
             seconds += time.perf_counter() - t0
             for rollout in rollouts:
                 problem = chunk[rollout.prompt_index]
+                if cut is not None and cut in rollout.text:
+                    rollout = replace(rollout, text=rollout.text.split(cut, 1)[0])
                 records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s))
             progress.advance(task, len(chunk))
     result = summarize(records, cfg.k, model_name, benchmark, seconds, cfg.verify_timeout_s)
@@ -245,6 +264,45 @@ def resolve_benchmark(name: str, data_dir: str | Path | None) -> tuple[str, str]
     raise FileNotFoundError(f"benchmark {name!r}: none of {tried} in {data_dir}")
 
 
+def eval_split(source: str) -> str | None:
+    """The split evaluated of a benchmark `source` (None: its default, or a local file's rows)."""
+    return None if Path(source).exists() else EVAL_SPLITS.get(source)
+
+
+def shot_source(name: str, source: str, cfg: EvalConfig, data_dir: str | Path | None) -> str:
+    """Where the shots of benchmark `name` (read from `source`) come from: `cfg.shots_from`, else the
+    benchmark's training split (`SHOT_FILES` under `data_dir`, `SHOT_DATASETS` on the Hub). Never the
+    evaluated source: a shot would give its own problem's answer away."""
+    if cfg.shots_from is not None:
+        chosen = cfg.shots_from
+    elif data_dir is not None and name in SHOT_FILES:
+        found = [Path(data_dir) / f"{s}{x}" for s in SHOT_FILES[name] for x in DATA_SUFFIXES]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            stems = ", ".join(SHOT_FILES[name])
+            raise FileNotFoundError(f"{name}: no training split ({stems}) in {data_dir} to draw shots from")
+        chosen = str(found[0])
+    elif data_dir is None and name in SHOT_DATASETS:
+        chosen = SHOT_DATASETS[name]
+    else:
+        raise InputError(f"{name}: no training split known to draw shots from; name one with --shots-from")
+    local = Path(chosen).exists() and Path(source).exists()
+    same_split = eval_split(source) is None  # the shots are read from a source's default split
+    if (chosen == source and same_split) or (local and Path(chosen).resolve() == Path(source).resolve()):
+        raise InputError(f"{name}: shots would be drawn from the evaluated problems ({source}); use a training split")
+    return chosen
+
+
+def shot_pool(name: str, source: str, cfg: EvalConfig, data_dir: str | Path | None) -> list[Problem]:
+    """The problems with worked solutions that benchmark `name`'s shots are drawn from."""
+    chosen = shot_source(name, source, cfg, data_dir)
+    pool = [p for p in load_problems(chosen) if p.solution]
+    if not pool:
+        raise InputError(f"{chosen}: no worked solutions to draw shots from (a 'solution' field, or GSM8K's '####')")
+    log.info("%s: %d shots drawn from %s", name, cfg.shots, chosen)
+    return pool
+
+
 def run_eval(
     models: Sequence[str],
     benchmarks: Sequence[str],
@@ -255,14 +313,18 @@ def run_eval(
 ) -> list[BenchmarkResult]:
     """Evaluate each model on each benchmark; write `out` (JSON) and `out` with .samples.jsonl."""
     sources = [resolve_benchmark(b, data_dir) for b in benchmarks]
-    problem_sets = {label: load_problems(source, limit=limit) for label, source in sources}
+    problem_sets = {label: load_problems(source, eval_split(source), limit) for label, source in sources}
+    shots: dict[str, tuple[Shot, ...]] = {}
+    for label, source in sources if cfg.shots else ():
+        pool = shot_pool(label, source, cfg, data_dir)
+        shots[label] = draw_shots(pool, cfg.shots, cfg.seed, [p.question for p in problem_sets[label]])
     results: list[BenchmarkResult] = []
     samples: list[dict] = []
     for model_name in models:
         model, tokenizer = load_model_and_tokenizer(model_name)
         engine = make_engine("hf", model, tokenizer, max_batch_size=cfg.max_batch_size)
         for label, problems in problem_sets.items():
-            result, records = evaluate_benchmark(engine, problems, cfg, model_name, label)
+            result, records = evaluate_benchmark(engine, problems, cfg, model_name, label, shots.get(label, ()))
             results.append(result)
             samples.extend(records)
             log.info("%s / %s: mean@%d %.3f", model_name, label, cfg.k, result.mean_at_k)

@@ -45,7 +45,6 @@ from parallel_r1.backends import make_engine
 from parallel_r1.bans import ban_rows, ban_table
 from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig, StageConfig
-from parallel_r1.data import build_prompt, prompt_template
 from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.objectives import (
@@ -65,6 +64,7 @@ from parallel_r1.objectives import (
     tis_weights,
     token_regions,
 )
+from parallel_r1.prompts import stage_prompt_format
 from parallel_r1.rewards import score_batch
 from parallel_r1.rollout import Rollout, rollout_record, sampling_params
 from parallel_r1.trainer import StageTrainer, clip_gradients, full_weights, load_stage_model
@@ -207,8 +207,8 @@ class GRPOTrainer(StageTrainer):
         self.problems = load_stage_problems(stage, seed)
         if not self.problems:
             raise ValueError(f"stage {stage.name!r}: data source {stage.data.source!r} gave no problems")
-        template = prompt_template(stage.data.prompt)
-        self.prompts = [build_prompt(p.question, template) for p in self.problems]
+        prompt_format = stage_prompt_format(stage, self.tokenizer)
+        self.prompts = [prompt_format.render(p.question) for p in self.problems]
         self.schedule = self.cfg.reward.schedule()
         mode = self.cfg.old_logprobs
         self.use_engine_logprobs = mode == "engine" or (

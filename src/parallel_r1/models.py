@@ -9,6 +9,10 @@
   (default ``~/.cache/parallel-r1``) because a GGUF-loaded model can be neither saved nor trained,
   and loading the converted copy is several times faster;
 * a local directory written by `save_model` / `save_pretrained`, or a Hugging Face Hub id.
+
+A tokenizer with a chat template ends an assistant turn with a token of its own (``<|im_end|>``), which a
+base model's generation config may not list as an end of sequence: it is added there, so that the engine
+ends a response at the end of its turn.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from parallel_r1.format import add_parallel_tokens
+from parallel_r1.prompts import end_of_turn_id
 from parallel_r1.settings import InputError
 from parallel_r1.tasks import tokenizer_corpus
 from parallel_r1.tiny import build_model, build_tokenizer
@@ -137,7 +142,22 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_parallel_tokens(tokenizer, model)
+    stop_at_end_of_turn(model, tokenizer)
     return model.to(device), tokenizer
+
+
+def stop_at_end_of_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """List the chat template's end-of-turn token among the generation config's end-of-sequence ids (which
+    the engine stops at), when the tokenizer has a template and the config does not list it yet."""
+    end = end_of_turn_id(tokenizer)
+    config = getattr(model, "generation_config", None)
+    if end is None or config is None:
+        return
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if end not in eos:
+        log.debug("the chat template's end of turn (%s) ends a response", tokenizer.convert_ids_to_tokens(end))
+        config.eos_token_id = [*eos, end] if eos else end
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:

@@ -50,11 +50,12 @@ from parallel_r1.config import (
     override,
     recipe_from_dict,
 )
-from parallel_r1.data import Problem, build_prompt, load_problems, prompt_template
+from parallel_r1.data import Problem, load_problems
 from parallel_r1.evaluate import evaluate_benchmark, sample_record, write_results
 from parallel_r1.files import atomic_write_text
 from parallel_r1.layout import RUN_FILE, SUMMARY_FILE, eval_file
 from parallel_r1.models import load_model_and_tokenizer
+from parallel_r1.prompts import prompt_template, stage_prompt_format
 from parallel_r1.recipe import StageResult, run_recipe
 from parallel_r1.report import write_report
 from parallel_r1.settings import SAMPLING_FIELDS, EvalConfig, EvalSettings, SamplingParams
@@ -184,6 +185,8 @@ def eval_config(recipe: Recipe, variant: str, settings: EvalSettings, **changes)
         "variant": variant,
         "max_batch_size": settings.batch_size,
         "template": prompt_template(recipe.stages[-1].data.prompt),
+        "chat_template": recipe.stages[-1].data.chat_template,
+        "system_prompt": recipe.stages[-1].data.system_prompt,
     }
     return EvalConfig(**{**values, **changes})
 
@@ -372,7 +375,8 @@ def run_pretrained(
     params = SamplingParams(
         temperature=0.7, seed=0, max_response_tokens=max_new_tokens, max_path_tokens=max_new_tokens // 3, variant="seen"
     )
-    prompt = [build_prompt(problem.question)]
+    # The prompt the SFT stage trained with: through the chat template of a model that has one.
+    prompt = [stage_prompt_format(recipe.stages[0], tokenizer).render(problem.question)]
     rollouts = engine.generate(prompt, n=samples, params=params)
     opened = sum(r.structure.num_blocks > 0 for r in rollouts)
     how = f"{opened} of {samples} samples opened a block by themselves"

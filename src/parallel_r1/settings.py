@@ -42,6 +42,10 @@ DEFAULT_VARIANT = "unseen"
 BACKENDS = ("hf", "vllm")  # rollout engines (`engine.make_engine`)
 TASKS = ("arith", "search")
 """The built-in tasks (`parallel_r1.task.task_module`)."""
+ChatTemplateMode = Literal["auto", "on", "off"]
+CHAT_TEMPLATE_MODES: tuple[str, ...] = ("auto", "on", "off")
+"""Whether prompts go through the tokenizer's chat template (`prompts.uses_chat_template`); auto: when it
+has one, so that a model is prompted the way its model card shows, and the tiny model in plain text."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,11 +168,26 @@ class EvalConfig(SamplingSettings):
     variant: str = _knob(DEFAULT_VARIANT, "decoding variant: unseen, seen or threads")
     max_batch_size: int = _knob(64, "rollouts decoded together")
     verify_timeout_s: float = _knob(5.0, "seconds math-verify may spend on one answer before it counts as wrong")
-    template: str | None = _knob(None, "prompt template with {question}; empty: data.PROMPT_TEMPLATE")
+    template: str | None = _knob(None, "prompt template with {question}; empty: prompts.PROMPT_TEMPLATE")
+    chat_template: str = _knob(
+        "auto", "the instruction as the user turn of the tokenizer's chat template: auto (when it has one), on, off"
+    )
+    system_prompt: str | None = _knob(
+        None, "a system turn before it (plain text: a first paragraph); empty: the chat template's default"
+    )
+    shots: int = _knob(0, "worked examples before each problem, drawn from shots_from (never the evaluated set)")
+    shots_from: str | None = _knob(
+        None, "dataset of the shots, with worked solutions (a name or a file); empty: the benchmark's training split"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.k >= 1, "k must be >= 1")
+        require(
+            self.chat_template in CHAT_TEMPLATE_MODES,
+            f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}",
+        )
+        require(self.shots >= 0, "shots must be >= 0")
         require(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         require(self.max_batch_size >= 1, "max_batch_size must be >= 1")
         require(self.verify_timeout_s > 0, "verify_timeout_s must be > 0")

@@ -2,8 +2,12 @@
 
 Each record becomes `prompt_ids + response_ids`, where the prompt is tokenized as the rollout engine
 tokenizes it and the response is `canonicalize(response)` followed by EOS, so that what the model learns
-here is exactly what it later samples. Log-probabilities come from `attention.response_logprobs` under
-the stage's variant (seen: causal; unseen: paths isolated), the same function GRPO trains with.
+here is exactly what it later samples. Under the chat template (`data.chat_template`) the record's prompt
+is the user turn of `prompts.PromptFormat`, and the response ends with the template's end-of-turn token
+instead of EOS: the template's tokens before the response are prompt, not trained on, and those after the
+end of the turn are left out, so the loss covers exactly what the model writes in its turn.
+Log-probabilities come from `attention.response_logprobs` under the stage's variant (seen: causal;
+unseen: paths isolated), the same function GRPO trains with.
 
 Batches are length-bucketed and the data order is a pure function of (seed, epoch), so a resumed run
 continues with the very next batch. The loss is the mean over all response tokens of an optimiser step
@@ -27,8 +31,8 @@ import torch
 from parallel_r1 import data, tasks
 from parallel_r1.attention import response_logprobs
 from parallel_r1.config import StageConfig
-from parallel_r1.data import prompt_template
 from parallel_r1.format import TagIds, canonicalize
+from parallel_r1.prompts import prompt_template, stage_prompt_format
 from parallel_r1.trainer import StageTrainer, clip_gradients
 
 log = logging.getLogger(__name__)
@@ -46,10 +50,12 @@ class Example:
     prompt_len: int
 
 
-def encode_record(tokenizer, prompt: str, response: str, max_length: int) -> Example:
-    """Tokenize like the engine: the prompt as `tokenizer(prompt)`, then canonical response + EOS."""
+def encode_record(tokenizer, prompt: str, response: str, max_length: int, end_id: int | None = None) -> Example:
+    """Tokenize like the engine: the prompt as `tokenizer(prompt)`, then canonical response + `end_id`
+    (default EOS; the end-of-turn token under a chat template)."""
+    end_id = tokenizer.eos_token_id if end_id is None else end_id
     prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(canonicalize(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = tokenizer(canonicalize(response), add_special_tokens=False)["input_ids"] + [end_id]
     ids = (prompt_ids + response_ids)[:max_length]
     return Example(ids, min(len(prompt_ids), len(ids)))
 
@@ -135,9 +141,15 @@ class SFTTrainer(StageTrainer):
     def __init__(self, stage: StageConfig, output_dir: str | Path, **kwargs):
         super().__init__(stage, output_dir, **kwargs)
         self.cfg, seed = stage.sft, self.seed
+        prompt_format = stage_prompt_format(stage, self.tokenizer)
+        end_id = prompt_format.end_id
         records = load_records(stage, seed)
         train_idx, eval_idx = split_eval(len(records), stage.data.eval_size, seed)
-        encode = lambda r: encode_record(self.tokenizer, r.prompt, r.response, self.cfg.max_length)  # noqa: E731
+
+        def encode(record) -> Example:
+            prompt = prompt_format.wrap(record.prompt)
+            return encode_record(self.tokenizer, prompt, record.response, self.cfg.max_length, end_id)
+
         self.train_examples = [encode(records[i]) for i in train_idx]
         self.eval_examples = [encode(records[i]) for i in eval_idx]
         check_truncation(self.train_examples, stage)

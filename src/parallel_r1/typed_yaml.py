@@ -55,6 +55,8 @@ class Builder:
             return self.build(inner, value, path)
         if origin is Literal:
             choices = typing.get_args(tp)
+            if isinstance(value, bool) and ("on" if value else "off") in choices:
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on / off as a boolean
             if value not in choices:
                 hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""

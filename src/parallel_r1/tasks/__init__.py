@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from parallel_r1.data import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, Problem, SFTRecord, build_prompt
+from parallel_r1.data import Problem, SFTRecord
+from parallel_r1.prompts import PROMPT_TEMPLATE, SEQUENTIAL_TEMPLATE, build_prompt
 from parallel_r1.tasks import arith, search
 
 TASKS = ("arith", "search")
