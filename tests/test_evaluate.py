@@ -336,7 +336,7 @@ def test_evaluate_benchmark_prompts_through_the_chat_template(chat_tokenizer):
     result, _ = evaluate_benchmark(engine, _problems(["7"]), cfg, "m", "toy")
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": build_prompt(QUESTION, TEMPLATE)},
+        {"role": "user", "content": build_prompt(QUESTION, TEMPLATE).strip()},
     ]
     assert engine.prompts == [chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
     assert result.mean_at_k == 1.0

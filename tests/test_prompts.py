@@ -66,7 +66,7 @@ def test_rendered_prompt_is_the_chat_template_of_the_instruction(chat_tokenizer)
     tok = chat_tokenizer
     assert uses_chat_template(tok, "auto") and not uses_chat_template(tok, "off")
     fmt = prompt_format(tok)
-    messages = [{"role": "user", "content": build_prompt(QUESTION)}]
+    messages = [{"role": "user", "content": build_prompt(QUESTION).strip()}]
     assert fmt.render(QUESTION) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert _ids(tok, fmt.render(QUESTION)) == _template_ids(tok, messages)
     # The tags keep their single ids inside the user turn.
@@ -90,7 +90,7 @@ def test_a_bos_the_template_writes_is_not_doubled_by_the_tokenizer(chat_tokenize
     )
     tok.chat_template = "{{ bos_token }}" + tok.chat_template  # Llama 3's templates write the BOS themselves
     assert _ids(tok, "a")[0] == tok.bos_token_id
-    messages = [{"role": "user", "content": build_prompt(QUESTION)}]
+    messages = [{"role": "user", "content": build_prompt(QUESTION).strip()}]
     ids = _ids(tok, prompt_format(tok).render(QUESTION))
     assert ids == _template_ids(tok, messages) and ids.count(tok.bos_token_id) == 1
 
@@ -117,7 +117,7 @@ def test_smollm2_prompt_is_its_chat_template(smollm2_tokenizer):
     for system in (None, "Solve it."):
         fmt = prompt_format(tok, system_prompt=system)
         messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": build_prompt(QUESTION)})
+        messages.append({"role": "user", "content": build_prompt(QUESTION).strip()})
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert fmt.render(QUESTION) == text and text.endswith("<|im_start|>assistant\n")
         assert _ids(tok, fmt.render(QUESTION)) == _template_ids(tok, messages)
@@ -183,9 +183,9 @@ def test_chat_few_shot_prompt_gives_the_shots_as_turns(chat_tokenizer):
     shots = (Shot("What is 1 + 1?", "1 + 1 = 2.\nFinal Answer: 2"),)
     fmt = prompt_format(chat_tokenizer, SEQUENTIAL_TEMPLATE, shots=shots)
     messages = [
-        {"role": "user", "content": build_prompt(shots[0].question, SEQUENTIAL_TEMPLATE)},
+        {"role": "user", "content": build_prompt(shots[0].question, SEQUENTIAL_TEMPLATE).strip()},
         {"role": "assistant", "content": shots[0].solution},
-        {"role": "user", "content": build_prompt(QUESTION, SEQUENTIAL_TEMPLATE)},
+        {"role": "user", "content": build_prompt(QUESTION, SEQUENTIAL_TEMPLATE).strip()},
     ]
     assert _ids(chat_tokenizer, fmt.render(QUESTION)) == _template_ids(chat_tokenizer, messages)
 

@@ -155,7 +155,7 @@ CHAT_RESPONSE = (
 
 
 def _conversation_ids(tokenizer, instruction: str, response: str | None = None) -> list[int]:
-    messages = [{"role": "user", "content": instruction}]
+    messages = [{"role": "user", "content": instruction.strip()}]
     if response is not None:
         messages.append({"role": "assistant", "content": response})
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=response is None, return_dict=True)

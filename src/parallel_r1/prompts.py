@@ -201,11 +201,13 @@ class PromptFormat:
     def wrap(self, instruction: str) -> str:
         """The prompt whose instruction (user turn) is `instruction`: shots and system prompt around it."""
         if self.chat:
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            # A turn's content is stripped: the plain templates end with a newline that, inside a turn, would
+            # sit before the end-of-turn token where the model saw none in its own chat training.
+            messages = [{"role": "system", "content": self.system_prompt.strip()}] if self.system_prompt else []
             for shot in self.shots:
-                messages.append({"role": "user", "content": build_prompt(shot.question, self.template)})
-                messages.append({"role": "assistant", "content": shot.solution})
-            messages.append({"role": "user", "content": instruction})
+                messages.append({"role": "user", "content": build_prompt(shot.question, self.template).strip()})
+                messages.append({"role": "assistant", "content": shot.solution.strip()})
+            messages.append({"role": "user", "content": instruction.strip()})
             return chat_text(self.tokenizer, messages)
         shots = "".join(build_prompt(s.question, self.template) + s.solution + "\n\n" for s in self.shots)
         system = f"{self.system_prompt.strip()}\n\n" if self.system_prompt else ""
