@@ -20,9 +20,10 @@ sum (an embedding row hit by tokens of opposite advantage) turns a last-bit chan
 fraction of lr. Worst of all is an element whose gradient cancels to below Adam's eps (1e-8): its first step
 is lr * g / (|g| + eps), proportional to g itself, so float noise of g goes to the weight undamped, times
 lr / eps. Measured with GRPO Unseen and behaviour log-probs: the first optimiser step's forward gives the
-same log-probs bit for bit with 1 and 2 processes, the gradients agree to 1.5e-8 absolute (4e-7 relative to
-each tensor's largest), yet one gate-projection element whose gradient summed to -9.3e-10 (1 process) and
--1.2e-9 (2 processes) took first steps of 8.5e-5 and 1.09e-4, and the final weights differ there by 2.4e-5.
+same log-probs bit for bit with 1 and 2 processes (the engine's old log-probs agree within 1e-6), the
+gradients agree to 1.5e-8 absolute (4e-7 relative to each tensor's largest), yet one gate-projection element
+whose gradient summed to -9.3e-10 (1 process) and -1.2e-9 (2 processes) took first steps of 8.5e-5 and
+1.09e-4, and the final weights differ there by 2.4e-5.
 The tests allow 1e-5 relative (1e-7 absolute) on logged losses, grad norms and the like, and 2e-5 absolute
 on weights (2% of one Adam step at lr 1e-3, 3x the worst measured element outside that regime) on all but
 `AMPLIFIED` elements, which must stay within 2e-4. A batch counted twice or dropped moves most weights by
