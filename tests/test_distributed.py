@@ -17,11 +17,19 @@ grad norms agree to ~1e-7 relative; SFT weights to 6e-8 after 4 steps at lr 3e-3
 of ~50k weights (1e-7 on the rest) after 6 optimiser steps at lr 1e-3. Adam is why: it divides each
 element's step by that element's own gradient scale, so an element whose gradient is a nearly cancelling
 sum (an embedding row hit by tokens of opposite advantage) turns a last-bit change of the sum into a visible
-fraction of lr. The tests allow 1e-5 relative (1e-7 absolute) on logged losses, grad norms and the like, and
-2e-5 absolute on weights: 2% of one Adam step at lr 1e-3, 3x the worst measured element. A batch counted
-twice or dropped moves weights by ~lr and fails that by 50x; Adam hides a wrong loss scale from the weights,
-but not from the logged loss and grad norm, checked at 1e-5. Rollouts (texts and rewards) must be equal.
-Resuming with the same process count reproduces the run bit for bit and is checked exactly.
+fraction of lr. Worst of all is an element whose gradient cancels to below Adam's eps (1e-8): its first step
+is lr * g / (|g| + eps), proportional to g itself, so float noise of g goes to the weight undamped, times
+lr / eps. Measured with GRPO Unseen and behaviour log-probs: the first optimiser step's forward gives the
+same log-probs bit for bit with 1 and 2 processes (the engine's old log-probs agree within 1e-6), the
+gradients agree to 1.5e-8 absolute (4e-7 relative to each tensor's largest), yet one gate-projection element
+whose gradient summed to -9.3e-10 (1 process) and -1.2e-9 (2 processes) took first steps of 8.5e-5 and
+1.09e-4, and the final weights differ there by 2.4e-5.
+The tests allow 1e-5 relative (1e-7 absolute) on logged losses, grad norms and the like, and 2e-5 absolute
+on weights (2% of one Adam step at lr 1e-3, 3x the worst measured element outside that regime) on all but
+`AMPLIFIED` elements, which must stay within 2e-4. A batch counted twice or dropped moves most weights by
+~lr and fails that by 50x on thousands of elements; Adam hides a wrong loss scale from the weights, but not
+from the logged loss and grad norm, checked at 1e-5. Rollouts (texts and rewards) must be equal. Resuming
+with the same process count reproduces the run bit for bit and is checked exactly.
 
 FSDP. torch 2.13's FSDP2 (`fully_shard`) trains on gloo with CPU tensors, but accelerate 1.15 only turns
 FSDP on for GPU-like distributed types (its MULTI_CPU state never becomes FSDP). The FSDP test therefore
@@ -50,6 +58,8 @@ from parallel_r1.trainer import final_model
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # losses, grad norms: relative (module docstring)
 ATOL_WEIGHTS = 2e-5  # final weights: absolute
+AMPLIFIED = 4  # weights of a run allowed past ATOL_WEIGHTS, Adam's eps regime (module docstring) ...
+ATOL_AMPLIFIED = 2e-4  # ... and how far
 
 # The launched script: `parallel-r1 <args>`, with two switches for the tests.
 # PR1_TEST_HASH_REWARD=1: the reward of a response is +1 or -1 by a hash of its text. An untrained tiny
@@ -219,11 +229,16 @@ def _assert_close_runs(a: Path, b: Path, keys: tuple[str, ...], exact: bool = Fa
                     assert ra[key] == pytest.approx(rb[key], rel=RTOL, abs=1e-7), (ra["step"], key)
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
-    for name in wa:
-        if exact:
+    if exact:
+        for name in wa:
             assert torch.equal(wa[name], wb[name]), name
-        else:
-            assert torch.allclose(wa[name], wb[name], atol=ATOL_WEIGHTS, rtol=0), name
+        return
+    beyond = {}
+    for name in wa:
+        diff = (wa[name] - wb[name]).abs()
+        assert diff.max().item() <= ATOL_AMPLIFIED, (name, diff.max().item())
+        beyond.update({(name, tuple(i.tolist())): diff[tuple(i)].item() for i in (diff > ATOL_WEIGHTS).nonzero()})
+    assert len(beyond) <= AMPLIFIED, beyond
 
 
 def test_sft_with_two_processes_equals_one_process(tmp_path):

@@ -368,7 +368,7 @@ def test_logged_ban_mass_is_the_probability_the_bans_remove(tmp_path):
 
 @pytest.mark.parametrize("old_logprobs", ["auto", "recompute"])
 def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp_path, old_logprobs):
-    """On: the engine records, and the trainer replays, log-probs of the banned,
+    """On (the hf default): the engine records, and the trainer replays, log-probs of the banned,
     renormalised distribution; they agree to 1e-4 while differing from the full softmax's by far more
     (the gap a trainer that did not replay would show). Off: the same tokens, scored as before, under the
     full softmax on both sides. The ban mass is logged either way."""
@@ -378,10 +378,10 @@ def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp
     stage = parse_recipe(GRPO_STAGE).stages[0]
     stage.grpo.old_logprobs = old_logprobs
     runs = {}
-    for setting in (True, None):
+    for setting in (None, False):
         stage.grpo.behaviour_logprobs = setting
         trainer = GRPOTrainer(stage, tmp_path / str(setting), init_model="tiny", seed=0)
-        assert trainer.engine.behaviour_logprobs is bool(setting)  # null (the default) is off for now
+        assert trainer.engine.behaviour_logprobs is (setting is None)
         rollouts = _capturing(trainer)
         model = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).eval()
         metrics, _ = trainer.train_step(0, [0, 1])
@@ -394,7 +394,7 @@ def test_behaviour_logprobs_put_sampler_and_trainer_on_the_policy_that_acted(tmp
             sampled = torch.tensor(r.sampled_mask)
             full.append((torch.tensor(r.logprobs) - lp[0, len(r.prompt_ids) :])[sampled].abs().max().item())
         runs[setting] = metrics, [r.response_ids for r in rollouts], max(full)
-    (on, on_ids, on_gap), (off, off_ids, off_gap) = runs[True], runs[None]
+    (on, on_ids, on_gap), (off, off_ids, off_gap) = runs[None], runs[False]
     assert on_ids == off_ids  # the setting changes what is recorded, not what is sampled
     assert on["ban_mass_mean"] == pytest.approx(off["ban_mass_mean"])
     assert on_gap > 1e-3 and off_gap < 1e-4

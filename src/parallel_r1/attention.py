@@ -306,9 +306,11 @@ def token_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T = input_ids.shape
+    # at least float32 (bf16 logits are upcast); float64 stays float64, as in `sampler.sample_tokens`
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     logps, entropies = [], []
     for start in range(0, T - 1, chunk):
-        z = logits[:, start : min(start + chunk, T - 1)].float()
+        z = logits[:, start : min(start + chunk, T - 1)].to(dtype)
         if temperature != 1.0:
             z = z / temperature
         target = input_ids[:, start + 1 : start + 1 + z.shape[1]]
@@ -320,7 +322,7 @@ def token_logprobs(
         if with_entropy:
             p = z.softmax(-1)
             entropies.append(lse - torch.where(p > 0, p * z, 0.0).sum(-1))
-    zero = logits.new_zeros(B, 1, dtype=torch.float32)
+    zero = logits.new_zeros(B, 1, dtype=dtype)
     logp = torch.cat([zero, *logps], dim=1)
     entropy = torch.cat([zero, *entropies], dim=1) if with_entropy else None
     return logp, entropy

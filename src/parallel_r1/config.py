@@ -268,10 +268,9 @@ class GRPOConfig:
     """Log-probs of the distribution the engine sampled from: its state-dependent tag bans (only `</Path>`
     closes a path, `<Parallel>` banned at the block cap, ...) and top-k/top-p, renormalised. The engine
     records them and the trainer replays the same warp, so the ratio and the gradient refer to the policy
-    that acted; off, both use the full-vocabulary softmax. null: off for now (opt in with true, hf backend
-    only): with it on, a 2-process Unseen GRPO run no longer ends on the 1-process weights within the
-    distributed test's tolerance, a gap not yet explained. vLLM's bans are a finite logit bias (-100) the
-    trainer cannot replay, so true is an error there. docs/training.md, "Behaviour log-probs"."""
+    that acted; off, both use the full-vocabulary softmax. null: on for the hf backend, where the replay is
+    exact; off for vLLM, whose bans are a finite logit bias (-100) the trainer cannot replay, so true is an
+    error there. docs/training.md, "Behaviour log-probs"."""
     mismatch_threshold: float = 0.1
     """A trained token counts in the `mismatch_share` metric when its sampling and training log-probs differ
     by more than this."""

@@ -215,8 +215,8 @@ class GRPOTrainer(StageTrainer):
             mode == "auto" and self.cfg.rollout.backend == "hf" and self.cfg.tis_cap is None
         )
         behaviour = self.cfg.behaviour_logprobs
-        # Opt in until the 2-process Unseen gap it opens is understood (GRPOConfig.behaviour_logprobs).
-        self.behaviour_logprobs = bool(behaviour)
+        # null: on where the trainer can replay the sampler exactly, the hf engine (GRPOConfig.behaviour_logprobs).
+        self.behaviour_logprobs = self.cfg.rollout.backend == "hf" if behaviour is None else behaviour
 
         self.prepare(stage.max_steps)
         self.ban_table = None

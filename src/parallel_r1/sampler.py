@@ -106,7 +106,8 @@ def sample_tokens(
     took away: the gap between those two distributions. Greedy decoding (temperature 0) records the
     full-vocabulary log-prob with T = 1 and the mass the bans alone remove.
     """
-    logits = logits.float()
+    # float64 logits stay float64, so that a float64 run of engine and trainer can be compared to 1e-9
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     greedy = params.temperature == 0
     scaled = logits / (1.0 if greedy else params.temperature)
     if greedy:
