@@ -221,7 +221,8 @@ class GRPOTrainer(StageTrainer):
         self.prepare(stage.max_steps)
         self.ban_table = None
         if self.behaviour_logprobs:
-            vocab = acc.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+            with full_weights(acc, self.model):  # ZeRO-3 holds a shard of the output embedding outside
+                vocab = acc.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
             self.ban_table = ban_table(self.tags, vocab, acc.device)
         self.engine = self._make_engine()
         self.resume()

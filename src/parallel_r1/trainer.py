@@ -159,7 +159,6 @@ def zero3_grpo_gaps(stage: StageConfig) -> list[str]:
         "rollout.backend vllm loads the weights from get_state_dict, which ZeRO-3 gathers on the main process "
         "alone": grpo.rollout.backend == "vllm",
         "kl_coef > 0 loads the reference model sharded (zero.Init) with no engine to gather it": grpo.kl_coef > 0,
-        "behaviour_logprobs reads the vocabulary size from the sharded output embedding": bool(grpo.behaviour_logprobs),
     }
     return [gap for gap, on in gaps.items() if on]
 
