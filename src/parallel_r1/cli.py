@@ -135,16 +135,11 @@ def _add_eval_parser(sub) -> None:
         help=f"comma-separated names ({', '.join(DEFAULT_BENCHMARKS)}) or name=path.jsonl",
     )
     defaults = EvalConfig()
-    ev.add_argument("--k", type=int, default=defaults.k, help=f"samples per problem (default: {defaults.k})")
+    _count_flag(ev, "--k", defaults.k, "samples per problem")
     ev.add_argument("--data-dir", help="read benchmarks from local files here (aime24.jsonl, gsm8k_test.jsonl, ...)")
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     _add_sampling_flags(ev)
-    ev.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.max_batch_size,
-        help=f"rollouts decoded together (default: {defaults.max_batch_size})",
-    )
+    _count_flag(ev, "--batch-size", defaults.max_batch_size, "rollouts decoded together")
     ev.add_argument(
         "--template",
         help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}} "
@@ -307,18 +302,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _count_flag(parser: argparse.ArgumentParser, flag: str, default: int, text: str) -> None:
+    """An integer flag whose help states its default."""
+    parser.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+
+
 def _add_eval_flags(parser: argparse.ArgumentParser, defaults: EvalSettings | None = None) -> None:
     """--eval-problems and --eval-k: the held-out evaluation after every stage (`settings.EvalSettings`)."""
     defaults = defaults or EvalSettings()
-    parser.add_argument(
-        "--eval-problems",
-        type=int,
-        default=defaults.problems_per_level,
-        help=f"held-out problems per level (default: {defaults.problems_per_level})",
-    )
-    parser.add_argument(
-        "--eval-k", type=int, default=defaults.k, help=f"samples per held-out problem (default: {defaults.k})"
-    )
+    _count_flag(parser, "--eval-problems", defaults.problems_per_level, "held-out problems per level")
+    _count_flag(parser, "--eval-k", defaults.k, "samples per held-out problem")
 
 
 def _eval_settings(args) -> EvalSettings:
@@ -430,9 +423,7 @@ def _add_study_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="override a field of every arm's recipe, e.g. --set stages.rl_hard.max_steps=10",
     )
-    study.add_argument(
-        "--workers", type=int, default=2, help="jobs run side by side, one torch thread each (default: 2)"
-    )
+    _count_flag(study, "--workers", 2, "jobs run side by side, one torch thread each")
     _add_eval_flags(study, study_eval_settings())
     study.set_defaults(func=_cmd_study)
 
