@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 import re
@@ -293,6 +294,15 @@ def test_parse_ids_gives_token_spans_of_blocks_and_paths(tiny_tokenizer):
         assert tiny_tokenizer.decode(ids[a + 1 : b - 1]) == content
         assert _slice(text, path.content) == content
     assert [_slice(text, s) for s in parsed.main_segments] == ["Tom has 3 apples. ", " Final Answer: 7"]
+
+
+def test_parse_ids_finds_tags_by_the_ids_it_is_given(tiny_tokenizer):
+    tag = TagIds.from_tokenizer(tiny_tokenizer)
+    ids = tiny_tokenizer.encode("So " + BLOCK + " Final Answer: 7", add_special_tokens=False)
+    assert parse_ids(ids, tiny_tokenizer, tags=tag) == parse_ids(ids, tiny_tokenizer)
+    # The given ids are the ones used: with the path tags swapped, the paths close before they open.
+    swapped = dataclasses.replace(tag, path_open=tag.path_close, path_close=tag.path_open)
+    assert not parse_ids(ids, tiny_tokenizer, tags=swapped).well_formed
 
 
 def test_parse_ids_on_truncated_ids_accepts_tensors(tiny_tokenizer):

@@ -567,5 +567,5 @@ class ParallelEngine:
         return make_rollout(
             self.tokenizer, row.prompt_index, row.sample_index, row.prompt_ids, ids,
             [t.sampled for t in tokens], [t.logprob for t in tokens], row.finish_reason,
-            ends_with_eos=bool(ids) and ids[-1] in self.eos_ids,
+            ends_with_eos=bool(ids) and ids[-1] in self.eos_ids, tags=self.tags,
         )  # fmt: skip

@@ -445,17 +445,18 @@ def canonicalize(text: str) -> str:
     return _JOIN_SPACE_RE.sub("", text)
 
 
-def parse_ids(ids, tokenizer, lenient: bool = True) -> ParsedResponse:
-    """Parse token ids: tags are found by their token ids, never by re-tokenizing decoded text.
+def parse_ids(ids, tokenizer, lenient: bool = True, tags: TagIds | None = None) -> ParsedResponse:
+    """Parse token ids: tags are found by their token ids, never by re-tokenizing decoded text. `tags`
+    (`TagIds.from_tokenizer(tokenizer)`) spares encoding the six tags again for every response.
 
     The text of the result is built by decoding each run of non-tag tokens on its own and joining the
     runs with the tags; character offsets refer to that text, and blocks and paths get `token_span`s
     (indices into `ids`).
     """
     ids = [int(i) for i in ids]
-    tag_names = dict(zip(TagIds.from_tokenizer(tokenizer).as_tuple(), TAGS))
+    tag_names = dict(zip((tags or TagIds.from_tokenizer(tokenizer)).as_tuple(), TAGS))
     pieces: list[str] = []
-    tags: list[_Tag] = []
+    found: list[_Tag] = []
     pos, run_start = 0, 0
     for i, tok in enumerate([*ids, None]):
         if tok is not None and tok not in tag_names:
@@ -465,8 +466,8 @@ def parse_ids(ids, tokenizer, lenient: bool = True) -> ParsedResponse:
         pos += len(run)
         if tok is not None:
             name = tag_names[tok]
-            tags.append(_Tag(name, pos, pos + len(name), i))
+            found.append(_Tag(name, pos, pos + len(name), i))
             pieces.append(name)
             pos += len(name)
         run_start = i + 1
-    return _Scanner("".join(pieces), len(ids), lenient).run(tags)
+    return _Scanner("".join(pieces), len(ids), lenient).run(found)

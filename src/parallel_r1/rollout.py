@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from parallel_r1.format import ParsedResponse, parse_ids
+from parallel_r1.format import ParsedResponse, TagIds, parse_ids
 from parallel_r1.settings import SAMPLING_FIELDS, SamplingParams, SamplingSettings
 
 
@@ -45,6 +45,7 @@ class Rollout:
 def make_rollout(
     tokenizer, prompt_index: int, sample_index: int, prompt_ids: list[int], response_ids: list[int],
     sampled_mask: list[bool], logprobs: list[float], finish_reason: str | None, ends_with_eos: bool,
+    tags: TagIds | None = None,
 ) -> Rollout:  # fmt: skip
     """The `Rollout` of a finished sample (both backends): its text leaves a final EOS out, its structure
     comes from the token ids (a tag is a tag by id, not by its spelling)."""
@@ -58,7 +59,7 @@ def make_rollout(
         sampled_mask=sampled_mask,
         logprobs=logprobs,
         finish_reason=finish_reason or "length",
-        structure=parse_ids(response_ids, tokenizer),
+        structure=parse_ids(response_ids, tokenizer, tags=tags),
     )
 
 

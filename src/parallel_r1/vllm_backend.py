@@ -215,5 +215,5 @@ class VLLMEngine:
         ids = s.response[:cut]
         return make_rollout(
             self.tokenizer, s.prompt_index, s.sample_index, s.prompt_ids, ids, s.sampled[:cut], s.logprobs[:cut],
-            s.finish_reason, ends_with_eos=s.finish_reason == "stop" and len(ids) == len(s.response),
+            s.finish_reason, ends_with_eos=s.finish_reason == "stop" and len(ids) == len(s.response), tags=self.tags,
         )  # fmt: skip
