@@ -32,8 +32,6 @@ import torch
 pytest.importorskip("deepspeed")
 
 from test_distributed import (  # noqa: E402
-    _ENTRY,
-    ROOT,
     SFT_STAGE,
     _assert_close_runs,
     _finish,
@@ -41,6 +39,8 @@ from test_distributed import (  # noqa: E402
     _grpo_stage,
     _launch,
     _recipe,
+    _start,
+    _train_command,
 )
 
 from parallel_r1.checkpoint import checkpoint_info, latest_checkpoint  # noqa: E402
@@ -63,26 +63,11 @@ def _launch_zero(
     if launcher == "torchrun":
         env = {**_zero_env(zero), **(env or {})}
         return _launch(tmp_path, config, run_dir, processes=2, overrides=overrides, env=env)
-    entry = tmp_path / "entry.py"
-    entry.write_text(_ENTRY)
+    entry, args = _train_command(tmp_path, config, run_dir, overrides)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", f"--zero_stage={zero}"]
     cmd += ["--num_processes=2", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
-    cmd += [f"--main_process_port={_free_port()}", str(entry), "train", "--config", str(config)]
-    cmd += ["--run-dir", str(run_dir)]
-    for item in overrides:
-        cmd += ["--set", item]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    full_env.update(env or {})
-    full_env.pop("WORLD_SIZE", None)
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    cmd += [f"--main_process_port={_free_port()}", str(entry), *args]
+    return _start(cmd, env)
 
 
 def _check_deepspeed_checkpoint(ckpt: Path, zero: int) -> None:

@@ -167,11 +167,7 @@ def _launch(
     env: dict | None = None,
 ) -> subprocess.Popen:
     """`parallel-r1 train` in `processes` processes (a session of its own, so a kill takes them all)."""
-    entry = tmp_path / "entry.py"
-    entry.write_text(_ENTRY)
-    args = ["train", "--config", str(config), "--run-dir", str(run_dir)]
-    for item in overrides:
-        args += ["--set", item]
+    entry, args = _train_command(tmp_path, config, run_dir, overrides)
     if processes == 1:
         cmd = [sys.executable, str(entry), *args]
     elif launcher == "torchrun":
@@ -186,6 +182,21 @@ def _launch(
             f"--main_process_port={_free_port()}",
         ]
         cmd += [str(entry), *args]
+    return _start(cmd, env)
+
+
+def _train_command(tmp_path: Path, config: Path, run_dir: Path, overrides=()) -> tuple[Path, list[str]]:
+    """The test entry script (written to `tmp_path`) and the `train` arguments that follow it."""
+    entry = tmp_path / "entry.py"
+    entry.write_text(_ENTRY)
+    args = ["train", "--config", str(config), "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    return entry, args
+
+
+def _start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start a launch command offline, one torch thread per process, in a session of its own."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     full_env.update(env or {})
     full_env.pop("WORLD_SIZE", None)
