@@ -71,13 +71,21 @@ class _Structure:
     first_path: torch.Tensor  # index of the block's first `<Path>`, for path tokens
 
 
+def tag_spans(is_open: torch.Tensor, is_close: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last_open LongTensor[B, T], inside Bool[B, T]) for opening and closing tag flags [B, T]: the index of
+    the last opening tag at or before t (-1 if none), and whether t lies from an opening tag through its
+    closing tag, both included (a span cut off runs to the end)."""
+    last_open = _last_index(is_open)
+    # The closing tag is still inside its span, so only closes strictly before t count.
+    last_close_before = F.pad(_last_index(is_close)[:, :-1], (1, 0), value=-1)
+    return last_open, (last_open >= 0) & (last_open > last_close_before)
+
+
 def _structure(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor) -> _Structure:
     is_open = (input_ids == tags.parallel_open) & real
     is_close = (input_ids == tags.parallel_close) & real
-    last_open = _last_index(is_open)
-    # The `</Parallel>` token is still inside its block, so only closes strictly before t count.
-    last_close_before = F.pad(_last_index(is_close)[:, :-1], (1, 0), value=-1)
-    in_block = (last_open >= 0) & (last_open > last_close_before) & real
+    last_open, in_block = tag_spans(is_open, is_close)
+    in_block &= real
     block_id = torch.where(in_block, is_open.long().cumsum(1) - 1, -1)
 
     is_path_open = (input_ids == tags.path_open) & in_block

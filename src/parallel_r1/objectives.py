@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from parallel_r1.attention import tag_spans
 from parallel_r1.format import TagIds
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,26 +187,13 @@ def aggregate_loss(
 REGIONS = ("main", "path", "summary")  # region ids 0, 1, 2
 
 
-def _last_index(flags_BT: torch.Tensor) -> torch.Tensor:
-    """Long [B, T]: index of the last True at or before each t, -1 if none."""
-    idx_BT = torch.arange(flags_BT.shape[1], device=flags_BT.device).expand_as(flags_BT)
-    return torch.where(flags_BT, idx_BT, -1).cummax(dim=1).values
-
-
-def _inside(input_ids_BT: torch.Tensor, open_id: int, close_id: int) -> torch.Tensor:
-    """Bool [B, T]: from an opening tag through its closing tag, both included."""
-    opened_BT = _last_index(input_ids_BT == open_id)
-    closed_before_BT = F.pad(_last_index(input_ids_BT == close_id)[:, :-1], (1, 0), value=-1)
-    return (opened_BT >= 0) & (opened_BT > closed_before_BT)
-
-
 def token_regions(input_ids_BT: torch.Tensor, tags: TagIds) -> torch.Tensor:
     """Long [B, T]: the region of each token, by the tags' ids (an index into `REGIONS`): 1 from a `<Path>`
     through its `</Path>` (or to the end of a path cut off), 2 from `<Summary>` through `</Summary>`, 0
     (the main thread) elsewhere, `<Parallel>` and `</Parallel>` included."""
     regions_BT = torch.zeros_like(input_ids_BT)
-    regions_BT[_inside(input_ids_BT, tags.path_open, tags.path_close)] = 1
-    regions_BT[_inside(input_ids_BT, tags.summary_open, tags.summary_close)] = 2
+    regions_BT[tag_spans(input_ids_BT == tags.path_open, input_ids_BT == tags.path_close)[1]] = 1
+    regions_BT[tag_spans(input_ids_BT == tags.summary_open, input_ids_BT == tags.summary_close)[1]] = 2
     return regions_BT
 
 
