@@ -160,11 +160,19 @@ def test_a_killed_zero_run_resumes_bit_for_bit(tmp_path, zero):
 def test_zero3_refuses_the_grpo_settings_that_read_weights_outside_the_gather(tmp_path):
     """vLLM rollouts and a KL reference read a ZeRO-3 model's weights where they are
     sharded: `configure_deepspeed` names each one instead of letting a process fail or train on stale weights."""
+    from types import SimpleNamespace
+
     from parallel_r1.config import load_recipe
-    from parallel_r1.trainer import zero3_grpo_gaps
+    from parallel_r1.settings import ConfigError
+    from parallel_r1.trainer import configure_deepspeed, zero3_grpo_gaps
 
     stage = load_recipe(_recipe(tmp_path, "plain", _grpo_stage("unseen"))).stages[0]
     assert zero3_grpo_gaps(stage) == []
     stage.grpo.rollout.backend, stage.grpo.kl_coef = "vllm", 0.1
     gaps = zero3_grpo_gaps(stage)
     assert [gap.split()[0] for gap in gaps] == ["rollout.backend", "kl_coef"]
+    # A recipe setting the launch cannot serve is an input error: the CLI prints it as one `error:` line.
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
+    with pytest.raises(ConfigError, match="under DeepSpeed ZeRO-3 .*rollout.backend vllm"):
+        configure_deepspeed(accelerator, stage)

@@ -41,6 +41,7 @@ from parallel_r1.format import TagIds
 from parallel_r1.layout import DONE_FILE
 from parallel_r1.metrics import MetricsLogger
 from parallel_r1.models import TINY, load_model_and_tokenizer
+from parallel_r1.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def configure_deepspeed(accelerator: Accelerator, stage: StageConfig) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         refused = zero3_grpo_gaps(stage) if stage.kind == "grpo" else []
         if refused:
-            raise ValueError(
+            # A recipe setting the launch cannot serve: an input error (one `error:` line), not a bug.
+            raise ConfigError(
                 f"stage {stage.name!r}: under DeepSpeed ZeRO-3 GRPO samples with the hf backend from the gathered "
                 f"weights (trainer.full_weights), but {'; '.join(refused)}. Run the stage with ZeRO-2 "
                 "(accelerate launch --use_deepspeed --zero_stage 2) or turn the setting off"
