@@ -596,3 +596,28 @@ def test_the_dapo_recipe_turns_on_the_dapo_set():
     assert dapo.stages[:2] == s1.stages[:2] and dapo.stages[-1].data == s1.stages[-1].data
     plain = dataclasses.replace(g, dynamic_sampling=False, overlong_buffer=0)
     assert plain == s1.stages[-1].grpo
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen", "threads"])
+def test_two_steps_with_packed_and_grouped_rows_give_the_padded_rows_weights(tmp_path, monkeypatch, variant):
+    """The update's row layouts compute the same loss: two GRPO steps (old log-probs recomputed, three
+    micro-batches of the step) end at the same weights with each layout, to 2e-5 absolute, 2% of one Adam
+    step at lr 1e-3 (float32 sums in another order, amplified where Adam divides a nearly zero gradient by
+    the root of its second moment: tests/test_distributed.py's tolerance); losses to 1e-5 relative."""
+    from parallel_r1.config import parse_recipe
+
+    _constructed_rewards(monkeypatch)
+    weights, losses = {}, {}
+    for rows, tokens in (("padded", 0), ("grouped", 0), ("packed", 60)):
+        stage = parse_recipe(GRPO_STAGE.replace("variant: unseen", f"variant: {variant}")).stages[0]
+        stage.grpo.update_rows, stage.grpo.micro_batch_tokens = rows, tokens
+        stage.grpo.micro_batch_size, stage.grpo.old_logprobs = 3, "recompute"
+        stage.lr = 1e-3
+        trainer = GRPOTrainer(stage, tmp_path / rows, init_model="tiny", seed=0)
+        start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        losses[rows] = [trainer.train_step(step, [2 * step, 2 * step + 1])[0]["loss"] for step in range(2)]
+        weights[rows] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    assert (weights["padded"] - start).abs().max() > 1e-3  # the steps trained
+    for rows in ("grouped", "packed"):
+        assert (weights[rows] - weights["padded"]).abs().max() < 2e-5, rows
+        assert losses[rows] == pytest.approx(losses["padded"], rel=1e-5, abs=1e-7), rows

@@ -210,7 +210,17 @@ class GRPOConfig:
     mini_batch_size: int = 8
     """Prompts per optimiser step; prompts_per_step / mini_batch_size optimiser steps per epoch."""
     micro_batch_size: int = 16
-    """Responses per forward pass on each process (gradients accumulate over a mini-batch)."""
+    """Responses per forward pass on each process (gradients accumulate over a mini-batch); grouped rows
+    take whole groups (at least one)."""
+    update_rows: Literal["padded", "packed", "grouped"] = "grouped"
+    """How the update (and a recomputation of old log-probs) lays out a micro-batch: padded, a left-padded
+    row of prompt + response per response; packed, all of them side by side in one row without padding;
+    grouped, packed with each group's prompt once, its n responses seeing it and themselves only (a
+    prefix grouper). The three give the same log-probs and gradients up to float rounding (docs/training.md,
+    "Packed rows"); grouped computes the prompt's forward and backward once per group instead of n times."""
+    micro_batch_tokens: int = 0
+    """packed / grouped: cut micro-batches by packed tokens (at most this many, at least one group or row)
+    instead of by micro_batch_size responses. 0: by micro_batch_size."""
     ppo_epochs: int = 1
     """Passes over each step's rollouts."""
     clip_low: float = 0.2
@@ -280,6 +290,11 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "n", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _require(self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0 (0: cut by micro_batch_size)")
+        _require(
+            self.micro_batch_tokens == 0 or self.update_rows != "padded",
+            "micro_batch_tokens cuts packed rows: it needs update_rows packed or grouped",
+        )
         _require(self.n >= 2, "n must be >= 2 (advantages are relative to the group)")
         _require(
             self.prompts_per_step % self.mini_batch_size == 0,

@@ -40,10 +40,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from parallel_r1 import data, tasks
-from parallel_r1.attention import response_logprobs
 from parallel_r1.backends import make_engine
 from parallel_r1.bans import ban_rows, ban_table
-from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
+from parallel_r1.batch import RolloutBatch, batch_logprobs, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig, StageConfig
 from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
@@ -107,21 +106,16 @@ def policy_update(
     from (`RolloutBatch.behaviour`), entropy included.
     """
     model.train()
-    order = batch.by_length()
-    starts = list(range(0, len(order), cfg.micro_batch_size))
+    parts = batch.micro_batches(cfg.update_rows, cfg.micro_batch_size, cfg.micro_batch_tokens)
     sums = dict.fromkeys(SUMMED, 0.0)
-    for k, start in enumerate(starts):
-        mb = batch.micro_batch(order[start : start + cfg.micro_batch_size])
-        sync = accelerator.no_sync(model) if k < len(starts) - 1 else nullcontext()
+    for k, index in enumerate(parts):
+        mb = batch.micro_batch(index)
+        sync = accelerator.no_sync(model) if k < len(parts) - 1 else nullcontext()
         with sync:
             # The policy and the reference score the same tokens the same way.
-            inputs = (mb.input_ids_BT, mb.attention_mask_BT, tags)
-            scoring = {
-                "variant": variant,
-                "temperature": cfg.rollout.temperature,
-                "behaviour": mb.behaviour(ban_table, cfg.rollout.top_k, cfg.rollout.top_p),
-            }
-            logp_BT, entropy_BT = response_logprobs(model, *inputs, **scoring, with_entropy=True)
+            inputs = (mb, tags, cfg.update_rows, variant, cfg.rollout.temperature)
+            behaviour = mb.behaviour(ban_table, cfg.rollout.top_k, cfg.rollout.top_p)
+            logp_BT, entropy_BT = batch_logprobs(model, *inputs, with_entropy=True, behaviour=behaviour)
             # Under behaviour log-probs an untrained token (prompt, engine-inserted tag) may be one the
             # sampler could not have drawn, at -inf: zeroed here so no nan (-inf * 0, -inf - -inf) reaches
             # the loss; the masked fill passes no gradient to it.
@@ -132,7 +126,7 @@ def policy_update(
             per_token_BT = per_token_BT * mb.weight_BT
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp_BT, _ = response_logprobs(ref_model, *inputs, **scoring)
+                    ref_logp_BT, _ = batch_logprobs(ref_model, *inputs, behaviour=behaviour)
                 ref_logp_BT = ref_logp_BT.masked_fill(untrained_BT, 0.0)
                 kl_BT = kl_k3(logp_BT, ref_logp_BT)
                 per_token_BT = per_token_BT + cfg.kl_coef * kl_BT
@@ -336,6 +330,7 @@ class GRPOTrainer(StageTrainer):
             old_logp_BT = recompute_logprobs(
                 acc.unwrap_model(self.model), batch.to(acc.device), self.tags, self.stage.variant,
                 cfg.rollout.temperature, cfg.micro_batch_size, self.ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
+                cfg.update_rows, cfg.micro_batch_tokens,
             )  # fmt: skip
             batch.old_logp_BT = old_logp_BT.cpu()
             gap = logprob_gap(batch.old_logp_BT, batch.sampler_logp_BT, batch.loss_mask_BT, cfg.mismatch_threshold)
