@@ -188,6 +188,7 @@ def _batch(model, tags) -> RolloutBatch:
         logp, _ = response_logprobs(model, ids, attn, tags, "seen")
     old = (logp + 0.2 * torch.randn(3, T, generator=g)) * loss_mask
     zeros = torch.zeros(3, T)
+    # no prompt lengths: the policy_update tests below score these rows padded (update_rows="padded")
     return RolloutBatch(ids, attn, loss_mask, old, torch.tensor([1.0, -0.5, 2.0]), zeros, 1 + zeros, 0 * ids)
 
 
@@ -196,7 +197,9 @@ def _batch(model, tags) -> RolloutBatch:
 def test_policy_update_gradient_is_that_of_the_written_out_loss(tiny_model, tiny_tokenizer, mode, level):
     tags = TagIds.from_tokenizer(tiny_tokenizer)
     batch = _batch(tiny_model, tags)
-    cfg = GRPOConfig(micro_batch_size=1, loss_agg=mode, ratio_level=level, clip_low=0.2, clip_high=0.28)
+    cfg = GRPOConfig(
+        micro_batch_size=1, update_rows="padded", loss_agg=mode, ratio_level=level, clip_low=0.2, clip_high=0.28
+    )
     recorder = _Recorder(tiny_model)
     tokens, rows = batch.loss_mask_BT.sum().item(), 3.0
     out = policy_update(Accelerator(cpu=True), tiny_model, recorder, batch, cfg, tags, "seen", 0.0, tokens, rows)
@@ -244,13 +247,13 @@ def test_sequence_mode_clips_a_whole_response(tiny_model, tiny_tokenizer):
     shift = torch.zeros_like(m)
     shift[0] = torch.tensor([0.0] * 4 + [0.9, 0.0, 0.0, 0.0, 0.9])  # row 0: two tokens far off, two at 1
     batch.old_logp_BT = (logp - shift) * m
-    cfg = GRPOConfig(micro_batch_size=3, ratio_level="sequence", loss_agg="seq-mean-token-mean")
+    cfg = GRPOConfig(micro_batch_size=3, update_rows="padded", ratio_level="sequence", loss_agg="seq-mean-token-mean")
     batch.adv_B = torch.tensor([1.0, 0.0, 0.0])
     recorder = _Recorder(tiny_model)
     out = policy_update(Accelerator(cpu=True), tiny_model, recorder, batch, cfg, tags, "seen", 0.0, m.sum().item(), 3)
     assert math.exp(1.8 / 4) > 1.28 and out["clipped"] == 4
     assert all(g is None or g.abs().max() == 0 for g in recorder.grads)
-    token_cfg = GRPOConfig(micro_batch_size=3, loss_agg="seq-mean-token-mean")
+    token_cfg = GRPOConfig(micro_batch_size=3, update_rows="padded", loss_agg="seq-mean-token-mean")
     policy_update(Accelerator(cpu=True), tiny_model, recorder, batch, token_cfg, tags, "seen", 0.0, m.sum().item(), 3)
     assert any(
         g is not None and g.abs().max() > 0 for g in recorder.grads
@@ -269,7 +272,7 @@ def test_region_entropy_is_logged_per_region(tiny_model, tiny_tokenizer):
     mask = torch.tensor([[0.0] * 3 + [float(s) for s in sampled]])
     zeros = torch.zeros_like(mask)
     batch = RolloutBatch(ids, torch.ones_like(ids), mask, zeros, torch.tensor([1.0]), zeros, 1 + zeros, 0 * ids)
-    cfg = GRPOConfig(micro_batch_size=1)
+    cfg = GRPOConfig(micro_batch_size=1, update_rows="padded")
     out = policy_update(
         Accelerator(cpu=True), tiny_model, _Recorder(tiny_model), batch, cfg, tags, "unseen", 0.0, mask.sum(), 1
     )
