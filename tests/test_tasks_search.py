@@ -47,6 +47,8 @@ def test_teacher_solutions_are_well_formed_and_right(style):
             assert is_correct(text, str(p.answer))
             if style in ("parallel", "mixed"):
                 assert (parsed.num_blocks > 0) == (style == "parallel" or level > 1)
+            elif style == "choice":
+                assert parsed.num_blocks == 0 or level > 1
             else:
                 assert parsed.num_blocks == 0 and "<" not in text
             assert text.count(f": {p.answer} works") == 1  # exactly the right candidate checks out
@@ -148,3 +150,41 @@ def test_splits_are_apart_by_computation_and_valid_problems_never_try_a_heldout_
 def test_path_candidate_reads_the_try():
     assert search.path_candidate(search.try_lines(7, 3, 10, 31)) == 7
     assert search.path_candidate("none works") is None
+
+
+def test_choice_opens_a_block_on_even_odds_where_mixed_always_does():
+    problems = search.generate(400, (3, 4, 5), "train", seed=6)
+    opened = decisions = 0
+    for p in problems:
+        text = search.teacher_solution(p, "choice", random.Random(p.id))
+        parsed = parse(text)
+        assert parsed.well_formed and is_correct(text, str(p.answer))
+        order = list(p.candidates)
+        random.Random(p.id).shuffle(order)
+        tries = _tries(text)
+        assert tries == order[: len(tries)]  # the mixed script's order, no re-tries, stops at the hit
+        assert all(len(b.paths) == 2 for b in parsed.blocks)
+        # every decision point (three or more candidates left) either opened a block or tried one candidate
+        i = 0
+        for block_or_try in _units(text):
+            if len(order) - i >= 3:
+                decisions += 1
+                opened += block_or_try == "block"
+            i += 2 if block_or_try == "block" else 1
+    assert 0.4 < opened / decisions < 0.6
+    mixed = [search.teacher_solution(p, "mixed", random.Random(p.id)) for p in problems]
+    assert all(parse(t).num_blocks > 0 for t in mixed)  # mixed opens one whenever it can
+
+
+def _units(text: str) -> list[str]:
+    """The solution as a list of "block" / "try" in order."""
+    units, rest = [], text.split("Final Answer")[0]
+    while rest.strip():
+        if rest.startswith("<Parallel>"):
+            units.append("block")
+            rest = rest[rest.index("</Summary>") + len("</Summary>") :]
+        else:
+            units.append("try")
+            cut = [i for i in (rest.find("\n\n"), rest.find("<Parallel>")) if i > 0]
+            rest = rest[min(cut) :].lstrip("\n") if cut else ""
+    return units

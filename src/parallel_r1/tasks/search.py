@@ -21,7 +21,11 @@ styles differ in one thing at a time (docs/study.md):
 * ``thorough``: sequential text with exactly the parallel script's tries (re-tries included): as broad as
   the parallel teacher, without blocks or summaries (a control);
 * ``mixed``: a block of two paths only while three or more candidates remain untried, single tries
-  otherwise, so that opening a block is a choice that depends on the problem.
+  otherwise, so that opening a block is a choice that depends on the problem;
+* ``choice``: as ``mixed``, but wherever three or more candidates remain a block of two opens on a coin's
+  toss (even odds, drawn from the solution's random stream), so the cold-started policy is unsure whether to
+  open one and the rewards and their schedules can move that choice (with ``mixed`` it is fixed by the
+  problem's state, and RL cannot change it).
 
 Levels grade the difficulty (more candidates, bigger multipliers, subtraction). Splits are fixed by a hash
 of the computation that solves a problem (multiplier, offset, answer): about 10 % held out (`eval`), 10 %
@@ -45,7 +49,7 @@ SOURCE = "search"
 CANDIDATES = tuple(range(2, 10))
 _QUESTION_RE = re.compile(r"with n\*(\d+)([+-])(\d+)=")
 _CANDIDATE_RE = re.compile(r"\s*(\d+)\*")
-STYLES = ("parallel", "plain", "sequential", "thorough", "mixed")
+STYLES = ("parallel", "plain", "sequential", "thorough", "mixed", "choice")
 SPLIT_SALT = "search-v2/"
 VALID_PERCENT = 10
 # The plain control's delimiters in place of the tags (the tags' order is that of format.TAGS).
@@ -202,8 +206,8 @@ def teacher_solution(
     if style == "sequential":
         # A blank line between tries: the sequential trace gets a separator of its own, as paths get tags.
         return "\n\n".join(_try(problem, c) for c in order[: order.index(problem.answer) + 1]) + "\n" + final
-    if style == "mixed":
-        return _mixed(problem, order) + final
+    if style in ("mixed", "choice"):
+        return _mixed(problem, order, rng if style == "choice" else None) + final
     groups = _parallel_groups(problem, order, num_paths)
     if style == "thorough":
         return "\n\n".join(_try(problem, c) for group in groups for c in group) + "\n" + final
@@ -236,11 +240,12 @@ def _block(problem: SearchProblem, group: list[int]) -> str:
     return PARALLEL_OPEN + paths + PARALLEL_CLOSE + SUMMARY_OPEN + summary + SUMMARY_CLOSE
 
 
-def _mixed(problem: SearchProblem, order: list[int]) -> str:
-    """Blocks of two while three or more candidates remain untried, single tries after; stops at the hit."""
+def _mixed(problem: SearchProblem, order: list[int], coin: random.Random | None = None) -> str:
+    """Blocks of two while three or more candidates remain untried (with `coin`: on its toss, one toss per
+    such decision), single tries otherwise; stops at the hit."""
     text, i = "", 0
     while True:
-        if len(order) - i >= 3:
+        if len(order) - i >= 3 and (coin is None or coin.random() < 0.5):
             group = order[i : i + 2]
             text += _block(problem, group)
             if problem.answer in group:
