@@ -69,16 +69,18 @@ def _setup_logging(verbose: bool) -> None:
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """--temperature, --top-p, --top-k, --max-response-tokens, --max-path-tokens, --max-blocks,
-    --num-paths (one per `SamplingSettings` field, with its default and help), --variant and --seed."""
+    --num-paths, --plans/--no-plans, --max-paths (one per `SamplingSettings` field, with its default and
+    help), --variant and --seed."""
     hints = typing.get_type_hints(SamplingSettings)
     defaults = SamplingSettings()
     for field in dataclasses.fields(SamplingSettings):
         default = getattr(defaults, field.name)
+        kind = {"action": argparse.BooleanOptionalAction} if hints[field.name] is bool else {"type": hints[field.name]}
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=hints[field.name],
             default=default,
             help=f"{field.metadata['help']} (default: {default})",
+            **kind,
         )
     parser.add_argument(
         "--variant", choices=VARIANTS, default=DEFAULT_VARIANT, help=f"decoding variant (default: {DEFAULT_VARIANT})"
