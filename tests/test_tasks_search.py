@@ -148,3 +148,34 @@ def test_splits_are_apart_by_computation_and_valid_problems_never_try_a_heldout_
 def test_path_candidate_reads_the_try():
     assert search.path_candidate(search.try_lines(7, 3, 10, 31)) == 7
     assert search.path_candidate("none works") is None
+
+
+def test_planned_teacher_plans_each_block_and_keeps_the_parallel_tries():
+    from parallel_r1 import diagnostics
+    from parallel_r1.answers import extract_answer
+    from parallel_r1.format import validate
+
+    problems = search.generate(200, levels=(1, 2, 3, 4), seed=3)
+    sizes = set()
+    for p in problems:
+        planned = search.teacher_solution(p, "planned", random.Random(p.id))
+        assert validate(planned, plans=True) == [] and validate(planned) != []
+        blocks = parse(planned, plans=True).blocks
+        sizes |= {len(b.paths) for b in blocks}
+        for block in blocks:
+            lines = [planned[s.start : s.end] for s in block.plan_lines]
+            tried = [search.path_candidate(planned[q.content.start : q.content.end]) for q in block.paths]
+            assert lines == [f"{c}*{p.factor}" for c in tried]
+        # the shuffled order of every style, a full block at a time, fewer paths only when candidates run out
+        order = list(p.candidates)
+        random.Random(p.id).shuffle(order)
+        tries = diagnostics.tried_candidates(planned)
+        assert tries == order[: len(tries)]
+        assert len(set(tries)) == len(tries) and p.answer in tries[-len(blocks[-1].paths) :]
+        assert all(len(b.paths) == search.PLANNED_PATHS for b in blocks[:-1])
+        left = len(p.candidates) - search.PLANNED_PATHS * (len(blocks) - 1)
+        assert len(blocks[-1].paths) == min(search.PLANNED_PATHS, left)
+        assert extract_answer(planned) == str(p.answer)
+    assert sizes == {1, 2, 3}
+    with pytest.raises(ValueError, match="planned"):
+        search.teacher_solution(problems[0], "unknown")
