@@ -113,11 +113,12 @@ def _add_check_parser(sub) -> None:
     check.add_argument("file", help="JSONL file, one record a line")
     check.add_argument("--field", default="response", help="record field holding the response (default: response)")
     check.add_argument("--json", action="store_true", help="print one JSON object per record")
+    check.add_argument("--plans", action="store_true", help="check the planned format (a plan opens every block)")
     check.set_defaults(func=_cmd_check)
 
 
 def _cmd_check(args) -> int:
-    results = response_format.check_file(args.file, args.field)
+    results = response_format.check_file(args.file, args.field, plans=args.plans)
     if args.json:
         for result in results:
             print(json.dumps(result))
