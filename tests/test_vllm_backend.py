@@ -147,7 +147,7 @@ def test_threads_training_scores_exactly_what_a_stock_engine_sampled(tiny_model,
         assert r.structure.num_blocks >= 1 and len(r.structure.blocks[0].paths) == 3
         ids = torch.tensor([r.prompt_ids + r.response_ids])
         with torch.no_grad():
-            lp, _ = response_logprobs(tiny_model, ids, torch.ones_like(ids), t, variant="threads")
+            lp, _ = response_logprobs(tiny_model, ids, torch.ones_like(ids), t, variant=variant)
         sampled = torch.tensor(r.sampled_mask)
         gaps.append((lp[0, len(r.prompt_ids) :][sampled] - torch.tensor(r.logprobs)[sampled]).abs().max().item())
     if variant == "threads":
