@@ -150,3 +150,14 @@ def test_sweep_scores_learning_rates_on_validation_problems_and_the_study_reuses
     assert reused.is_symlink()
     assert reused.resolve() == (tmp_path / "sweep" / "sequential" / "seed0-lr0.0001").resolve()
     assert (reused / "eval" / "heldout.json").is_file() and (reused / "eval" / "validation.json").is_file()
+
+
+def test_the_planned_arm_is_unseen_with_planned_blocks_at_the_same_budget():
+    recipes = study.load_arms(study.StudySettings(arms=("unseen", "unseen_planned")), [])
+    unseen, planned = recipes["unseen"], recipes["unseen_planned"]
+    assert study.rl_budget(unseen) == study.rl_budget(planned)
+    assert planned.stages[0].data.task_style == "planned" and study.sft_key(planned) != study.sft_key(unseen)
+    for a, b in zip(unseen.stages[1:], planned.stages[1:]):
+        assert not a.grpo.rollout.plans and b.grpo.rollout.plans and b.grpo.rollout.max_paths == 3
+        assert a.variant == b.variant == "unseen"
+    assert "unseen_planned" not in study.StudySettings().arms

@@ -36,7 +36,7 @@ def test_train_problems_never_try_the_computation_that_solves_a_heldout_problem(
             assert not tried & solved
 
 
-@pytest.mark.parametrize("style", search.STYLES)
+@pytest.mark.parametrize("style", (*search.STYLES, search.CHOICE))
 def test_teacher_solutions_are_well_formed_and_right(style):
     rng = random.Random(0)
     for level in search.LEVELS:
@@ -188,3 +188,34 @@ def _units(text: str) -> list[str]:
             cut = [i for i in (rest.find("\n\n"), rest.find("<Parallel>")) if i > 0]
             rest = rest[min(cut) :].lstrip("\n") if cut else ""
     return units
+
+
+def test_planned_teacher_plans_each_block_and_keeps_the_parallel_tries():
+    from parallel_r1 import diagnostics
+    from parallel_r1.answers import extract_answer
+    from parallel_r1.format import validate
+
+    problems = search.generate(200, levels=(1, 2, 3, 4), seed=3)
+    sizes = set()
+    for p in problems:
+        planned = search.teacher_solution(p, "planned", random.Random(p.id))
+        assert validate(planned, plans=True) == [] and validate(planned) != []
+        blocks = parse(planned, plans=True).blocks
+        sizes |= {len(b.paths) for b in blocks}
+        for block in blocks:
+            lines = [planned[s.start : s.end] for s in block.plan_lines]
+            tried = [search.path_candidate(planned[q.content.start : q.content.end]) for q in block.paths]
+            assert lines == [f"{c}*{p.factor}" for c in tried]
+        # the shuffled order of every style, a full block at a time, fewer paths only when candidates run out
+        order = list(p.candidates)
+        random.Random(p.id).shuffle(order)
+        tries = diagnostics.tried_candidates(planned)
+        assert tries == order[: len(tries)]
+        assert len(set(tries)) == len(tries) and p.answer in tries[-len(blocks[-1].paths) :]
+        assert all(len(b.paths) == search.PLANNED_PATHS for b in blocks[:-1])
+        left = len(p.candidates) - search.PLANNED_PATHS * (len(blocks) - 1)
+        assert len(blocks[-1].paths) == min(search.PLANNED_PATHS, left)
+        assert extract_answer(planned) == str(p.answer)
+    assert sizes == {1, 2, 3}
+    with pytest.raises(ValueError, match="planned"):
+        search.teacher_solution(problems[0], "unknown")

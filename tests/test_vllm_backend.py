@@ -156,6 +156,67 @@ def test_threads_training_scores_exactly_what_a_stock_engine_sampled(tiny_model,
         assert max(gaps) > 1e-2, gaps  # the reference's flaw: the summary was sampled from another context
 
 
+def test_planned_block_forks_one_path_per_plan_line(tiny_tokenizer):
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    a, b, c = tiny_tokenizer.convert_tokens_to_ids(["a", "b", "c"])
+    nl = tiny_tokenizer.encode("\n")[0]
+    engine = Scripted(
+        tiny_tokenizer,
+        [
+            done([a, t.parallel_open]),  # main thread opens a block
+            done([b, nl, c, t.path_open]),  # the plan: two lines, then the model's own <Path>
+            done([a, t.path_close]),
+            done([a, t.path_close]),
+            done([a, t.summary_close]),
+            done([t.parallel_open]),  # a second block, whose plan runs past max_paths = 2 lines
+            done([a, nl, b, nl, c, nl, t.path_open]),  # cut after "b\n": c and the <Path> are dropped
+            done([c, t.path_close]),
+            done([c, t.path_close]),
+            done([b, t.summary_close]),
+            done([eos]),
+        ],
+    )
+    params = SamplingParams(seed=0, max_path_tokens=10, plans=True, max_paths=2)
+    (r,) = engine.generate([[a]], params=params)
+    plan = engine.requests[1][0]
+    assert plan.stop_token_ids == [t.path_open] and t.path_open not in plan.banned and t.path_close in plan.banned
+    paths = engine.requests[2]
+    prefix = [a, a, t.parallel_open, b, nl, c, t.path_open]
+    assert [p.prompt_ids for p in paths] == [prefix + [b], prefix + [c]]
+    assert all(p.max_tokens == 7 for p in paths)
+    first = [a, t.parallel_open, b, nl, c, t.path_open, b, a, t.path_close, t.path_open, c, a, t.path_close]
+    assert r.response_ids[: len(first)] == first
+    assert r.sampled_mask[: len(first)] == [True] * 6 + [False, True, True, False, False, True, True]
+    assert r.logprobs[5] == -0.5  # the sampled <Path> keeps its log-prob
+    second = r.structure.blocks[1]
+    assert r.response_ids[second.token_span.start : second.paths[0].token_span.start + 2] == [
+        t.parallel_open, a, nl, b, nl, t.path_open, a,
+    ]  # fmt: skip
+    assert r.sampled_mask[second.paths[0].token_span.start] is False  # the engine closed that plan
+    assert r.structure.paths_per_block == [2, 2] and r.structure.well_formed
+
+
+def test_planned_threads_are_on_policy_under_a_stock_engine(tiny_model, tiny_tokenizer):
+    from parallel_r1.attention import response_logprobs
+
+    t = TagIds.from_tokenizer(tiny_tokenizer)
+    engine = StockEngine(tiny_model, tiny_tokenizer)
+    params = SamplingParams(
+        variant="threads", seed=3, open_block=True, plans=True, max_paths=3, max_path_tokens=8, max_response_tokens=40
+    )
+    gaps, counts = [], set()
+    for r in engine.generate(["Question: Tom has 3 apples", "Amy reads"], n=2, params=params):
+        counts |= {len(b.paths) for b in r.structure.blocks if b.closed}
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            lp, _ = response_logprobs(tiny_model, ids, torch.ones_like(ids), t, variant="threads")
+        sampled = torch.tensor(r.sampled_mask)
+        gaps.append((lp[0, len(r.prompt_ids) :][sampled] - torch.tensor(r.logprobs)[sampled]).abs().max().item())
+    assert counts and counts <= {1, 2, 3}
+    assert max(gaps) <= 1e-4, gaps  # the plan, each path with its line, the summary: all on-policy
+
+
 def test_an_in_memory_torch_model_is_refused(tiny_model, tiny_tokenizer):
     with pytest.raises(TypeError, match="directory"):
         VLLMEngine(tiny_model, tiny_tokenizer)

@@ -128,10 +128,12 @@ class BenchmarkResult:
     engine_utilisation: float | None = None  # hf engine: share of computed query slots that fed a real token
 
 
-def sample_record(rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0) -> dict:
+def sample_record(
+    rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0, plans: bool = False
+) -> dict:
     """Score one rollout: its `rollout.RolloutRecord`, which holds what the metrics, the viewer and the
-    analysis need."""
-    score = score_response(rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s)
+    analysis need (`plans`: checked in the planned format)."""
+    score = score_response(rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s, plans=plans)
     return rollout_record(
         rollout,
         question=problem.question,
@@ -225,7 +227,7 @@ def evaluate_benchmark(
                 problem = chunk[rollout.prompt_index]
                 if cut is not None and cut in rollout.text:
                     rollout = replace(rollout, text=rollout.text.split(cut, 1)[0])
-                records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s))
+                records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s, cfg.plans))
             progress.advance(task, len(chunk))
     result = summarize(records, cfg.k, model_name, benchmark, seconds, cfg.verify_timeout_s)
     if counted:
