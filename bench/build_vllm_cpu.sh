@@ -73,6 +73,12 @@ patch("csrc/cpu/torch_bindings.cpp",
       "    defined(__riscv_v) || defined(__s390x__)\n  // Helper function to release oneDNN handlers",
       "#if 0  // built without oneDNN (parallel-r1's bench/build_vllm_cpu.sh)\n"
       "  // Helper function to release oneDNN handlers")
+# vLLM's CPU attention instantiates its kernels for 12 head sizes; 32 and 64 (and 48 for the 16-aligned
+# path) cover the tiny models here and cut the heaviest compile unit to a fraction. Another head size
+# then fails at its first attention call.
+patch("csrc/cpu/generate_cpu_attn_dispatch.py", "HEAD_DIMS_32 = [32, 64, 96, 128, 160, 192, 224, 256, 512]",
+      "HEAD_DIMS_32 = [32, 64]")
+patch("csrc/cpu/generate_cpu_attn_dispatch.py", "HEAD_DIMS_16 = [48, 80, 112]", "HEAD_DIMS_16 = [48]")
 patch("setup.py",
       '        ext_modules.append(CMakeExtension(name="vllm._C_AVX512"))\n'
       '        ext_modules.append(CMakeExtension(name="vllm._C_AVX2"))\n', "")
