@@ -143,6 +143,7 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     _add_sampling_flags(ev)
     _count_flag(ev, "--batch-size", defaults.max_batch_size, "rollouts decoded together")
+    ev.add_argument("--backend", choices=BACKENDS, default=defaults.backend, help="rollout engine (default: hf)")
     ev.add_argument(
         "--template",
         help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}} "
@@ -184,6 +185,7 @@ def _cmd_eval(args) -> int:
         seed=args.seed,
         variant=args.variant,
         max_batch_size=args.batch_size,
+        backend=args.backend,
         template=template,
         chat_template=args.chat_template,
         system_prompt=args.system_prompt,

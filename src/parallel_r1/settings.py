@@ -177,6 +177,7 @@ class EvalConfig(SamplingSettings):
     seed: int = _knob(0, "seed of the first chunk of problems (the next chunks count up from it)")
     variant: str = _knob(DEFAULT_VARIANT, "decoding variant: unseen, seen or threads")
     max_batch_size: int = _knob(64, "rollouts decoded together")
+    backend: str = _knob("hf", "rollout engine: hf, or vllm (from the model's folder; a preset is saved to one first)")
     verify_timeout_s: float = _knob(5.0, "seconds math-verify may spend on one answer before it counts as wrong")
     template: str | None = _knob(None, "prompt template with {question}; empty: prompts.PROMPT_TEMPLATE")
     chat_template: str = _knob(
@@ -200,6 +201,7 @@ class EvalConfig(SamplingSettings):
         require(self.shots >= 0, "shots must be >= 0")
         require(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         require(self.max_batch_size >= 1, "max_batch_size must be >= 1")
+        require(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         require(self.verify_timeout_s > 0, "verify_timeout_s must be > 0")
 
 

@@ -108,10 +108,15 @@ class VLLMEngine:
         return cls(str(model_dir), tokenizer, **llm_kwargs)
 
     def load_weights(self, named_tensors) -> None:
-        """Replace the engine's weights by `named_tensors` ((name, tensor) pairs, e.g. a state dict's items)
-        and drop the prefix cache computed with the old ones. Needs a `colocated` engine."""
-        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        model.load_weights(named_tensors)
+        """Replace the engine's weights by `named_tensors` ((name, tensor) pairs in the checkpoint's names,
+        e.g. a state dict's items) and drop the prefix cache computed with the old ones.
+
+        Through vLLM's `reload_weights`, not the model's `load_weights`: after loading, vLLM turns layers
+        into kernel formats (on CPU each linear layer keeps only a oneDNN-packed copy, its weight emptied),
+        so loading into the parameters alone changes nothing there; `reload_weights` restores the
+        parameters, loads, and packs them again. Needs a `colocated` engine (the tensors are handed over
+        in process)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
         self.llm.reset_prefix_cache()
 
     def run(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
