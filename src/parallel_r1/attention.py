@@ -165,6 +165,10 @@ class Layout:
     seg: torch.Tensor  # LongTensor[B, S]: 0 = reads causally; > 0 = an isolated segment, unique in its row
     horizon: torch.Tensor  # LongTensor[B, S]: last shared column an isolated token sees (-1 for segment 0)
     source: torch.Tensor | None = None  # LongTensor[B, T]: the column whose log-prob is token t's (None: t)
+    # Packed rows only (`parallel_r1.packing`): several sequences side by side in one row. A query also
+    # needs group[k] == group[q] and (doc[k] == 0 or doc[k] == doc[q]): doc 0 is a group's shared prompt.
+    group: torch.Tensor | None = None  # LongTensor[B, S]
+    doc: torch.Tensor | None = None  # LongTensor[B, S]
 
     def to_sequence(self, values_BS: torch.Tensor | None) -> torch.Tensor | None:
         """Per-token values [B, S] of the layout back to the T tokens of the sequential text."""
@@ -234,7 +238,7 @@ def allowed(layout: Layout, q_start: int = 0, q_end: int | None = None) -> torch
     k = torch.arange(S, device=device)[None, :]
     seg_q, horizon_q = layout.seg[:, q_start:q_end, None], layout.horizon[:, q_start:q_end, None]
     rule = (seg_q == 0) | (layout.seg[:, None, :] == seg_q) | (k <= horizon_q)
-    visible = (k <= q) & layout.real[:, None, :] & rule
+    visible = (k <= q) & layout.real[:, None, :] & rule & _packed_rule(layout, q_start, q_end)
     return visible | ((k == q) & ~layout.real[:, q_start:q_end, None])
 
 
@@ -251,9 +255,11 @@ def block_mask(layout: Layout):
     """A flex-attention `BlockMask` of the `Layout`'s rule. It stores 128 x 128 tiles, skipping fully
     masked ones, so memory grows with the number of tiles rather than with S * S."""
     seg, horizon, real = layout.seg, layout.horizon, layout.real
+    group, doc = _group_doc(layout)
 
     def mask_mod(b, h, q, k):
         rule = (seg[b, q] == 0) | (seg[b, k] == seg[b, q]) | (k <= horizon[b, q])
+        rule = rule & (group[b, k] == group[b, q]) & ((doc[b, k] == 0) | (doc[b, k] == doc[b, q]))
         return ((k <= q) & real[b, k] & rule) | ((q == k) & ~real[b, q])
 
     B, S = layout.input_ids.shape
@@ -308,32 +314,53 @@ def token_logprobs(
     Entropy (if asked) is that of the distribution that predicted token t; column 0 is 0.
     With `behaviour` (its ban rows in these columns) both are of the distribution the sampler drew from.
     """
-    # sampler imports rollout, which imports this module
-    from parallel_r1.sampler import warp_scores
-
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T = input_ids.shape
-    # at least float32 (bf16 logits are upcast); float64 stays float64, as in `sampler.sample_tokens`
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logps, entropies = [], []
     for start in range(0, T - 1, chunk):
-        z = logits[:, start : min(start + chunk, T - 1)].to(dtype)
-        if temperature != 1.0:
-            z = z / temperature
-        target = input_ids[:, start + 1 : start + 1 + z.shape[1]]
-        if behaviour is not None:
-            banned = behaviour.table[behaviour.ban_rows[:, start + 1 : start + 1 + z.shape[1]]]
-            z = warp_scores(z.flatten(0, 1), banned.flatten(0, 1), behaviour.top_k, behaviour.top_p).view_as(z)
-        lse = z.logsumexp(-1)
-        logps.append(z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse)
+        targets = slice(start + 1, min(start + 1 + chunk, T))
+        rows = None if behaviour is None else behaviour.ban_rows[:, targets]
+        logp, entropy = scored_targets(
+            logits[:, start : targets.stop - 1], input_ids[:, targets], temperature, with_entropy, behaviour, rows
+        )
+        logps.append(logp)
         if with_entropy:
-            p = z.softmax(-1)
-            entropies.append(lse - torch.where(p > 0, p * z, 0.0).sum(-1))
+            entropies.append(entropy)
     zero = logits.new_zeros(B, 1, dtype=dtype)
     logp = torch.cat([zero, *logps], dim=1)
     entropy = torch.cat([zero, *entropies], dim=1) if with_entropy else None
     return logp, entropy
+
+
+def scored_targets(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    behaviour: Behaviour | None,
+    ban_rows: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-prob, entropy or None), each [...], of tokens target [...] under logits [..., V] / temperature
+    (with `behaviour` and its `ban_rows` [...] of these targets: of the distribution the sampler drew from)."""
+    # sampler imports rollout, which imports this module
+    from parallel_r1.sampler import warp_scores
+
+    # at least float32 (bf16 logits are upcast); float64 stays float64, as in `sampler.sample_tokens`
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        z = z / temperature
+    if behaviour is not None:
+        banned = behaviour.table[ban_rows]
+        flat = warp_scores(z.reshape(-1, z.shape[-1]), banned.reshape(-1, z.shape[-1]), behaviour.top_k, behaviour.top_p)
+        z = flat.view_as(z)
+    lse = z.logsumexp(-1)
+    logp = z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    p = z.softmax(-1)
+    return logp, lse - torch.where(p > 0, p * z, 0.0).sum(-1)
 
 
 def response_logprobs(
@@ -364,19 +391,7 @@ def response_logprobs(
     inserted them; those tokens are engine-inserted and not trained on in RL.
     """
     layout = build_layout(input_ids, attention_mask, tags, variant)
-    if attention_kernel(model, layout.input_ids.shape[1], kernel) == "chunked":
-        with _chunked_backend(model):
-            logits = model(
-                input_ids=layout.input_ids,
-                position_ids=layout.positions,
-                use_cache=False,
-                structured_plan=chunk_plan(layout),
-            ).logits
-    else:
-        mask = model_attention(model, layout)
-        logits = model(
-            input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.positions, use_cache=False
-        ).logits
+    logits = layout_logits(model, layout, attention_kernel(model, layout.input_ids.shape[1], kernel))
     if behaviour is not None and layout.source is not None:
         # a token's ban row goes to the column whose log-prob is its own (a threads path's copy)
         rows = torch.zeros_like(layout.input_ids).scatter_(1, layout.source, behaviour.ban_rows)
@@ -396,16 +411,41 @@ CHUNK_TOKENS = 1024
 KERNELS = ("auto", "dense", "chunked")
 
 
-def attention_kernel(model, columns: int, kernel: str = "auto") -> str:
-    """The kernel `response_logprobs` uses for rows of `columns` columns: "dense" or "chunked"."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+def layout_logits(model, layout: Layout, kernel: str, logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, S or K, V] of `model` over the layout's rows with `kernel` ("dense": the backend's own
+    mask, or "chunked"); with `logits_to_keep` (LongTensor[K] of columns) only those columns' logits."""
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+    if kernel == "chunked":
+        with _chunked_backend(model):
+            return model(
+                input_ids=layout.input_ids,
+                position_ids=layout.positions,
+                use_cache=False,
+                structured_plan=chunk_plan(layout),
+                **keep,
+            ).logits
+    mask = model_attention(model, layout)
+    return model(
+        input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.positions, use_cache=False, **keep
+    ).logits
+
+
+def can_chunk(model) -> bool:
+    """Whether `model` can run the chunked kernel: an sdpa or eager model without gradient checkpointing."""
     backend = getattr(hf_config(model), "_attn_implementation", None)
     # Gradient checkpointing recomputes the forward during backward, after the backend is restored.
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    chunkable = backend in DENSE_BACKENDS and not checkpointing
+    return backend in DENSE_BACKENDS and not checkpointing
+
+
+def attention_kernel(model, columns: int, kernel: str = "auto") -> str:
+    """The kernel `response_logprobs` uses for rows of `columns` columns: "dense" or "chunked"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+    backend = getattr(hf_config(model), "_attn_implementation", None)
+    chunkable = can_chunk(model)
     if kernel == "chunked" and not chunkable:
         raise ValueError(
             f"the chunked kernel needs an sdpa or eager model without gradient checkpointing, got {backend!r}"
@@ -421,22 +461,24 @@ def chunk_plan(layout: Layout, chunk: int | None = None) -> list[chunked_attenti
     it (`Layout`'s rule depends on the query only through seg and horizon there) and one row of
     `allowed` per piece is enough. Costs O(S * chunk + S * S / chunk) booleans, built once per forward."""
     chunk = CHUNK_TOKENS if chunk is None else chunk
-    seg, horizon = layout.seg, layout.horizon
-    S = seg.shape[1]
-    change = ((seg[:, 1:] != seg[:, :-1]) | (horizon[:, 1:] != horizon[:, :-1])).any(0)
+    S = layout.seg.shape[1]
+    change = torch.zeros(S - 1, dtype=torch.bool, device=layout.seg.device)
+    for ids in (layout.seg, layout.horizon, *_group_doc(layout)):
+        change |= (ids[:, 1:] != ids[:, :-1]).any(0)
     cuts = sorted(set(range(0, S, chunk)) | set((change.nonzero().flatten() + 1).tolist()) | {S})
     pieces = []
     for q0, q1 in zip(cuts[:-1], cuts[1:]):
-        before = None
+        before, keys = None, None
         if q0 > 0:
             head = _columns(layout, 0, q0 + 1)
             before = allowed(head, q0, q0 + 1)[:, :, :q0]
-            before = None if before.all() else before
+            before, keys = _visible_keys(before, layout.group is not None)
         # The piece's own square: the rule only compares columns with each other and with the
         # (absolute) horizon, so shifting both by q0 gives the same answer on columns [q0, q1).
         diag = allowed(_columns(layout, q0, q1), 0, q1 - q0)
         causal = torch.ones(q1 - q0, q1 - q0, dtype=torch.bool, device=diag.device).tril().expand_as(diag)
-        pieces.append(chunked_attention.Piece(q0, q1, before, None if torch.equal(diag, causal) else diag))
+        diag = None if torch.equal(diag, causal) else diag
+        pieces.append(chunked_attention.Piece(q0, q1, before, diag, keys))
     return pieces
 
 
@@ -450,7 +492,43 @@ def _columns(layout: Layout, start: int, end: int) -> Layout:
         seg=layout.seg[:, start:end],
         horizon=layout.horizon[:, start:end] - start,
         source=None,
+        group=None if layout.group is None else layout.group[:, start:end],
+        doc=None if layout.doc is None else layout.doc[:, start:end],
     )
+
+
+# ----------------------------------------------------------------------------- packed rows
+# `parallel_r1.packing` lays several sequences (a group's prompt once and its responses, or rows side by
+# side) in one row; `Layout.group` / `Layout.doc` say which columns belong together. The variant's rule
+# above is unchanged: these add one condition to it.
+
+
+def _group_doc(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, doc) LongTensor[B, S] of the layout; all zeros for an unpacked one (one sequence per row)."""
+    if layout.group is None or layout.doc is None:
+        zeros = torch.zeros_like(layout.seg)
+        return zeros, zeros
+    return layout.group, layout.doc
+
+
+def _packed_rule(layout: Layout, q_start: int, q_end: int) -> torch.Tensor | bool:
+    """Bool[B, Q, S]: key k is in query q's group, and is its group's shared prompt or of q's own doc."""
+    if layout.group is None or layout.doc is None:
+        return True
+    group, doc = layout.group, layout.doc
+    same_group = group[:, None, :] == group[:, q_start:q_end, None]
+    return same_group & ((doc[:, None, :] == 0) | (doc[:, None, :] == doc[:, q_start:q_end, None]))
+
+
+def _visible_keys(before: torch.Tensor, packed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask, keys) of a piece's keys before it, from its one-row mask Bool[B, 1, q0]: in a packed layout
+    only the columns some row's query sees (`keys`, LongTensor[K]) go to the kernel, so a response's piece
+    skips the other sequences of its row; the mask is None when every remaining key is visible."""
+    keys = None
+    if packed:
+        keys = before.any(1).any(0).nonzero().flatten()
+        before = before[:, :, keys]
+    return (None if before.all() else before), keys
 
 
 @contextlib.contextmanager

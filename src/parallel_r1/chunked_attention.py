@@ -3,9 +3,10 @@
 The queries are cut into pieces [q0, q1). Each piece attends to two key ranges, merged exactly by
 their log-sum-exps (as in flash / ring attention):
 
-* the keys before the piece, [0, q0), under `before`: Bool[B, 1, q0] when every query of the piece
-  sees the same keys there (a structured piece: plain causal text, or one path of a block), so the
-  mask is one row broadcast over the queries; Bool[B, Q, q0] otherwise; None when all are visible;
+* the keys before the piece, [0, q0) or only the columns `keys` of it, under `before`: Bool[B, 1, K]
+  when every query of the piece sees the same keys there (a structured piece: plain causal text, or one
+  path of a block), so the mask is one row broadcast over the queries; Bool[B, Q, K] otherwise; None
+  when all are visible (K: q0, or the number of `keys`; a packed row's piece skips the other sequences);
 * the piece's own keys, [q0, q1), under `diag`: Bool[B, Q, Q], or None for plain causal.
 
 A `Plan` is the list of pieces; it is built once per forward (`parallel_r1.attention.chunk_plan` cuts
@@ -38,12 +39,20 @@ FUSED_ON_CPU = True  # False forces the plain-PyTorch piece kernels (the tests c
 
 @dataclass(frozen=True)
 class Piece:
-    """Queries [q0, q1) and what they see: keys [0, q0) under `before`, keys [q0, q1) under `diag`."""
+    """Queries [q0, q1) and what they see: keys [0, q0) (or its columns `keys`) under `before`, keys
+    [q0, q1) under `diag`."""
 
     q0: int
     q1: int
-    before: torch.Tensor | None  # Bool[B, 1 or Q, q0]; None: all visible
+    before: torch.Tensor | None  # Bool[B, 1 or Q, K]; None: all visible
     diag: torch.Tensor | None  # Bool[B, Q, Q]; None: causal
+    keys: torch.Tensor | None = None  # LongTensor[K]: the key columns of [0, q0) the piece reads; None: all
+
+    def before_keys(self) -> torch.Tensor | slice | None:
+        """What indexes the piece's keys before it: a slice of [0, q0), `keys`, or None when there are none."""
+        if self.keys is None:
+            return slice(0, self.q0) if self.q0 > 0 else None
+        return self.keys if self.keys.numel() else None
 
 
 Plan = Sequence[Piece]
@@ -113,8 +122,9 @@ class _PlannedAttention(torch.autograd.Function):
             o, lo = _forward(
                 qc, k[:, :, p.q0 : p.q1], v[:, :, p.q0 : p.q1], _additive(p.diag, q.dtype), p.diag is None, scale
             )
-            if p.q0 > 0:
-                ob, lb = _forward(qc, k[:, :, : p.q0], v[:, :, : p.q0], _additive(p.before, q.dtype), False, scale)
+            keys = p.before_keys()
+            if keys is not None:
+                ob, lb = _forward(qc, k[:, :, keys], v[:, :, keys], _additive(p.before, q.dtype), False, scale)
                 merged = torch.logaddexp(lo, lb)
                 acc = merged.dtype
                 o = o.to(acc) * (lo - merged).exp()[..., None] + ob.to(acc) * (lb - merged).exp()[..., None]
@@ -137,12 +147,13 @@ class _PlannedAttention(torch.autograd.Function):
             grad_q[:, :, s] += gq
             grad_k[:, :, s] += gk
             grad_v[:, :, s] += gv
-            if p.q0 > 0:
+            keys = p.before_keys()
+            if keys is not None:
                 before = _additive(p.before, q.dtype)
-                gq, gk, gv = _backward(go, qc, k[:, :, : p.q0], v[:, :, : p.q0], oc, lc, before, False, ctx.scale)
+                gq, gk, gv = _backward(go, qc, k[:, :, keys], v[:, :, keys], oc, lc, before, False, ctx.scale)
                 grad_q[:, :, s] += gq
-                grad_k[:, :, : p.q0] += gk
-                grad_v[:, :, : p.q0] += gv
+                grad_k[:, :, keys] += gk  # keys are distinct columns, so indexed += adds each once
+                grad_v[:, :, keys] += gv
         return grad_q, grad_k, grad_v, None, None
 
 
