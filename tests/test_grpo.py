@@ -596,3 +596,31 @@ def test_the_dapo_recipe_turns_on_the_dapo_set():
     assert dapo.stages[:2] == s1.stages[:2] and dapo.stages[-1].data == s1.stages[-1].data
     plain = dataclasses.replace(g, dynamic_sampling=False, overlong_buffer=0)
     assert plain == s1.stages[-1].grpo
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen", "threads"])
+def test_packed_updates_train_the_weights_the_padded_ones_do(tmp_path, monkeypatch, variant):
+    """`grpo.packing` scores each micro-batch as one packed row (a group's prompt once, no padding): two
+    steps, with the old log-probs recomputed (the packed no-grad pass too), end on the weights of the padded
+    computation up to float summation order (Adam turns last-bit gradient differences into ~lr * 1e-3 on a
+    weight whose gradient is near its eps, as in test_distributed), with the same losses."""
+    from parallel_r1.config import parse_recipe
+
+    _constructed_rewards(monkeypatch)
+    weights, losses = {}, {}
+    for packing in (False, True):
+        stage = parse_recipe(REFILL_STAGE).stages[0]
+        stage.variant = variant
+        stage.grpo.dynamic_sampling = False
+        stage.grpo.old_logprobs = "recompute"
+        stage.grpo.packing = packing
+        trainer = GRPOTrainer(stage, tmp_path / f"{variant}-{packing}", init_model="tiny", seed=0)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        losses[packing] = [trainer.train_step(step, [0, 1, 2, 3])[0]["loss"] for step in range(2)]
+        weights[packing] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-7)
+    moved = max((weights[False][k] - start[k]).abs().max().item() for k in start)
+    gaps = torch.cat([(weights[True][k] - weights[False][k]).abs().flatten() for k in start])
+    assert moved > 1e-3  # the steps trained
+    assert gaps.max() < 2e-4 and int((gaps > 2e-5).sum()) <= 4

@@ -99,7 +99,9 @@ def scored(model, ids, mask, prompt_len, variant, packed: bool, share: bool, beh
     return (logp.detach(), entropy.detach(), grads), keep
 
 
-@pytest.mark.parametrize("arch,backend,chunkable", [("llama", "sdpa", True), ("qwen3", "eager", True), ("llama", "sdpa", False)])
+@pytest.mark.parametrize(
+    "arch,backend,chunkable", [("llama", "sdpa", True), ("qwen3", "eager", True), ("llama", "sdpa", False)]
+)
 def test_packed_logprobs_and_gradients_equal_the_padded_rows(monkeypatch, arch, backend, chunkable):
     monkeypatch.setattr(attention, "CHUNK_TOKENS", 7)  # several pieces per response
     monkeypatch.setattr(packing, "SCORE_CHUNK", 5)

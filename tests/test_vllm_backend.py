@@ -377,34 +377,45 @@ VLLM_GRPO = """
 name: vllm-grpo
 logging: {progress: false}
 stages:
+  # a short SFT on the easiest search problems: an untrained model answers nothing right, so its groups
+  # would have no advantage and the update nothing to move
+  - name: sft
+    kind: sft
+    variant: threads
+    model: {name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128}}
+    data: {source: task, task: search, task_size: 64, task_levels: [1], prompt: question}
+    lr: 3.0e-3
+    max_steps: 60
+    save_every: 60
+    sft: {batch_size: 16, max_length: 128}
   - name: rl
     kind: grpo
     variant: threads
-    model: {name_or_path: tiny, tiny: {hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128}}
-    data: {source: task, task_size: 8, prompt: question}
+    data: {source: task, task: search, task_size: 8, task_levels: [1], prompt: question}
     max_steps: 2
     save_every: 2
     grpo:
       prompts_per_step: 2
-      n: 2
+      n: 4
       mini_batch_size: 2
       filter_zero_variance: false
-      rollout: {backend: vllm, max_response_tokens: 24, max_path_tokens: 6, temperature: 1.0}
+      rollout: {backend: vllm, max_response_tokens: 96, max_path_tokens: 40, temperature: 1.0}
 """
 
 
 @pytest.mark.vllm
 @needs_vllm
 def test_real_vllm_grpo_stage_end_to_end(tmp_path):
-    """Two GRPO steps with vLLM rollouts: the second samples after `load_weights` put the first update in,
-    and both are on-policy (threads), so the logged sampler gap stays at kernel numerics."""
+    """A short SFT, then two GRPO steps with vLLM rollouts (`load_weights` before each step's sampling):
+    both on-policy (threads), so the logged sampler gap stays at kernel numerics, and the update moves the
+    weights away from those the engine started from."""
     from safetensors.torch import load_file
 
     from parallel_r1.trainer import final_model
 
     (tmp_path / "recipe.yaml").write_text(VLLM_GRPO)
     _cli(["train", "--config", str(tmp_path / "recipe.yaml"), "--run-dir", str(tmp_path / "run")], tmp_path)
-    stage = tmp_path / "run" / "00-rl"
+    stage = tmp_path / "run" / "01-rl"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["mismatch_max"] < 1e-4 for r in rows), [r["mismatch_max"] for r in rows]

@@ -353,7 +353,8 @@ def scored_targets(
         z = z / temperature
     if behaviour is not None:
         banned = behaviour.table[ban_rows]
-        flat = warp_scores(z.reshape(-1, z.shape[-1]), banned.reshape(-1, z.shape[-1]), behaviour.top_k, behaviour.top_p)
+        V = z.shape[-1]
+        flat = warp_scores(z.reshape(-1, V), banned.reshape(-1, V), behaviour.top_k, behaviour.top_p)
         z = flat.view_as(z)
     lse = z.logsumexp(-1)
     logp = z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse

@@ -14,6 +14,7 @@ import torch
 from parallel_r1.attention import response_logprobs
 from parallel_r1.bans import Behaviour
 from parallel_r1.format import TagIds
+from parallel_r1.packing import packed_logprobs
 
 
 @dataclass
@@ -47,6 +48,27 @@ class RolloutBatch:
         """Row indices, longest first: micro-batches of neighbours in this order carry little padding."""
         lengths = self.attention_mask_BT.sum(1).tolist()
         return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def prompt_lengths(self) -> list[int]:
+        """Per row, the real tokens before its first trained one: its prompt, and any token the engine put
+        in front of the response (`packing.packed_logprobs` shares and skips these; they are never trained)."""
+        lengths = []
+        for real, trained in zip(self.attention_mask_BT.bool(), self.loss_mask_BT > 0):
+            first = int(trained.nonzero()[0]) if trained.any() else real.numel()
+            lengths.append(int(real[:first].sum()))
+        return lengths
+
+    def logprobs(
+        self, model, tags: TagIds, packed: bool = False, **scoring
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs [B, T], entropy [B, T] or None) of these rows under `model`: `response_logprobs` of
+        the padded rows, or (`packed`) `packing.packed_logprobs` of one packed row, which gives the same
+        values on every trained token (untrained ones may differ: they are masked out)."""
+        if packed:
+            return packed_logprobs(
+                model, self.input_ids_BT, self.attention_mask_BT, self.prompt_lengths(), tags, **scoring
+            )
+        return response_logprobs(model, self.input_ids_BT, self.attention_mask_BT, tags, **scoring)
 
     def behaviour(self, table: torch.Tensor | None, top_k: int, top_p: float) -> Behaviour | None:
         """What the engine sampled these tokens from, given its ban `table` (None: score the unwarped
@@ -94,9 +116,11 @@ def recompute_logprobs(
     ban_table: torch.Tensor | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """Log-probs [B, T] of the batch under `model` (no grad), micro-batch by micro-batch; with the engine's
-    `ban_table`, of the distribution it sampled from (`RolloutBatch.behaviour`)."""
+    """Log-probs [B, T] of the batch under `model` (no grad), micro-batch by micro-batch (`packed`: each one
+    packed row, `RolloutBatch.logprobs`); with the engine's `ban_table`, of the distribution it sampled from
+    (`RolloutBatch.behaviour`)."""
     was_training = model.training
     model.eval()
     B, T = batch.input_ids_BT.shape
@@ -105,11 +129,10 @@ def recompute_logprobs(
     for start in range(0, B, micro_batch_size):
         index = order[start : start + micro_batch_size]
         part = batch.micro_batch(index)
-        logp, _ = response_logprobs(
+        logp, _ = part.logprobs(
             model,
-            part.input_ids_BT,
-            part.attention_mask_BT,
             tags,
+            packed,
             variant=variant,
             temperature=temperature,
             behaviour=part.behaviour(ban_table, top_k, top_p),

@@ -266,6 +266,10 @@ class GRPOConfig:
     """With tis_cap (TRL's vllm_importance_sampling_mode names): token_*: a weight per token; sequence_*: one
     per response, exp(sum over its tokens of old - sampler); *_truncate: min(weight, tis_cap); *_mask: the
     weight, or 0 above tis_cap (the response is dropped from the loss; sequence_mask is TRL's default)."""
+    packing: bool = False
+    """Score each micro-batch as one packed row (`packing.py`): the rows that share a prompt read one copy of
+    it, and no padding is computed; exact against the padded rows up to float summation order. Off by
+    default: docs/training.md ("Packed updates") has what it measured on CPU."""
     behaviour_logprobs: bool | None = None
     """Log-probs of the distribution the engine sampled from: its state-dependent tag bans (only `</Path>`
     closes a path, `<Parallel>` banned at the block cap, ...) and top-k/top-p, renormalised. The engine

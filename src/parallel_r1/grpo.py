@@ -40,7 +40,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from parallel_r1 import data, tasks
-from parallel_r1.attention import response_logprobs
 from parallel_r1.backends import make_engine
 from parallel_r1.bans import ban_rows, ban_table
 from parallel_r1.batch import RolloutBatch, collate_rollouts, recompute_logprobs
@@ -115,13 +114,12 @@ def policy_update(
         sync = accelerator.no_sync(model) if k < len(starts) - 1 else nullcontext()
         with sync:
             # The policy and the reference score the same tokens the same way.
-            inputs = (mb.input_ids_BT, mb.attention_mask_BT, tags)
             scoring = {
                 "variant": variant,
                 "temperature": cfg.rollout.temperature,
                 "behaviour": mb.behaviour(ban_table, cfg.rollout.top_k, cfg.rollout.top_p),
             }
-            logp_BT, entropy_BT = response_logprobs(model, *inputs, **scoring, with_entropy=True)
+            logp_BT, entropy_BT = mb.logprobs(model, tags, cfg.packing, **scoring, with_entropy=True)
             # Under behaviour log-probs an untrained token (prompt, engine-inserted tag) may be one the
             # sampler could not have drawn, at -inf: zeroed here so no nan (-inf * 0, -inf - -inf) reaches
             # the loss; the masked fill passes no gradient to it.
@@ -132,7 +130,7 @@ def policy_update(
             per_token_BT = per_token_BT * mb.weight_BT
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp_BT, _ = response_logprobs(ref_model, *inputs, **scoring)
+                    ref_logp_BT, _ = mb.logprobs(ref_model, tags, cfg.packing, **scoring)
                 ref_logp_BT = ref_logp_BT.masked_fill(untrained_BT, 0.0)
                 kl_BT = kl_k3(logp_BT, ref_logp_BT)
                 per_token_BT = per_token_BT + cfg.kl_coef * kl_BT
@@ -336,6 +334,7 @@ class GRPOTrainer(StageTrainer):
             old_logp_BT = recompute_logprobs(
                 acc.unwrap_model(self.model), batch.to(acc.device), self.tags, self.stage.variant,
                 cfg.rollout.temperature, cfg.micro_batch_size, self.ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
+                cfg.packing,
             )  # fmt: skip
             batch.old_logp_BT = old_logp_BT.cpu()
             gap = logprob_gap(batch.old_logp_BT, batch.sampler_logp_BT, batch.loss_mask_BT, cfg.mismatch_threshold)

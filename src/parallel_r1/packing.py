@@ -47,7 +47,9 @@ class Packed:
     pred_N: torch.Tensor  # LongTensor[N]
 
 
-def prompt_groups(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, prompt_len_B: list[int]) -> list[list[int]]:
+def prompt_groups(
+    input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, prompt_len_B: list[int]
+) -> list[list[int]]:
     """Rows that share their prompt (same tokens), in order of first appearance: each group is one tree."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for b, length in enumerate(prompt_len_B):

@@ -247,7 +247,7 @@ ARMS = (
     "mixed_acc",
 )
 # Arms with a recipe in STUDY_RECIPES that the default study does not run (name them in `arms`).
-OPTIONAL_ARMS = ("unseen_planned",)
+OPTIONAL_ARMS = ("unseen_planned", "choice_s1", "choice_s2", "choice_mid", "choice_acc")
 SEEDS = (0, 1, 2)
 SWEEP_LRS = (3.0e-5, 1.0e-4, 3.0e-4)  # the RL learning rates `study --sweep` tries by default
 

@@ -259,17 +259,19 @@ def schedule_table(arms: dict) -> dict:
 
 
 def schedule_differences(schedules: dict) -> dict:
-    """Every pair of reward-schedule arms (a before b in `study.SCHEDULES` order): a's parallel ratio minus
-    b's in each window of `schedule_table`, paired by seed (the arms of one seed share its SFT model, and
-    those that share a stage's reward share that stage's draws), so the cold start's own spread cancels."""
-    names = [a for a in study.SCHEDULES if a in schedules]
+    """Every pair of reward-schedule arms of one family (a before b in `study.SCHEDULE_FAMILIES` order): a's
+    parallel ratio minus b's in each window of `schedule_table`, paired by seed (the arms of one seed share
+    its SFT model, and those that share a stage's reward share that stage's draws), so the cold start's own
+    spread cancels."""
     out = {}
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            keys = [k for k in schedules[a] if k in schedules[b]]
-            out[f"{a} - {b}"] = {
-                k: stats.paired_difference(schedules[a][k]["by_seed"], schedules[b][k]["by_seed"]) for k in keys
-            }
+    for family in study.SCHEDULE_FAMILIES:
+        names = [a for a in family if a in schedules]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                keys = [k for k in schedules[a] if k in schedules[b]]
+                out[f"{a} - {b}"] = {
+                    k: stats.paired_difference(schedules[a][k]["by_seed"], schedules[b][k]["by_seed"]) for k in keys
+                }
     return out
 
 
