@@ -101,4 +101,11 @@ PY
 fi
 log "wheel: $wheel"
 venv/bin/pip install -q "$wheel"
+# The registry's torchvision/torchaudio wheels are built for CUDA torch; beside torch 2.13.0+cpu importing
+# torchvision fails (`operator torchvision::nms does not exist`) and takes transformers' image code with it.
+# Nothing here needs them.
+venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 log "installed after $(( $(date +%s) - start )) s"
+# The tests need the project in the same venv:
+#   venv/bin/pip install -c constraints-cpu.txt -e ".[dev]"
+#   OMP_NUM_THREADS=2 venv/bin/python -m pytest -m vllm tests/test_vllm_backend.py

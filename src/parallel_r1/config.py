@@ -269,7 +269,7 @@ class GRPOConfig:
     packing: bool = False
     """Score each micro-batch as one packed row (`packing.py`): the rows that share a prompt read one copy of
     it, and no padding is computed; exact against the padded rows up to float summation order. Off by
-    default: docs/training.md ("Packed updates") has what it measured on CPU."""
+    default until its speed is measured (docs/training.md, "Packed updates")."""
     behaviour_logprobs: bool | None = None
     """Log-probs of the distribution the engine sampled from: its state-dependent tag bans (only `</Path>`
     closes a path, `<Parallel>` banned at the block cap, ...) and top-k/top-p, renormalised. The engine
