@@ -420,7 +420,7 @@ def test_real_vllm_grpo_stage_end_to_end(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["mismatch_max"] < 1e-4 for r in rows), [r["mismatch_max"] for r in rows]
     trained = load_file(final_model(stage) / "model.safetensors")
-    start = load_file(stage / "rollout_init" / "model.safetensors")
+    start = load_file(final_model(tmp_path / "run" / "00-sft") / "model.safetensors")  # where RL started
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 
 
