@@ -604,9 +604,17 @@ def test_packed_updates_train_the_weights_the_padded_ones_do(tmp_path, monkeypat
     steps, with the old log-probs recomputed (the packed no-grad pass too), end on the weights of the padded
     computation up to float summation order (Adam turns last-bit gradient differences into ~lr * 1e-3 on a
     weight whose gradient is near its eps, as in test_distributed), with the same losses."""
+    from parallel_r1 import batch as batch_module
     from parallel_r1.config import parse_recipe
 
     _constructed_rewards(monkeypatch)
+    packed_calls, packed = [], batch_module.packed_logprobs
+
+    def counting(*args, **kwargs):
+        packed_calls.append(True)
+        return packed(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "packed_logprobs", counting)
     weights, losses = {}, {}
     for packing in (False, True):
         stage = parse_recipe(REFILL_STAGE).stages[0]
@@ -619,6 +627,7 @@ def test_packed_updates_train_the_weights_the_padded_ones_do(tmp_path, monkeypat
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         losses[packing] = [trainer.train_step(step, [0, 1, 2, 3])[0]["loss"] for step in range(2)]
         weights[packing] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        assert bool(packed_calls) == packing  # the setting picks the packed scoring, and only it
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-7)
     moved = max((weights[False][k] - start[k]).abs().max().item() for k in start)
     gaps = torch.cat([(weights[True][k] - weights[False][k]).abs().flatten() for k in start])
