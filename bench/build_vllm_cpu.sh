@@ -3,6 +3,8 @@
 # into a cached wheel; a later run finds the wheel and only installs it.
 #
 #   bench/build_vllm_cpu.sh            build (or reuse) the wheel, install it into $VLLM_BUILD/venv
+#   cd <worktree> && OMP_NUM_THREADS=1 PYTHONPATH=$PWD/src $VLLM_BUILD/venv/bin/python -m pytest -m vllm \
+#       tests/test_vllm_backend.py    the backend's tests against real vLLM
 #
 # Why the patches (all applied to the unpacked sdist, recorded here, never upstream):
 # - cmake/cpu_extension.cmake refuses g++ < 12.3 for x86; bookworm has 12.2. The check guards the
@@ -100,5 +102,11 @@ PY
   wheel=$(ls wheels/vllm-${VLLM_VERSION}*.whl | head -1)
 fi
 log "wheel: $wheel"
-venv/bin/pip install -q "$wheel"
+# vLLM's runtime requirements without cpu.txt's torchvision/torchaudio (which would replace torch 2.13.0+cpu),
+# this project's, then the wheel itself without dependencies.
+grep -v "^#" "$SRC/requirements/common.txt" | sed 's/#.*//' | grep -v '^\s*$' > runtime-reqs.txt
+printf '%s\n' "numba == 0.65.0" "intel-openmp==2024.2.1" pytest "datasets>=3.0" "accelerate>=1.0" \
+  "math-verify>=0.9" "matplotlib>=3.7" >> runtime-reqs.txt
+nice -n 19 venv/bin/pip install -q -r runtime-reqs.txt
+venv/bin/pip install -q --no-deps "$wheel"
 log "installed after $(( $(date +%s) - start )) s"
