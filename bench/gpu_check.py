@@ -365,7 +365,8 @@ def check_vllm(workdir: Path, device: str) -> None:
 
     # The vLLM request pattern is the threads variant: trained as threads, the sampled tokens' log-probs
     # differ from vLLM's by kernel numerics only; trained as unseen, the summaries add a structural gap.
-    # vLLM reports log-probs before temperature: at temperature != 1 they are not the trainer's.
+    # At temperature 1 only: vLLM's default log-probs are taken before temperature (GRPO's engine is built
+    # with vllm_backend.logprobs_mode(T), which applies it; docs/engine.md).
     started = time.perf_counter()
     model = model.to(device)
     tags = TagIds.from_tokenizer(tokenizer)

@@ -261,18 +261,18 @@ def real_vllm(tiny_tokenizer, tmp_path_factory):
         yield model, folder, engine
 
 
-def logprob_gaps(model, tokenizer, rollouts, variant: str) -> torch.Tensor:
-    """|trainer log-prob - sampler log-prob| of every sampled token, the trainer being
-    `attention.response_logprobs` under `variant` on the rollout's canonical layout."""
+def logprob_gaps(model, tokenizer, rollouts, variant: str, temperature: float = 1.0) -> torch.Tensor:
+    """sampler log-prob - trainer log-prob of every sampled token (signed), the trainer being
+    `attention.response_logprobs` under `variant` at `temperature` on the rollout's canonical layout."""
     from parallel_r1.attention import response_logprobs
 
     tags, gaps = TagIds.from_tokenizer(tokenizer), []
     for r in rollouts:
         ids = torch.tensor([r.prompt_ids + r.response_ids])
         with torch.no_grad():
-            lp, _ = response_logprobs(model, ids, torch.ones_like(ids), tags, variant=variant)
+            lp, _ = response_logprobs(model, ids, torch.ones_like(ids), tags, variant=variant, temperature=temperature)
         sampled = torch.tensor(r.sampled_mask)
-        gaps.append((lp[0, len(r.prompt_ids) :][sampled] - torch.tensor(r.logprobs)[sampled]).abs())
+        gaps.append(torch.tensor(r.logprobs)[sampled] - lp[0, len(r.prompt_ids) :][sampled])
     return torch.cat(gaps)
 
 
@@ -316,9 +316,37 @@ def test_real_vllm_threads_is_on_policy_and_unseen_is_not(real_vllm, tiny_tokeni
         )
         rollouts = engine.generate(PROMPTS, n=2, params=params)
         assert all(r.structure.num_blocks >= 1 and r.structure.blocks[0].closed for r in rollouts)
-        gaps[variant] = logprob_gaps(model, tiny_tokenizer, rollouts, variant)
+        gaps[variant] = logprob_gaps(model, tiny_tokenizer, rollouts, variant).abs()
     assert gaps["threads"].max() < 1e-4, gaps["threads"].max()
     assert gaps["unseen"].max() > 1e-2, gaps["unseen"].max()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_vllm_logprobs_at_another_temperature(real_vllm, tiny_tokenizer):
+    """vLLM's default log-probs are taken before temperature: at T = 0.7 the rollouts carry NaN rather
+    than those. An engine made with `logprobs_mode(0.7)` reports log-probs of the distribution it sampled
+    from: the trainer's log softmax(logits / T) renormalised over what vLLM's bans left, so they are never
+    below the trainer's and above it by the log of the removed mass only."""
+    from parallel_r1.vllm_backend import logprobs_mode
+
+    model, folder, engine = real_vllm
+    params = SamplingParams(
+        variant="threads", seed=3, temperature=0.7, open_block=True, num_paths=3, max_path_tokens=8,
+        max_response_tokens=40,
+    )  # fmt: skip
+    raw = engine.generate(PROMPTS, n=2, params=params)
+    assert all(all(lp != lp for lp, s in zip(r.logprobs, r.sampled_mask) if s) for r in raw)  # NaN
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in VLLM_ENV.items():
+            patch.setenv(key, value)
+        processed = VLLMEngine.colocated(folder, tiny_tokenizer, **VLLM_KWARGS, logprobs_mode=logprobs_mode(0.7))
+    rollouts = processed.generate(PROMPTS, n=2, params=params)
+    assert [r.response_ids for r in rollouts] == [r.response_ids for r in raw]  # the mode changes no sample
+    gaps = logprob_gaps(model, tiny_tokenizer, rollouts, "threads", temperature=0.7)
+    print(f"processed - trainer at T=0.7: min {gaps.min():.3g} max {gaps.max():.3g} mean {gaps.mean():.3g}")
+    assert gaps.min() > -1e-4, gaps.min()
+    assert gaps.max() < 0.05, gaps.max()
 
 
 @pytest.mark.vllm
@@ -336,7 +364,7 @@ def test_real_vllm_load_weights_samples_from_the_new_weights(real_vllm, tiny_tok
         engine.load_weights(other.state_dict().items())
         after = engine.generate(PROMPTS, n=2, params=params)
         assert [r.response_ids for r in after] != [r.response_ids for r in before]
-        assert logprob_gaps(other, tiny_tokenizer, after, "threads").max() < 1e-4
+        assert logprob_gaps(other, tiny_tokenizer, after, "threads").abs().max() < 1e-4
     finally:
         engine.load_weights(model.state_dict().items())
     restored = engine.generate(PROMPTS, n=2, params=params)
@@ -399,26 +427,29 @@ stages:
       n: 4
       mini_batch_size: 2
       filter_zero_variance: false
-      rollout: {backend: vllm, max_response_tokens: 96, max_path_tokens: 40, temperature: 1.0}
+      rollout: {backend: vllm, max_response_tokens: 96, max_path_tokens: 40, temperature: TEMPERATURE}
 """
 
 
+@pytest.mark.parametrize("temperature, gap", [(1.0, 1e-4), (0.7, 0.05)])
 @pytest.mark.vllm
 @needs_vllm
-def test_real_vllm_grpo_stage_end_to_end(tmp_path):
+def test_real_vllm_grpo_stage_end_to_end(tmp_path, temperature, gap):
     """A short SFT, then two GRPO steps with vLLM rollouts (`load_weights` before each step's sampling):
-    both on-policy (threads), so the logged sampler gap stays at kernel numerics, and the update moves the
-    weights away from those the engine started from."""
+    both on-policy (threads), so the logged sampler gap stays at kernel numerics at T = 1, and at T = 0.7
+    (the engine then reports temperature-scaled log-probs of what its bans left) within the removed mass;
+    the update moves the weights away from those the engine started from."""
     from safetensors.torch import load_file
 
     from parallel_r1.trainer import final_model
 
-    (tmp_path / "recipe.yaml").write_text(VLLM_GRPO)
+    (tmp_path / "recipe.yaml").write_text(VLLM_GRPO.replace("TEMPERATURE", str(temperature)))
     _cli(["train", "--config", str(tmp_path / "recipe.yaml"), "--run-dir", str(tmp_path / "run")], tmp_path)
     stage = tmp_path / "run" / "01-rl"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["mismatch_max"] < 1e-4 for r in rows), [r["mismatch_max"] for r in rows]
+    print(f"T={temperature}: mismatch_max", [r["mismatch_max"] for r in rows])
+    assert all(r["mismatch_max"] < gap for r in rows), [r["mismatch_max"] for r in rows]
     trained = load_file(final_model(stage) / "model.safetensors")
     start = load_file(final_model(tmp_path / "run" / "00-sft") / "model.safetensors")  # where RL started
     assert any(not torch.equal(trained[k], start[k]) for k in start)

@@ -67,6 +67,7 @@ from parallel_r1.prompts import stage_prompt_format
 from parallel_r1.rewards import score_batch
 from parallel_r1.rollout import Rollout, rollout_record, sampling_params
 from parallel_r1.trainer import StageTrainer, clip_gradients, full_weights, load_stage_model
+from parallel_r1.vllm_backend import logprobs_mode
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ class GRPOTrainer(StageTrainer):
             num_processes=acc.num_processes,
             gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
             dtype=self.stage.model.dtype,
+            logprobs_mode=logprobs_mode(rollout.temperature),
         )
 
     # Data order: epoch e visits the problems in a permutation drawn from (data_seed, e).

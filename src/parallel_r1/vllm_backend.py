@@ -34,6 +34,15 @@ from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
 BAN_BIAS = -100.0  # vLLM's logit_bias is additive; -100 removes a token in practice
 
 
+def logprobs_mode(temperature: float) -> str:
+    """The vLLM `logprobs_mode` whose log-probs come closest to `Rollout.logprobs`' log softmax(logits / T)
+    of the full vocabulary. vLLM's default, "raw_logprobs", is log softmax(logits) before temperature: exact
+    at T = 1 (and for greedy decoding, which records T = 1), wrong otherwise (measured: max gap 0.53 at
+    T = 0.7). "processed_logprobs" divides by T but is also of the banned, top-k/top-p-cut distribution
+    vLLM sampled from, so it is low by the log of the mass those removed (the hf engine's `ban_mass`)."""
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
+
+
 @dataclass
 class Request:
     """One vLLM completion request, independent of the vLLM version."""
@@ -91,6 +100,7 @@ class VLLMEngine:
 
             model = LLM(model=str(model), enable_prefix_caching=True, **llm_kwargs)
         self.llm = model
+        self.logprobs_mode = getattr(getattr(model, "model_config", None), "logprobs_mode", "raw_logprobs")
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
         self.tags = TagIds.from_tokenizer(self.tokenizer)
         self.plan_lines = PlanLines(self.tokenizer)
@@ -140,11 +150,15 @@ class VLLMEngine:
             for r in requests
         ]
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        # Raw log-probs ignore the temperature: rather NaN than a plausible wrong number (`logprobs_mode`).
+        temperature_applied = self.logprobs_mode != "raw_logprobs" or params.temperature in (0.0, 1.0)
         completions = []
         for output in self.llm.generate(prompts, sampling, use_tqdm=False):
             choice = output.outputs[0]
             ids = list(choice.token_ids)
             logprobs = [step[t].logprob for t, step in zip(ids, choice.logprobs or [])]
+            if not temperature_applied:
+                logprobs = [float("nan")] * len(logprobs)
             completions.append(Completion(ids, logprobs + [0.0] * (len(ids) - len(logprobs)), choice.finish_reason))
         return completions
 
