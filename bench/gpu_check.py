@@ -398,6 +398,27 @@ def check_vllm(workdir: Path, device: str) -> None:
     restored = [r.response_ids for r in engine.generate(prompts[:4], n=2, params=params)] == before
     record("vLLM load_weights", changed and restored, f"samples change {changed}, restored {restored}", "", started)
 
+    # At another temperature GRPO's engine reports processed log-probs (temperature applied, of what the bans
+    # and top-k/top-p left): at or above the trainer's full-vocabulary ones, by the log of the removed mass.
+    from parallel_r1.vllm_backend import logprobs_mode
+
+    started = time.perf_counter()
+    warm = make_engine(
+        "vllm", str(folder), tokenizer, colocate=True, dtype=dtype, logprobs_mode=logprobs_mode(0.7), **extra
+    )
+    params = SamplingParams(
+        seed=1, temperature=0.7, max_response_tokens=96, max_path_tokens=24, variant="threads", open_block=True
+    )
+    sampled = warm.generate(prompts[:16], n=2, params=params)
+    batch = collate_rollouts(sampled, [0.0] * len(sampled), tokenizer.pad_token_id).to(device)
+    trained = recompute_logprobs(model, batch, tags, "threads", temperature=0.7, micro_batch_size=16)
+    gap = (batch.sampler_logp_BT - trained)[batch.loss_mask_BT > 0]
+    # CPU, fp32, untrained tiny model: measured +0.014 to +0.033 (its mass on the banned tags)
+    low = -1e-4 if cpu else -0.1
+    ok = gap.min().item() > low and gap.mean().item() < 0.1
+    detail = f"sampler - trainer min {gap.min():.2e} mean {gap.mean():.2e} max {gap.max():.2e}"
+    record(f"vLLM log-probs at T=0.7 ({dtype}, processed)", ok, detail, f"min > {low:g}, mean < 0.1", started)
+
 
 # ---------------------------------------------------------------------------------------------------
 # accelerate launch runs.
