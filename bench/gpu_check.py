@@ -12,7 +12,9 @@ scratch and the built-in task, so nothing is downloaded. Checks:
   relies on), and that a sample depends on (seed, key, sample index) only, not on the batch it decoded in
   (what makes 1 and 2 processes sample the same GRPO rollouts);
 * one SFT step and one GRPO step with each attention backend present (sdpa, flex_attention), bf16;
-* decode throughput of the engine for N = 1 (no block), 2, 4, 8 paths (bf16), and of vLLM if installed;
+* decode throughput of the engine for N = 1 (no block), 2, 4, 8 paths (bf16); with vLLM installed (also on
+  CPU, where bench/build_vllm_cpu.sh builds it): its throughput, its threads log-probs against the trainer's
+  and `load_weights` (samples change, and come back with the first weights);
 * `accelerate launch` runs: FSDP2 (`--use_fsdp --fsdp_version 2`, 1 process, or 2 with two GPUs) resumed
   from a middle checkpoint ends on the uninterrupted run, and its final model is a plain Hugging Face
   folder; with two GPUs, DDP with 2 processes matches 1 process (SFT and GRPO); with deepspeed installed,
@@ -324,7 +326,10 @@ def check_throughput(device, dtype_name: str, path_tokens: int, prompts: int) ->
 
 
 @guarded("vLLM")
-def check_vllm(workdir: Path) -> None:
+def check_vllm(workdir: Path, device: str) -> None:
+    """vLLM's throughput, its threads log-probs against the trainer's, and `load_weights`. On CPU (vLLM's
+    CPU backend, bench/build_vllm_cpu.sh) the engine runs in fp32 and eager, its KV cache sized by
+    VLLM_CPU_KVCACHE_SPACE; its attention needs a head size that is a multiple of 16 (TINY_DIMS: 32)."""
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -333,30 +338,37 @@ def check_vllm(workdir: Path) -> None:
     import torch
 
     from parallel_r1.backends import make_engine
+    from parallel_r1.batch import collate_rollouts, recompute_logprobs
+    from parallel_r1.format import TagIds
     from parallel_r1.models import save_model
     from parallel_r1.rollout import SamplingParams
 
+    cpu = device == "cpu"
+    if cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    dtype = "float32" if cpu else "bfloat16"
+    extra = {"enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
     started = time.perf_counter()
     model, tokenizer, _ = tiny_model("cpu", torch.float32)
     folder = save_model(model, tokenizer, workdir / "vllm-tiny")
-    engine = make_engine("vllm", str(folder), tokenizer, gpu_memory_utilization=0.3, dtype="bfloat16")
-    prompts = [f"Problem: {i} + {i} = ?\n" for i in range(64)]
-    params = SamplingParams(seed=0, max_response_tokens=128, max_path_tokens=32, variant="unseen")
+    # colocated: in this process, as GRPO runs it, so that load_weights can hand tensors over
+    engine = make_engine("vllm", str(folder), tokenizer, colocate=True, dtype=dtype, **extra)
+    prompts = [f"Problem: {i} + {i} = ?\n" for i in range(8 if cpu else 64)]
+    params = SamplingParams(seed=0, max_response_tokens=64 if cpu else 128, max_path_tokens=32, variant="unseen")
     engine.generate(prompts[:2], n=1, params=params)
     t0 = time.perf_counter()
     rollouts = engine.generate(prompts, n=4, params=params)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(r.response_ids) for r in rollouts)
-    ok = len(rollouts) == 256 and tokens > 0
-    record("vLLM engine (bf16, 64 prompts x 4)", ok, f"{tokens / elapsed:,.0f} tokens/s", "", started)
+    ok = len(rollouts) == 4 * len(prompts) and tokens > 0
+    record(f"vLLM engine ({dtype}, {len(prompts)} prompts x 4)", ok, f"{tokens / elapsed:,.0f} tokens/s", "", started)
 
     # The vLLM request pattern is the threads variant: trained as threads, the sampled tokens' log-probs
-    # differ from vLLM's by bf16 numerics only; trained as unseen, the summaries add a structural gap.
-    from parallel_r1.batch import collate_rollouts, recompute_logprobs
-    from parallel_r1.format import TagIds
-
+    # differ from vLLM's by kernel numerics only; trained as unseen, the summaries add a structural gap.
+    # At temperature 1 only: vLLM's default log-probs are taken before temperature (GRPO's engine is built
+    # with vllm_backend.logprobs_mode(T), which applies it; docs/engine.md).
     started = time.perf_counter()
-    model = model.to("cuda")
+    model = model.to(device)
     tags = TagIds.from_tokenizer(tokenizer)
     gaps = {}
     for variant in ("threads", "unseen"):
@@ -364,13 +376,48 @@ def check_vllm(workdir: Path) -> None:
             seed=1, max_response_tokens=96, max_path_tokens=24, variant=variant, open_block=True, num_paths=3
         )
         sampled = engine.generate(prompts[:16], n=2, params=params)
-        batch = collate_rollouts(sampled, [0.0] * len(sampled), tokenizer.pad_token_id).to("cuda")
+        batch = collate_rollouts(sampled, [0.0] * len(sampled), tokenizer.pad_token_id).to(device)
         trained = recompute_logprobs(model, batch, tags, variant, temperature=1.0, micro_batch_size=16)
         gap = (trained - batch.sampler_logp_BT).abs()[batch.loss_mask_BT > 0]
-        gaps[variant] = gap.mean().item()
-    ok = gaps["threads"] < 0.1 and gaps["threads"] < gaps["unseen"]
-    detail = f"mean |gap| threads {gaps['threads']:.4f}, unseen {gaps['unseen']:.4f}"
-    record("vLLM samples threads on-policy (bf16 vs fp32 trainer)", ok, detail, "", started)
+        gaps[variant] = (gap.mean().item(), gap.max().item())
+    # CPU, fp32 on both sides: measured max 1e-6 (threads), 5e-2 (unseen)
+    limit = 1e-4 if cpu else 0.1
+    ok = (gaps["threads"][1] if cpu else gaps["threads"][0]) < limit and gaps["threads"][0] < gaps["unseen"][0]
+    detail = ", ".join(f"{v} mean {m:.2e} max {x:.2e}" for v, (m, x) in gaps.items())
+    record(f"vLLM samples threads on-policy ({dtype} vs fp32 trainer)", ok, detail, f"threads {limit:g}", started)
+
+    # Weight sync: what GRPO does after every update. vLLM's layers may hold kernel-format copies of the
+    # weights (oneDNN-packed on CPU), so only `reload_weights` (VLLMEngine.load_weights) reaches them.
+    started = time.perf_counter()
+    params = SamplingParams(seed=2, max_response_tokens=48, max_path_tokens=16, variant="threads", open_block=True)
+    before = [r.response_ids for r in engine.generate(prompts[:4], n=2, params=params)]
+    other, _, _ = tiny_model(device, torch.float32, seed=1)
+    engine.load_weights(other.state_dict().items())
+    changed = [r.response_ids for r in engine.generate(prompts[:4], n=2, params=params)] != before
+    engine.load_weights(model.state_dict().items())
+    restored = [r.response_ids for r in engine.generate(prompts[:4], n=2, params=params)] == before
+    record("vLLM load_weights", changed and restored, f"samples change {changed}, restored {restored}", "", started)
+
+    # At another temperature GRPO's engine reports processed log-probs (temperature applied, of what the bans
+    # and top-k/top-p left): at or above the trainer's full-vocabulary ones, by the log of the removed mass.
+    from parallel_r1.vllm_backend import logprobs_mode
+
+    started = time.perf_counter()
+    warm = make_engine(
+        "vllm", str(folder), tokenizer, colocate=True, dtype=dtype, logprobs_mode=logprobs_mode(0.7), **extra
+    )
+    params = SamplingParams(
+        seed=1, temperature=0.7, max_response_tokens=96, max_path_tokens=24, variant="threads", open_block=True
+    )
+    sampled = warm.generate(prompts[:16], n=2, params=params)
+    batch = collate_rollouts(sampled, [0.0] * len(sampled), tokenizer.pad_token_id).to(device)
+    trained = recompute_logprobs(model, batch, tags, "threads", temperature=0.7, micro_batch_size=16)
+    gap = (batch.sampler_logp_BT - trained)[batch.loss_mask_BT > 0]
+    # CPU, fp32, untrained tiny model: measured +0.014 to +0.033 (its mass on the banned tags)
+    low = -1e-4 if cpu else -0.1
+    ok = gap.min().item() > low and gap.mean().item() < 0.1
+    detail = f"sampler - trainer min {gap.min():.2e} mean {gap.mean():.2e} max {gap.max():.2e}"
+    record(f"vLLM log-probs at T=0.7 ({dtype}, processed)", ok, detail, f"min > {low:g}, mean < 0.1", started)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -604,9 +651,9 @@ def main(argv: list[str] | None = None) -> int:
             check_train_steps(args.device, attn, low, workdir)
         if args.device == "cuda":
             check_throughput(args.device, "bfloat16", path_tokens=128, prompts=64)
-            check_vllm(workdir)
         else:
             check_throughput(args.device, "float32", path_tokens=8, prompts=2)
+        check_vllm(workdir, args.device)
         if args.device == "cuda" and not args.skip_launch:
             gpus = torch.cuda.device_count()
             check_fsdp(workdir, gpus)

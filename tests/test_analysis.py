@@ -95,6 +95,12 @@ def test_groups_by_step_and_summaries(tmp_path):
     assert sum(one.position_histogram) == pytest.approx(1.0)
     bin_ = int(EXPLORE.index("<Parallel>") / len(EXPLORE) * 10)
     assert one.position_histogram[bin_] == 1.0
+    assert one.paths_per_block == {2: 1.0} and ten.mean_paths == 2.0
+    planned = "<Parallel>a\nb\nc\n<Path>a 1</Path><Path>b 2</Path><Path>c 3</Path></Parallel><Summary>s</Summary>"
+    single = "<Parallel>a\n<Path>a 1</Path></Parallel><Summary>s</Summary>"
+    [mixed] = analyze_records([{"step": 3, "response": planned + single + planned}])
+    assert mixed.paths_per_block == {1: pytest.approx(1 / 3), 3: pytest.approx(2 / 3)}
+    assert mixed.mean_paths == pytest.approx(7 / 3)
     assert one.mean_path_chars == pytest.approx(
         (len("3 + 4 = 7") + len("Counting on from 4: 5, 6, 7. Final Answer: 7")) / 2
     )

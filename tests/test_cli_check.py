@@ -78,3 +78,12 @@ def test_unreadable_input_exits_two_naming_file_and_line(tmp_path, capsys):
     assert main(["check", str(not_text), "--json"]) == 2
     captured = capsys.readouterr()
     assert f"{not_text}:1: field 'response' must be a string, not int" in captured.err and captured.out == ""
+
+
+def test_plans_flag_checks_the_planned_format(tmp_path, capsys):
+    planned = "<Parallel>a\n<Path>a 1</Path></Parallel><Summary>s</Summary>Final Answer: 1"
+    path = _write(tmp_path, [{"response": planned}])
+    assert main(["check", str(path), "--json", "--plans"]) == 0
+    assert _json_lines(capsys.readouterr().out)[0]["valid"] is True
+    assert main(["check", str(path), "--json"]) == 1
+    assert not _json_lines(capsys.readouterr().out)[0]["valid"]

@@ -24,12 +24,11 @@ FLOAT32_BOUND = 1e-4  # docs/engine.md, "Exactness"
 VARIANTS = ("seen", "unseen", "threads")
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_tokenizer):
+def _sft(tiny_tokenizer, style: str):
     """(model, tokenizer, prompts): the tiny model after 40 SFT steps (lr 1e-2, Unseen) on the search task's
-    parallel teacher solutions, the SFT loss of `response_logprobs`."""
+    teacher solutions of `style`, the SFT loss of `response_logprobs`."""
     tags = TagIds.from_tokenizer(tiny_tokenizer)
-    records = tasks.make_sft_records(48, task="search", template="{question}")
+    records = tasks.make_sft_records(48, task="search", template="{question}", style=style)
     examples = [encode_record(tiny_tokenizer, r.prompt, r.response, 256) for r in records]
     model = build_model(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -53,24 +52,38 @@ def trained(tiny_tokenizer):
     return model.eval(), tiny_tokenizer, [r.prompt for r in records[:4]]
 
 
-def _largest_gap(model, tokenizer, prompts, variant, behaviour: bool) -> tuple[float, int]:
-    """(largest |engine - trainer| over the sampled tokens, closed blocks) of 16 samples, 3 paths a block."""
+@pytest.fixture(scope="module")
+def trained(tiny_tokenizer):
+    """The tiny model trained on the parallel teacher (blocks of 2 paths, `_sft`)."""
+    return _sft(tiny_tokenizer, "parallel")
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_tokenizer):
+    """The tiny model trained on the planned teacher (plans, blocks of 1 to 3 paths, `_sft`)."""
+    return _sft(tiny_tokenizer, "planned")
+
+
+def _largest_gap(model, tokenizer, prompts, variant, behaviour: bool, plans: bool = False) -> tuple[float, int, set]:
+    """(largest |engine - trainer| over the sampled tokens, closed blocks, their numbers of paths) of 16
+    samples, 3 paths a block (`plans`: planned blocks of at most 3 paths)."""
     tags = TagIds.from_tokenizer(tokenizer)
     top_k, top_p = (8, 0.9) if behaviour else (0, 1.0)
     params = SamplingParams(
         seed=3, variant=variant, max_response_tokens=160, max_path_tokens=40, num_paths=3, max_blocks=3,
-        top_k=top_k, top_p=top_p,
+        top_k=top_k, top_p=top_p, plans=plans, max_paths=3,
     )  # fmt: skip
     engine = ParallelEngine(model, tokenizer, behaviour_logprobs=behaviour)
     rollouts = engine.generate(prompts, n=4, params=params)
     table = ban_table(tags, model.config.vocab_size, torch.device("cpu"))
-    gap, blocks = 0.0, 0
+    gap, blocks, widths = 0.0, 0, set()
     for r in rollouts:
         blocks += sum(b.closed for b in r.structure.blocks)
+        widths |= {len(b.paths) for b in r.structure.blocks if b.closed}
         ids = torch.tensor([r.prompt_ids + r.response_ids])
         replay = None
         if behaviour:
-            rows = [0] * len(r.prompt_ids) + ban_rows(r.response_ids, tags, variant, params.max_blocks)
+            rows = [0] * len(r.prompt_ids) + ban_rows(r.response_ids, tags, variant, params.max_blocks, plans)
             replay = Behaviour(torch.tensor([rows]), table, top_k, top_p)
         with torch.no_grad():
             logprobs, _ = response_logprobs(model, ids, torch.ones_like(ids), tags, variant, behaviour=replay)
@@ -78,7 +91,7 @@ def _largest_gap(model, tokenizer, prompts, variant, behaviour: bool) -> tuple[f
         sampled = torch.tensor(r.sampled_mask)
         recorded = torch.tensor(r.logprobs, dtype=torch.float64)
         gap = max(gap, (recorded - logprobs[0, len(r.prompt_ids) :].double())[sampled].abs().max().item())
-    return gap, blocks
+    return gap, blocks, widths
 
 
 @pytest.mark.parametrize("behaviour", [False, True], ids=["softmax", "behaviour"])
@@ -87,7 +100,7 @@ def test_engine_and_trainer_compute_the_same_logprobs_in_float64(trained, behavi
     model64 = model.double()
     try:
         for variant in VARIANTS:
-            gap, blocks = _largest_gap(model64, tokenizer, prompts, variant, behaviour)
+            gap, blocks, _ = _largest_gap(model64, tokenizer, prompts, variant, behaviour)
             assert blocks >= 3 or variant == "seen", "the trained model should open blocks of its own"
             assert gap <= FLOAT64_BOUND, (variant, gap)
     finally:
@@ -97,5 +110,25 @@ def test_engine_and_trainer_compute_the_same_logprobs_in_float64(trained, behavi
 def test_float32_gap_on_a_trained_model_is_within_the_stated_bound(trained):
     model, tokenizer, prompts = trained
     for variant in VARIANTS:
-        gap, _ = _largest_gap(model, tokenizer, prompts, variant, behaviour=False)
+        gap, _, _ = _largest_gap(model, tokenizer, prompts, variant, behaviour=False)
         assert gap <= FLOAT32_BOUND, (variant, gap)
+
+
+def test_planned_blocks_of_a_variable_number_of_paths_are_exact(planned):
+    """A model that plans its blocks (1 to 3 paths, chosen in its plan): float64 agrees to 1e-9 with the
+    bans (BAN_PLAN included) replayed, float32 within the stated bound, for every variant."""
+    model, tokenizer, prompts = planned
+    widths = set()
+    for variant in VARIANTS:
+        gap, blocks, seen = _largest_gap(model, tokenizer, prompts, variant, behaviour=False, plans=True)
+        assert gap <= FLOAT32_BOUND, (variant, gap)
+        widths |= seen if variant != "seen" else set()
+    assert len(widths) >= 2, widths  # the model chose different numbers of paths
+    model64 = model.double()
+    try:
+        for variant in VARIANTS:
+            gap, blocks, _ = _largest_gap(model64, tokenizer, prompts, variant, behaviour=True, plans=True)
+            assert blocks >= 3 or variant == "seen", "the planned model should open blocks of its own"
+            assert gap <= FLOAT64_BOUND, (variant, gap)
+    finally:
+        model.float()

@@ -50,3 +50,23 @@ def test_first_try_entropy_is_zero_when_every_sample_starts_alike():
     assert first_try_entropy([[3, 3, 3], [5, 5]]) == 0.0
     assert first_try_entropy([[3, 5]]) == pytest.approx(1.0)
     assert first_try_entropy([[None]]) is None
+
+
+def planned(*candidates, summary="none works"):
+    plan = "".join(f"{n}*{P.factor}\n" for n in candidates)
+    return f"<Parallel>{plan}{''.join(path(n) for n in candidates)}</Parallel><Summary>{summary}</Summary>"
+
+
+def test_planned_blocks_count_their_paths_and_duplicates():
+    records = [
+        record(planned(4, 9, 2) + planned(7, summary="7 works") + "Final Answer: 7", 0),
+        record(planned(9, 9) + "Final Answer: 9", 1),  # a plan that names one candidate twice
+    ]
+    d = block_diagnostics(records)
+    assert d["blocks"] == 3 and d["paths_per_block"] == {
+        1: pytest.approx(1 / 3),
+        2: pytest.approx(1 / 3),
+        3: pytest.approx(1 / 3),
+    }
+    assert d["duplicate_rate"] == pytest.approx(1 / 3)
+    assert [f["tried"] for f in block_facts(records[0]["response"])] == [[4, 9, 2], [7]]

@@ -455,3 +455,113 @@ def test_replayed_logprobs_are_those_of_the_distribution_sampled_from(
         removed.append((replayed - unwarped)[sampled].abs().max())
     # the bans (and top-k/top-p) move real probability mass on this model: the check has teeth
     assert max(removed) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Planned blocks: the model writes a plan after <Parallel>, one line per path; the engine forks one path
+# per line, each starting with its line (inserted).
+
+PLAN_PARAMS = dict(seed=1, max_response_tokens=120, max_path_tokens=24, plans=True, max_paths=3)
+
+
+@pytest.fixture()
+def plan_model(tiny_model, tiny_tokenizer, tags):
+    """A biased model that opens blocks and writes plans of a few lines (newlines, and <Path> to end them)."""
+    newline = tiny_tokenizer.encode("\n")[0]
+    bias = {tags.parallel_open: 4.0, tags.path_close: 2.5, tags.summary_close: 3.0, tiny_tokenizer.eos_token_id: 1.0}
+    return with_bias(tiny_model, {**bias, newline: 3.0, tags.path_open: 2.0})
+
+
+def planned_blocks(rollout, lines):
+    """(plan token ids, [path token ids]) of each closed block of a planned rollout."""
+    out = []
+    for block in rollout.structure.blocks:
+        if not block.closed:
+            continue
+        open_index = block.token_span.start
+        first = block.paths[0].token_span.start
+        paths = [rollout.response_ids[p.token_span.start : p.token_span.end] for p in block.paths]
+        out.append((rollout.response_ids[open_index + 1 : first], paths, first))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["unseen", "threads", "seen"])
+def test_planned_logprobs_equal_the_training_forward(plan_model, tiny_tokenizer, tags, variant):
+    """A variable number of paths per block (the plan's lines), sampled log-probs equal to the trainer's."""
+    engine = ParallelEngine(plan_model, tiny_tokenizer, max_batch_size=4)
+    rollouts = engine.generate(PROMPTS, n=4, params=SamplingParams(**PLAN_PARAMS, variant=variant))
+    for r in rollouts:
+        sampled = torch.tensor(r.sampled_mask)
+        expected = scored(plan_model, tags, r, variant)
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], expected[sampled], atol=1e-4)
+    if variant == "seen":
+        return
+    counts = Counter(k for r in rollouts for b in r.structure.blocks if b.closed for k in [len(b.paths)])
+    assert len(counts) >= 2 and set(counts) <= {1, 2, 3}, counts
+
+
+def test_planned_paths_start_with_their_plan_line(plan_model, tiny_tokenizer, tags):
+    engine = ParallelEngine(plan_model, tiny_tokenizer)
+    rollouts = engine.generate(PROMPTS, n=4, params=SamplingParams(**PLAN_PARAMS))
+    lines = engine.plan_lines
+    seen_cap = seen_sampled_open = 0
+    for r in rollouts:
+        for plan, paths, first in planned_blocks(r, lines):
+            heads = lines.lines(plan) or [[]]
+            assert len(paths) == len(heads) <= 3
+            for path, head in zip(paths, heads):
+                assert path[0] == tags.path_open and path[1 : 1 + len(head)] == head
+            # plan tokens are sampled, copies and later <Path>s inserted, all at the path's positions
+            assert all(r.sampled_mask[first - len(plan) : first])
+            starts = [first + sum(len(p) for p in paths[:j]) for j in range(len(paths))]
+            for start, head in zip(starts, heads):
+                assert not any(r.sampled_mask[start + 1 : start + 1 + len(head)])
+            assert not any(r.sampled_mask[s] for s in starts[1:])
+            # the first <Path> is the model's unless the plan reached max_paths lines (then it is inserted)
+            capped = lines.ends_line(plan[-1]) and len(heads) == 3
+            assert r.sampled_mask[first] == (not capped)
+            seen_cap += capped
+            seen_sampled_open += not capped
+    assert seen_cap and seen_sampled_open
+
+
+def test_planned_paths_are_told_apart_by_their_lines(plan_model, tiny_tokenizer, tags):
+    """Unseen paths of one block each see the plan (shared prefix) and their own line: paths whose lines
+    differ get different next-token distributions (they were exchangeable without plans)."""
+    engine = ParallelEngine(plan_model, tiny_tokenizer)
+    rollouts = engine.generate(PROMPTS, n=4, params=SamplingParams(**PLAN_PARAMS))
+    lines, compared = engine.plan_lines, 0
+    for r in rollouts:
+        for plan, paths, first in planned_blocks(r, lines):
+            heads = lines.lines(plan)
+            if len(paths) < 2 or heads[0] == heads[1] or not heads[0] or not heads[1]:
+                continue
+            prefix = r.prompt_ids + r.response_ids[:first]
+            after = []
+            for path, head in zip(paths[:2], heads[:2]):
+                ids = torch.tensor([prefix + path[: 1 + len(head)]])
+                with torch.no_grad():
+                    after.append(plan_model(ids).logits[0, -1])
+            assert not torch.allclose(after[0], after[1])
+            compared += 1
+    assert compared
+
+
+def test_planned_cap_and_behaviour_logprobs(plan_model, tiny_tokenizer, tags):
+    """max_paths=1: every plan is closed after its first line; behaviour log-probs replay BAN_PLAN."""
+    engine = ParallelEngine(plan_model, tiny_tokenizer, behaviour_logprobs=True)
+    params = SamplingParams(**{**PLAN_PARAMS, "max_paths": 1, "top_k": 8})
+    rollouts = engine.generate(PROMPTS, n=3, params=params)
+    table = ban_table(tags, plan_model.config.vocab_size, torch.device("cpu"))
+    blocks = 0
+    for r in rollouts:
+        blocks += sum(len(b.paths) == 1 for b in r.structure.blocks if b.closed)
+        assert all(len(b.paths) <= 1 for b in r.structure.blocks)
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        rows = [0] * len(r.prompt_ids) + ban_rows(r.response_ids, tags, "unseen", params.max_blocks, plans=True)
+        behaviour = Behaviour(torch.tensor([rows]), table, params.top_k, 1.0)
+        with torch.no_grad():
+            replayed, _ = response_logprobs(plan_model, ids, torch.ones_like(ids), tags, "unseen", behaviour=behaviour)
+        sampled = torch.tensor(r.sampled_mask)
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], replayed[0, len(r.prompt_ids) :][sampled], atol=1e-4)
+    assert blocks >= 2

@@ -11,6 +11,7 @@ from parallel_r1.format import (
     TAGS,
     Block,
     ParsedResponse,
+    PlanLines,
     Span,
     TagIds,
     add_parallel_tokens,
@@ -98,7 +99,7 @@ def test_each_error_kind_is_reported_once_at_its_offset(text, kind, marker, nth)
 
 
 def test_error_cases_cover_every_kind():
-    assert {case[1] for case in SINGLE_ERRORS} == set(ERROR_KINDS)
+    assert {case[1] for case in SINGLE_ERRORS + PLANNED_ERRORS} == set(ERROR_KINDS)
 
 
 def test_messages_name_the_tag_and_the_text():
@@ -454,3 +455,65 @@ def test_teacher_outputs_stay_valid_after_canonicalize(teacher_responses):
         assert not validate(canonical)
         assert JOIN_SPACE.search(canonical) is None
         assert parse(canonical).paths_per_block == parse(text).paths_per_block
+
+
+# ------------------------------------------------------------------------------------------------
+# The planned format: a plan, one line per path, and each path starts with its line.
+
+PLANNED = "Find n.<Parallel>5*3\n7*3\n<Path>5*3=15 no</Path><Path>7*3=21 yes</Path></Parallel><Summary>7</Summary>"
+
+# (text, kind, marker, nth): each text holds exactly one error of the planned check, at the nth marker.
+PLANNED_ERRORS = [
+    ("<Parallel><Path>a</Path><Path>b</Path></Parallel><Summary>s</Summary>", "missing_plan", "<Path>", 0),
+    ("<Parallel>a\nb\nc\n<Path>a</Path><Path>b</Path></Parallel><Summary>s</Summary>", "plan_mismatch", "c\n", 0),
+    ("<Parallel>a\n<Path>a</Path><Path>b</Path></Parallel><Summary>s</Summary>", "plan_mismatch", "<Path>", 1),
+    ("<Parallel>a\nb\n<Path>a</Path><Path>c b</Path></Parallel><Summary>s</Summary>", "path_off_plan", "<Path>", 1),
+]
+
+
+@pytest.mark.parametrize("text,kind,marker,nth", PLANNED_ERRORS)
+def test_each_planned_error_is_reported_once_at_its_offset(text, kind, marker, nth):
+    assert [(e.kind, e.offset) for e in validate(text, plans=True)] == [(kind, _at(text, marker, nth))]
+
+
+def test_planned_block_structure_and_one_path_is_enough():
+    parsed = parse(PLANNED, plans=True)
+    assert parsed.well_formed and parsed.paths_per_block == [2]
+    [block] = parsed.blocks
+    assert PLANNED[block.plan.start : block.plan.end] == "5*3\n7*3\n"
+    assert [PLANNED[s.start : s.end] for s in block.plan_lines] == ["5*3", "7*3"]
+    one = "<Parallel>  try 5\n\n<Path> try 5: no</Path></Parallel><Summary>none</Summary>"
+    assert validate(one, plans=True) == []
+    assert [one[s.start : s.end] for s in parse(one, plans=True).blocks[0].plan_lines] == ["try 5"]
+    [error] = validate("<Parallel>a\n</Parallel><Summary>s</Summary>", plans=True)[:1]
+    assert error.kind == "too_few_paths" and "at least one" in error.message
+
+
+def test_unplanned_check_is_unchanged_and_still_records_the_plan():
+    # The unplanned format keeps refusing text before the first path (and one path), but the plan is kept.
+    kinds = [e.kind for e in validate(PLANNED)]
+    assert kinds == ["text_in_block"]
+    assert parse(PLANNED).blocks[0].plan_lines and parse(BLOCK).blocks[0].plan is None
+    assert [e.kind for e in validate(BLOCK, plans=True)] == ["missing_plan"]
+
+
+def test_planned_errors_name_the_counts_and_the_line():
+    [error] = validate("<Parallel>a\nb\nc\n<Path>a</Path><Path>b</Path></Parallel><Summary>s</Summary>", plans=True)
+    assert "3 path(s)" in error.message and "holds 2" in error.message
+    [error] = validate("<Parallel>a\nb\n<Path>a</Path><Path>c</Path></Parallel><Summary>s</Summary>", plans=True)
+    assert "path 2" in error.message and "'b'" in error.message
+
+
+def test_planned_text_renders_and_parses_from_ids(tiny_tokenizer):
+    assert render(parse(PLANNED, plans=True)) == PLANNED
+    ids = tiny_tokenizer(PLANNED, add_special_tokens=False)["input_ids"]
+    parsed = parse_ids(ids, tiny_tokenizer, lenient=False, plans=True)
+    assert parsed.well_formed and parsed.paths_per_block == [2]
+
+
+def test_plan_lines_split_token_ids_like_the_text(tiny_tokenizer):
+    plan = "5*3\n\n 7*3 \n  \n9*3"
+    ids = tiny_tokenizer(plan, add_special_tokens=False)["input_ids"]
+    lines = PlanLines(tiny_tokenizer).lines(ids)
+    assert [tiny_tokenizer.decode(line).strip() for line in lines] == ["5*3", "7*3", "9*3"]
+    assert PlanLines(tiny_tokenizer).lines([]) == []

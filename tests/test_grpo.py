@@ -604,11 +604,20 @@ def test_two_steps_with_packed_and_grouped_rows_give_the_padded_rows_weights(tmp
     micro-batches of the step) end at the same weights with each layout, to 2e-5 absolute, 2% of one Adam
     step at lr 1e-3 (float32 sums in another order, amplified where Adam divides a nearly zero gradient by
     the root of its second moment: tests/test_distributed.py's tolerance); losses to 1e-5 relative."""
+    from parallel_r1 import batch as batch_module
     from parallel_r1.config import parse_recipe
 
     _constructed_rewards(monkeypatch)
-    weights, losses = {}, {}
+    calls, packed = [], batch_module.packed_logprobs
+
+    def counting(*args, share_prompts, **kwargs):
+        calls.append(share_prompts)
+        return packed(*args, share_prompts=share_prompts, **kwargs)
+
+    monkeypatch.setattr(batch_module, "packed_logprobs", counting)
+    weights, losses, scored = {}, {}, {}
     for rows, tokens in (("padded", 0), ("grouped", 0), ("packed", 60)):
+        calls.clear()
         stage = parse_recipe(GRPO_STAGE.replace("variant: unseen", f"variant: {variant}")).stages[0]
         stage.grpo.update_rows, stage.grpo.micro_batch_tokens = rows, tokens
         stage.grpo.micro_batch_size, stage.grpo.old_logprobs = 3, "recompute"
@@ -617,6 +626,9 @@ def test_two_steps_with_packed_and_grouped_rows_give_the_padded_rows_weights(tmp
         start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         losses[rows] = [trainer.train_step(step, [2 * step, 2 * step + 1])[0]["loss"] for step in range(2)]
         weights[rows] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        scored[rows] = set(calls)
+    # the setting picks the layout: padded never packs, grouped shares each group's prompt, packed does not
+    assert scored == {"padded": set(), "grouped": {True}, "packed": {False}}
     assert (weights["padded"] - start).abs().max() > 1e-3  # the steps trained
     for rows in ("grouped", "packed"):
         assert (weights[rows] - weights["padded"]).abs().max() < 2e-5, rows

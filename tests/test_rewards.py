@@ -207,3 +207,12 @@ def test_score_batch_follows_the_mid_training_switch():
     schedule = RewardSchedule("mid_training", switch_step=1)
     assert score_batch([WELL_FORMED], ["7"], 0, schedule)[0].reward == pytest.approx(1.2)
     assert score_batch([WELL_FORMED], ["7"], 1, schedule)[0].reward == 1.0
+
+
+def test_planned_responses_pass_the_format_gate_only_when_checked_as_planned():
+    planned = "<Parallel>5*3\n<Path>5*3=15 yes</Path></Parallel><Summary>5 works</Summary>Final Answer: 5"
+    assert score_response(planned, "5", parallel_active=True, plans=True).reward == pytest.approx(1.2)
+    assert score_response(planned, "5", parallel_active=True).reward == -1.0  # one path, text in the block
+    schedule = RewardSchedule("parallel")
+    [score] = score_batch([planned], ["5"], 0, schedule, plans=True, format_error_value=-1.0)
+    assert score.well_formed and score.parallel_bonus == pytest.approx(0.2)

@@ -68,3 +68,18 @@ def test_arm_summary_combines_both_standard_errors():
     assert s["mean"] == pytest.approx(0.45)
     assert s["se"] == pytest.approx(math.hypot(s["se_seeds"], s["se_problems"]))
     assert s["se_seeds"] == pytest.approx(0.05) and s["se_problems"] > 0
+
+
+def test_paired_difference_pairs_by_seed_and_ignores_unpaired_seeds():
+    a = {"0": 0.9, "1": 0.8, "2": 0.7, "3": 0.1}
+    b = {"0": 0.5, "1": 0.5, "2": 0.5}
+    d = stats.paired_difference(a, b)
+    # per-seed differences 0.4, 0.3, 0.2: mean 0.3, sd 0.1, se 0.1 / sqrt(3); seed 3 has no partner
+    assert d["values"] == pytest.approx([0.4, 0.3, 0.2])
+    assert d["diff"] == pytest.approx(0.3) and d["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert d["df"] == 2 and d["significant"] and d["t_significant"]  # t = 5.2 > 4.303
+    # a common offset per seed (the shared SFT model) cancels: unpaired it would be pure noise
+    shifted = stats.paired_difference({"0": 0.1, "1": 0.9}, {"0": 0.0, "1": 0.8})
+    assert shifted["diff"] == pytest.approx(0.1) and shifted["se"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one seed"):
+        stats.paired_difference({"0": 1.0}, {"1": 1.0})

@@ -35,7 +35,7 @@ def test_arms_have_equal_rl_budgets_and_share_sft_where_it_is_the_same():
     assert list(recipes) == list(study.ARMS)
     keys = {arm: study.sft_key(r) for arm, r in recipes.items()}
     assert keys["unseen"] == keys["unseen_kl"]
-    assert len({keys[a] for a in study.SCHEDULES}) == 1
+    assert len({keys[a] for a in study.SCHEDULE_FAMILIES[0]}) == 1
     assert len(set(keys.values())) == 6  # sequential, thorough, plain, seen, unseen, mixed
     assert len({str(study.rl_budget(r)) for r in recipes.values()}) == 1
     assert not any(study.is_parallel(recipes[a]) for a in study.CONTROLS)
@@ -43,7 +43,12 @@ def test_arms_have_equal_rl_budgets_and_share_sft_where_it_is_the_same():
     # The controls hold the parallel script: plain and thorough differ from seen's SFT in the style only.
     styles = {a: r.stages[0].data.task_style for a, r in recipes.items()}
     assert styles["plain"] == "plain" and styles["thorough"] == "thorough" and styles["seen"] == "parallel"
-    assert all(styles[a] == "mixed" for a in study.SCHEDULES)
+    assert all(styles[a] == "mixed" for a in study.SCHEDULE_FAMILIES[0])
+    # The optional choice family: one SFT (the choice style), the default arms' RL budget.
+    choice = study.load_arms(study.StudySettings(arms=study.SCHEDULE_FAMILIES[1]), [])
+    assert len({study.sft_key(r) for r in choice.values()}) == 1
+    assert {r.stages[0].data.task_style for r in choice.values()} == {"choice"}
+    assert {str(study.rl_budget(r)) for r in choice.values()} == {str(study.rl_budget(recipes["seen"]))}
     assert study.PRIMARY in recipes and recipes["unseen_kl"].stages[1].grpo.kl_coef > 0
 
 
@@ -150,3 +155,14 @@ def test_sweep_scores_learning_rates_on_validation_problems_and_the_study_reuses
     assert reused.is_symlink()
     assert reused.resolve() == (tmp_path / "sweep" / "sequential" / "seed0-lr0.0001").resolve()
     assert (reused / "eval" / "heldout.json").is_file() and (reused / "eval" / "validation.json").is_file()
+
+
+def test_the_planned_arm_is_unseen_with_planned_blocks_at_the_same_budget():
+    recipes = study.load_arms(study.StudySettings(arms=("unseen", "unseen_planned")), [])
+    unseen, planned = recipes["unseen"], recipes["unseen_planned"]
+    assert study.rl_budget(unseen) == study.rl_budget(planned)
+    assert planned.stages[0].data.task_style == "planned" and study.sft_key(planned) != study.sft_key(unseen)
+    for a, b in zip(unseen.stages[1:], planned.stages[1:]):
+        assert not a.grpo.rollout.plans and b.grpo.rollout.plans and b.grpo.rollout.max_paths == 3
+        assert a.variant == b.variant == "unseen"
+    assert "unseen_planned" not in study.StudySettings().arms

@@ -1,3 +1,5 @@
+import pytest
+
 from parallel_r1.study_summary import CAPS, markdown
 
 
@@ -71,3 +73,39 @@ def test_markdown_states_every_arm_and_every_comparison_with_its_marks():
     for header, separator in zip(tables, tables[1:]):
         if set(separator) <= set("|- "):
             assert separator.count("|") == header.count("|")
+
+
+def test_schedule_windows_and_their_paired_differences_from_trajectories():
+    from parallel_r1 import study
+    from parallel_r1.study_summary import WINDOW, schedule_differences, schedule_table
+
+    a, b = study.SCHEDULE_FAMILIES[0][0], study.SCHEDULE_FAMILIES[0][-1]
+    other = study.SCHEDULE_FAMILIES[1][0]  # another cold start: never paired with a or b
+
+    def trajectory(easy: float, hard: float) -> list[dict]:
+        return [{"stage": "rl_easy", "parallel_ratio": easy}] * WINDOW + [
+            {"stage": "rl_hard", "parallel_ratio": hard}
+        ] * WINDOW
+
+    # seed 1 starts higher in both arms (its SFT model); arm a is 0.2 and 0.3 above b in the harder stage
+    arms = {
+        a: {"trajectory": {"0": trajectory(0.5, 0.7), "1": trajectory(0.6, 0.9)}},
+        b: {"trajectory": {"0": trajectory(0.5, 0.5), "1": trajectory(0.6, 0.6)}},
+        other: {"trajectory": {"0": trajectory(0.1, 0.1)}},
+        "seen": {"trajectory": {"0": trajectory(1.0, 1.0)}},  # not a schedule arm: left out
+    }
+    table = schedule_table(arms)
+    assert set(table) == {a, b, other}
+    assert table[a]["rl_hard/end"]["by_seed"] == {"0": 0.7, "1": 0.9}
+    assert table[a]["rl_hard/end"]["mean"] == pytest.approx(0.8)
+    diffs = schedule_differences(table)
+    assert list(diffs) == [f"{a} - {b}"]
+    hard = diffs[f"{a} - {b}"]["rl_hard/end"]
+    # paired: differences 0.2 and 0.3, se 0.05; two standard errors cleared, t's threshold for 1 df (12.7) not
+    assert hard["diff"] == pytest.approx(0.25) and hard["se"] == pytest.approx(0.05)
+    assert hard["significant"] and not hard["t_significant"]
+    assert diffs[f"{a} - {b}"]["rl_easy/end"]["diff"] == pytest.approx(0.0)
+    summary = synthetic_summary()
+    summary["arms"].update({arm: {"rl_parallel_ratio": 0.5} for arm in (a, b, other)})
+    text = markdown({**summary, "schedules": table, "schedule_differences": diffs})
+    assert f"| {a} - {b} | +0.000 ± 0.000 | +0.000 ± 0.000 | +0.250 ± 0.050 * | +0.250 ± 0.050 * |" in text

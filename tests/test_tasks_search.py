@@ -36,7 +36,7 @@ def test_train_problems_never_try_the_computation_that_solves_a_heldout_problem(
             assert not tried & solved
 
 
-@pytest.mark.parametrize("style", search.STYLES)
+@pytest.mark.parametrize("style", (*search.STYLES, search.CHOICE))
 def test_teacher_solutions_are_well_formed_and_right(style):
     rng = random.Random(0)
     for level in search.LEVELS:
@@ -47,6 +47,8 @@ def test_teacher_solutions_are_well_formed_and_right(style):
             assert is_correct(text, str(p.answer))
             if style in ("parallel", "mixed"):
                 assert (parsed.num_blocks > 0) == (style == "parallel" or level > 1)
+            elif style == "choice":
+                assert parsed.num_blocks == 0 or level > 1
             else:
                 assert parsed.num_blocks == 0 and "<" not in text
             assert text.count(f": {p.answer} works") == 1  # exactly the right candidate checks out
@@ -148,3 +150,72 @@ def test_splits_are_apart_by_computation_and_valid_problems_never_try_a_heldout_
 def test_path_candidate_reads_the_try():
     assert search.path_candidate(search.try_lines(7, 3, 10, 31)) == 7
     assert search.path_candidate("none works") is None
+
+
+def test_choice_opens_a_block_on_even_odds_where_mixed_always_does():
+    problems = search.generate(400, (3, 4, 5), "train", seed=6)
+    opened = decisions = 0
+    for p in problems:
+        text = search.teacher_solution(p, "choice", random.Random(p.id))
+        parsed = parse(text)
+        assert parsed.well_formed and is_correct(text, str(p.answer))
+        order = list(p.candidates)
+        random.Random(p.id).shuffle(order)
+        tries = _tries(text)
+        assert tries == order[: len(tries)]  # the mixed script's order, no re-tries, stops at the hit
+        assert all(len(b.paths) == 2 for b in parsed.blocks)
+        # every decision point (three or more candidates left) either opened a block or tried one candidate
+        i = 0
+        for block_or_try in _units(text):
+            if len(order) - i >= 3:
+                decisions += 1
+                opened += block_or_try == "block"
+            i += 2 if block_or_try == "block" else 1
+    assert 0.4 < opened / decisions < 0.6
+    mixed = [search.teacher_solution(p, "mixed", random.Random(p.id)) for p in problems]
+    assert all(parse(t).num_blocks > 0 for t in mixed)  # mixed opens one whenever it can
+
+
+def _units(text: str) -> list[str]:
+    """The solution as a list of "block" / "try" in order."""
+    units, rest = [], text.split("Final Answer")[0]
+    while rest.strip():
+        if rest.startswith("<Parallel>"):
+            units.append("block")
+            rest = rest[rest.index("</Summary>") + len("</Summary>") :]
+        else:
+            units.append("try")
+            cut = [i for i in (rest.find("\n\n"), rest.find("<Parallel>")) if i > 0]
+            rest = rest[min(cut) :].lstrip("\n") if cut else ""
+    return units
+
+
+def test_planned_teacher_plans_each_block_and_keeps_the_parallel_tries():
+    from parallel_r1 import diagnostics
+    from parallel_r1.answers import extract_answer
+    from parallel_r1.format import validate
+
+    problems = search.generate(200, levels=(1, 2, 3, 4), seed=3)
+    sizes = set()
+    for p in problems:
+        planned = search.teacher_solution(p, "planned", random.Random(p.id))
+        assert validate(planned, plans=True) == [] and validate(planned) != []
+        blocks = parse(planned, plans=True).blocks
+        sizes |= {len(b.paths) for b in blocks}
+        for block in blocks:
+            lines = [planned[s.start : s.end] for s in block.plan_lines]
+            tried = [search.path_candidate(planned[q.content.start : q.content.end]) for q in block.paths]
+            assert lines == [f"{c}*{p.factor}" for c in tried]
+        # the shuffled order of every style, a full block at a time, fewer paths only when candidates run out
+        order = list(p.candidates)
+        random.Random(p.id).shuffle(order)
+        tries = diagnostics.tried_candidates(planned)
+        assert tries == order[: len(tries)]
+        assert len(set(tries)) == len(tries) and p.answer in tries[-len(blocks[-1].paths) :]
+        assert all(len(b.paths) == search.PLANNED_PATHS for b in blocks[:-1])
+        left = len(p.candidates) - search.PLANNED_PATHS * (len(blocks) - 1)
+        assert len(blocks[-1].paths) == min(search.PLANNED_PATHS, left)
+        assert extract_answer(planned) == str(p.answer)
+    assert sizes == {1, 2, 3}
+    with pytest.raises(ValueError, match="planned"):
+        search.teacher_solution(problems[0], "unknown")

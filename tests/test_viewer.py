@@ -59,6 +59,16 @@ def test_paths_render_as_columns_with_tags():
     assert "All give 7." in html and "Start." in html and "Final Answer: 7" in html
 
 
+def test_a_planned_block_shows_its_plan_and_is_checked_as_planned():
+    planned = "<Parallel>5*3\n7*3\n<Path>5*3=15</Path><Path>7*3=21</Path></Parallel><Summary>7</Summary>"
+    html = render_response(planned)
+    assert '<div class="plan">plan<ol><li>5*3</li><li>7*3</li></ol></div>' in html
+    assert html.count('<div class="path">') == 2 and "format errors" not in html
+    off = planned.replace("<Path>7*3=21", "<Path>9*3=27")
+    assert "path_off_plan" in render_response(off)
+    assert '<div class="plan">' not in render_response(BLOCK)
+
+
 def test_cut_off_block_is_marked():
     html = render_response("a<Parallel><Path>one</Path><Path>tw")
     assert html.count('<div class="path">') == 2

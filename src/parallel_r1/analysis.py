@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from parallel_r1.answers import extract_answer, verify
@@ -202,6 +203,8 @@ class GroupSummary:
     verification_share: float | None
     mean_path_chars: float | None
     path_agreement: float | None  # share of blocks (with >= 2 path answers) whose paths agree
+    paths_per_block: dict[int, float] = field(default_factory=dict)  # share of blocks with k paths, per k
+    mean_paths: float | None = None  # paths per block
 
 
 def group_key(record: dict) -> tuple[int, int | str]:
@@ -234,6 +237,8 @@ def summarize_group(label: str, records: Sequence[dict], blocks: Sequence[Sequen
         verification_share=sum(b.role == "verification" for b in flat) / len(flat) if flat else None,
         mean_path_chars=sum(paths) / len(paths) if paths else None,
         path_agreement=sum(judged) / len(judged) if judged else None,
+        paths_per_block={k: n / len(flat) for k, n in sorted(Counter(b.num_paths for b in flat).items())},
+        mean_paths=sum(b.num_paths for b in flat) / len(flat) if flat else None,
     )
 
 

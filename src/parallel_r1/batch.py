@@ -71,9 +71,9 @@ class RolloutBatch:
         lengths = self.attention_mask_BT.sum(1).tolist()
         units = [[b] for b in order]
         if rows == "grouped":
-            units = prompt_groups(self.input_ids_BT, self.attention_mask_BT, self._prompt_lengths())
+            units = prompt_groups(self.input_ids_BT, self.attention_mask_BT, self.prompt_lengths())
             units.sort(key=lambda g: -max(lengths[b] for b in g))
-        prompt = self._prompt_lengths()
+        prompt = self.prompt_lengths()
         out: list[list[int]] = []
         used = 0
         for unit in units:
@@ -87,7 +87,8 @@ class RolloutBatch:
             used += cost
         return out
 
-    def _prompt_lengths(self) -> list[int]:
+    def prompt_lengths(self) -> list[int]:
+        """Per row, its prompt's length (from `collate_rollouts`): what a group's rows share."""
         if self.prompt_len_B is None:
             raise ValueError("packed rows need the rows' prompt lengths (RolloutBatch.prompt_len_B)")
         return self.prompt_len_B.tolist()
@@ -144,7 +145,7 @@ def batch_logprobs(
     inputs = (part.input_ids_BT, part.attention_mask_BT)
     if rows == "padded":
         return response_logprobs(model, *inputs, tags, **scoring)
-    return packed_logprobs(model, *inputs, part._prompt_lengths(), tags, **scoring, share_prompts=rows == "grouped")
+    return packed_logprobs(model, *inputs, part.prompt_lengths(), tags, **scoring, share_prompts=rows == "grouped")
 
 
 @torch.no_grad()

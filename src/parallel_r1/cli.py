@@ -69,16 +69,18 @@ def _setup_logging(verbose: bool) -> None:
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """--temperature, --top-p, --top-k, --max-response-tokens, --max-path-tokens, --max-blocks,
-    --num-paths (one per `SamplingSettings` field, with its default and help), --variant and --seed."""
+    --num-paths, --plans/--no-plans, --max-paths (one per `SamplingSettings` field, with its default and
+    help), --variant and --seed."""
     hints = typing.get_type_hints(SamplingSettings)
     defaults = SamplingSettings()
     for field in dataclasses.fields(SamplingSettings):
         default = getattr(defaults, field.name)
+        kind = {"action": argparse.BooleanOptionalAction} if hints[field.name] is bool else {"type": hints[field.name]}
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=hints[field.name],
             default=default,
             help=f"{field.metadata['help']} (default: {default})",
+            **kind,
         )
     parser.add_argument(
         "--variant", choices=VARIANTS, default=DEFAULT_VARIANT, help=f"decoding variant (default: {DEFAULT_VARIANT})"
@@ -111,11 +113,12 @@ def _add_check_parser(sub) -> None:
     check.add_argument("file", help="JSONL file, one record a line")
     check.add_argument("--field", default="response", help="record field holding the response (default: response)")
     check.add_argument("--json", action="store_true", help="print one JSON object per record")
+    check.add_argument("--plans", action="store_true", help="check the planned format (a plan opens every block)")
     check.set_defaults(func=_cmd_check)
 
 
 def _cmd_check(args) -> int:
-    results = response_format.check_file(args.file, args.field)
+    results = response_format.check_file(args.file, args.field, plans=args.plans)
     if args.json:
         for result in results:
             print(json.dumps(result))
@@ -140,6 +143,7 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     _add_sampling_flags(ev)
     _count_flag(ev, "--batch-size", defaults.max_batch_size, "rollouts decoded together")
+    ev.add_argument("--backend", choices=BACKENDS, default=defaults.backend, help="rollout engine (default: hf)")
     ev.add_argument(
         "--template",
         help=f"prompt: {', '.join(PROMPT_TEMPLATES)}, or a text file with {{question}} "
@@ -181,6 +185,7 @@ def _cmd_eval(args) -> int:
         seed=args.seed,
         variant=args.variant,
         max_batch_size=args.batch_size,
+        backend=args.backend,
         template=template,
         chat_template=args.chat_template,
         system_prompt=args.system_prompt,

@@ -87,11 +87,13 @@ class DataConfig:
     task_levels: list[int] | None = None
     """For source "task": difficulty levels (1-6); empty: the task's cold-start levels for SFT, its easy
     RL levels for GRPO."""
-    task_style: Literal["parallel", "sequential", "plain", "thorough", "mixed"] = "parallel"
+    task_style: Literal["parallel", "sequential", "plain", "thorough", "mixed", "choice", "planned"] = "parallel"
     """For source "task", SFT: how the programmatic teacher writes the solutions ("sequential": no block,
     for a baseline on the same problems; the search task also has "plain" (the parallel script with plain
-    delimiters instead of tags), "thorough" (sequential, with the parallel script's tries) and "mixed"
-    (blocks only while three or more candidates remain): see tasks/search.py)."""
+    delimiters instead of tags), "thorough" (sequential, with the parallel script's tries), "mixed"
+    (blocks only while three or more candidates remain), "choice" (there, a block on a coin's toss) and
+    "planned" (blocks of 1 to 3 paths, each opened by a plan naming every path's candidate, for
+    `rollout.plans: true`): see tasks/search.py)."""
     eval_size: int = 0
     """SFT: records held out for the eval loss (0: no eval)."""
     prompt: Literal["parallel", "sequential", "question", "bare", "minerva"] = "parallel"

@@ -11,7 +11,8 @@ training.
 * summary consistency: the share of closed summaries that name the candidate whose path found that it works
   (or say ``none works`` when no path did);
 * first-try entropy: per prompt, the entropy (bits) of the candidate its samples try first, averaged over
-  prompts; 0 when every sample of a prompt starts with the same candidate.
+  prompts; 0 when every sample of a prompt starts with the same candidate;
+* paths per block: the share of blocks with k paths, for each k (planned blocks choose k).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def first_try_entropy(groups: Iterable[list[int | None]]) -> float | None:
 def block_diagnostics(records: Iterable[dict]) -> dict:
     """The four figures of the module docstring over `records`, with the counts they are shares of."""
     responses = covered = blocks = duplicates = summaries = consistent = 0
+    widths: Counter[int] = Counter()
     firsts: dict[str, list[int | None]] = {}
     for r in records:
         text, gold = r["response"], int(str(r["gold"]).strip())
@@ -78,6 +80,7 @@ def block_diagnostics(records: Iterable[dict]) -> dict:
         firsts.setdefault(group, []).append(tries[0] if tries else None)
         for facts in block_facts(text):
             blocks += 1
+            widths[len(facts["tried"])] += 1
             known = [c for c in facts["tried"] if c is not None]
             duplicates += len(set(known)) < len(known)
             if facts["closed"] and facts["named"] is not None:
@@ -91,4 +94,5 @@ def block_diagnostics(records: Iterable[dict]) -> dict:
         "coverage": covered / responses if responses else None,
         "summary_consistency": consistent / summaries if summaries else None,
         "first_try_entropy": first_try_entropy(firsts.values()),
+        "paths_per_block": {k: widths[k] / blocks for k in sorted(widths)},
     }

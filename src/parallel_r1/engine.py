@@ -40,8 +40,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from parallel_r1.bans import BAN_MAIN, BAN_MAIN_CAPPED, BAN_NONE, BAN_PARALLEL, BAN_PATH, BAN_SUMMARY, ban_table
-from parallel_r1.format import TagIds
+from parallel_r1.bans import (
+    BAN_MAIN,
+    BAN_MAIN_CAPPED,
+    BAN_NONE,
+    BAN_PARALLEL,
+    BAN_PATH,
+    BAN_PLAN,
+    BAN_SUMMARY,
+    ban_table,
+)
+from parallel_r1.format import PlanLines, TagIds
 from parallel_r1.kv_cache import SlotCache, SlotMeta
 from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
 from parallel_r1.sampler import sample_tokens, uniforms_for
@@ -82,7 +91,7 @@ class _Target(NamedTuple):
 
 @dataclass
 class _Row:
-    """One sample's decoding state (the state machine MAIN -> PATHS -> SUMMARY -> MAIN)."""
+    """One sample's decoding state (the state machine MAIN -> [PLAN ->] PATHS -> SUMMARY -> MAIN)."""
 
     prompt_index: int
     sample_index: int
@@ -91,6 +100,7 @@ class _Row:
     tags: TagIds
     eos_ids: frozenset[int]
     key: int = 0  # the sample's key in the counter-based sampler (the caller's problem index)
+    plan_lines: PlanLines | None = None  # params.plans: how the plan's token ids split into lines
     state: str = "main"
     out: list[_Token] = field(default_factory=list)  # sequential layout of the main thread and closed blocks
     paths: list[list[_Token]] = field(default_factory=list)  # the open block's paths
@@ -99,6 +109,7 @@ class _Row:
     blocks: int = 0
     path_start: int = 0  # s: position of every path's <Path>
     path_uids: list[int] = field(default_factory=list)
+    plan: list[int] = field(default_factory=list)  # params.plans: the open block's plan, token ids
     hide_paths: list[int] = field(default_factory=list)  # "threads": path ids whose cached slots to hide
     finish_reason: str | None = None
     finished_at: float = 0.0  # time.perf_counter() when the sample finished
@@ -120,6 +131,8 @@ class _Row:
             return BAN_PARALLEL if capped else BAN_NONE
         if stream != MAIN_STREAM:
             return BAN_PATH
+        if self.state == "plan":
+            return BAN_PLAN
         if self.state == "summary":
             return BAN_SUMMARY
         return BAN_MAIN_CAPPED if capped else BAN_MAIN
@@ -148,6 +161,9 @@ class _Row:
         self.next_position += 1
 
     def _main_token(self, token: int, logprob: float, sampled: bool = True) -> None:
+        if self.state == "plan" and token == self.tags.path_open:
+            self._fork(_Token(token, sampled, logprob))
+            return
         self.out.append(_Token(token, sampled, logprob))
         if token in self.eos_ids:
             self.finish_reason = "stop"
@@ -159,17 +175,46 @@ class _Row:
                 return
         if token == self.tags.summary_close and self.state == "summary":
             self.state = "main"
+        if self.state == "plan":
+            self.plan.append(token)
+            lines = self.plan_lines
+            if lines.ends_line(token) and len(lines.lines(self.plan)) >= self.params.max_paths:
+                # The plan names max_paths paths: the engine closes it with an inserted <Path>.
+                self._feed_main(token, stream=None)
+                self._fork(_Token(self.tags.path_open, False, 0.0))
+                return
         self._feed_main(token)
 
     def _open_block(self) -> None:
+        if self.params.plans:
+            # The model writes the plan in the shared prefix; its first <Path> (sampled) ends it.
+            self._feed_main(self.tags.parallel_open)
+            self.state, self.plan = "plan", []
+            return
         self._feed_main(self.tags.parallel_open, stream=None)
+        self._fork(_Token(self.tags.path_open, False, 0.0), self.params.num_paths)
+
+    def _fork(self, first: _Token, num_paths: int | None = None) -> None:
+        """Open the block's paths, each at position s = the next position: `num_paths` of them, or with a plan
+        one per plan line (at least one), path j starting with its line's tokens (inserted, not sampled;
+        cut to leave room for a sampled token within max_path_tokens). `first` is path 1's `<Path>`."""
         self.state = "paths"
         self.path_start = self.next_position
+        if num_paths is None:
+            room = max(0, self.params.max_path_tokens - 3)
+            heads = [line[:room] for line in self.plan_lines.lines(self.plan)] or [[]]
+        else:
+            heads = [[] for _ in range(num_paths)]
         first_uid = max(self.path_uids, default=-1) + 1
-        self.path_uids = list(range(first_uid, first_uid + self.params.num_paths))
-        self.paths = [[_Token(self.tags.path_open, False, 0.0)] for _ in self.path_uids]
-        for k, uid in enumerate(self.path_uids):
-            self.pending.append(_Slot(self.tags.path_open, self.path_start, self.blocks, uid, stream=k))
+        self.path_uids = list(range(first_uid, first_uid + len(heads)))
+        opener = _Token(self.tags.path_open, False, 0.0)
+        self.paths = [
+            [first if k == 0 else opener] + [_Token(t, False, 0.0) for t in head] for k, head in enumerate(heads)
+        ]
+        for k, (uid, path) in enumerate(zip(self.path_uids, self.paths)):
+            for j, token in enumerate(path):
+                self.pending.append(_Slot(token.id, self.path_start + j, self.blocks, uid))
+            self.pending[-1].stream = k
 
     def _path_token(self, k: int, token: int, logprob: float) -> None:
         path = self.paths[k]
@@ -340,6 +385,7 @@ class ParallelEngine:
         self.prefill_tokens = prefill_tokens
         self.split_waste = split_waste
         self.tags = TagIds.from_tokenizer(tokenizer)
+        self.plan_lines = PlanLines(tokenizer)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None:
@@ -381,8 +427,9 @@ class ParallelEngine:
         if len(keys) != len(prompt_ids):
             raise ValueError(f"ParallelEngine.generate: {len(keys)} keys for {len(prompt_ids)} prompts")
         seed = _new_seed() if params.seed is None else int(params.seed)
+        lines = self.plan_lines if params.plans else None
         rows = [
-            _Row(i, j, ids, params, self.tags, self.eos_ids, key=keys[i])
+            _Row(i, j, ids, params, self.tags, self.eos_ids, key=keys[i], plan_lines=lines)
             for i, ids in enumerate(prompt_ids)
             for j in range(n)
         ]
@@ -404,12 +451,13 @@ class ParallelEngine:
         vocab = self.model.get_output_embeddings().weight.shape[0]
         bans = ban_table(self.tags, vocab, device)
         batch = min(self.max_batch_size, len(rows))
-        capacity = max(len(r.prompt_ids) for r in rows) + 2 * params.num_paths + 64
+        widest = max(params.num_paths, params.max_paths if params.plans else 0)
+        capacity = max(len(r.prompt_ids) for r in rows) + 2 * widest + 64
         cache = SlotCache(self.model.config.num_hidden_layers, batch, capacity)
         meta = SlotMeta(batch, capacity, device)
         waiting = deque(rows)
         live: list[_Row] = []
-        light = params.num_paths + 2  # the most tokens a decoding row feeds in one step
+        light = widest + 2  # the most tokens a decoding row feeds in one step (but forks of planned paths)
         while waiting or live:
             started = time.perf_counter()
             while waiting and len(live) < batch:
@@ -567,5 +615,5 @@ class ParallelEngine:
         return make_rollout(
             self.tokenizer, row.prompt_index, row.sample_index, row.prompt_ids, ids,
             [t.sampled for t in tokens], [t.logprob for t in tokens], row.finish_reason,
-            ends_with_eos=bool(ids) and ids[-1] in self.eos_ids, tags=self.tags,
+            ends_with_eos=bool(ids) and ids[-1] in self.eos_ids, tags=self.tags, plans=row.params.plans,
         )  # fmt: skip

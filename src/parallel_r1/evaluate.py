@@ -13,8 +13,10 @@ split (`shot_pool`), never from the problems evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,7 +30,7 @@ from parallel_r1.answers import verify
 from parallel_r1.backends import make_engine
 from parallel_r1.data import Problem, load_problems
 from parallel_r1.files import atomic_write_text
-from parallel_r1.models import load_model_and_tokenizer
+from parallel_r1.models import PRESETS, load_model_and_tokenizer, save_model
 from parallel_r1.prompts import PROMPT_TEMPLATE, SHOT_STOP, Shot, draw_shots, prompt_format
 from parallel_r1.rewards import score_response
 from parallel_r1.rollout import rollout_record, sampling_params, upgrade_record
@@ -128,10 +130,12 @@ class BenchmarkResult:
     engine_utilisation: float | None = None  # hf engine: share of computed query slots that fed a real token
 
 
-def sample_record(rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0) -> dict:
+def sample_record(
+    rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0, plans: bool = False
+) -> dict:
     """Score one rollout: its `rollout.RolloutRecord`, which holds what the metrics, the viewer and the
-    analysis need."""
-    score = score_response(rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s)
+    analysis need (`plans`: checked in the planned format)."""
+    score = score_response(rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s, plans=plans)
     return rollout_record(
         rollout,
         question=problem.question,
@@ -225,7 +229,7 @@ def evaluate_benchmark(
                 problem = chunk[rollout.prompt_index]
                 if cut is not None and cut in rollout.text:
                     rollout = replace(rollout, text=rollout.text.split(cut, 1)[0])
-                records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s))
+                records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s, cfg.plans))
             progress.advance(task, len(chunk))
     result = summarize(records, cfg.k, model_name, benchmark, seconds, cfg.verify_timeout_s)
     if counted:
@@ -303,6 +307,21 @@ def shot_pool(name: str, source: str, cfg: EvalConfig, data_dir: str | Path | No
     return pool
 
 
+@contextlib.contextmanager
+def eval_engine(model_name: str, cfg: EvalConfig):
+    """The engine of `cfg.backend` on `model_name`. vLLM loads weights from files only: a preset is saved to
+    a temporary folder first (kept while the engine lives)."""
+    if cfg.backend == "hf":
+        model, tokenizer = load_model_and_tokenizer(model_name)
+        yield make_engine("hf", model, tokenizer, max_batch_size=cfg.max_batch_size)
+    elif model_name not in PRESETS:
+        yield make_engine("vllm", model_name)
+    else:
+        with tempfile.TemporaryDirectory(prefix="parallel-r1-vllm-") as folder:
+            model, tokenizer = load_model_and_tokenizer(model_name)
+            yield make_engine("vllm", str(save_model(model, tokenizer, folder)), tokenizer)
+
+
 def run_eval(
     models: Sequence[str],
     benchmarks: Sequence[str],
@@ -321,13 +340,12 @@ def run_eval(
     results: list[BenchmarkResult] = []
     samples: list[dict] = []
     for model_name in models:
-        model, tokenizer = load_model_and_tokenizer(model_name)
-        engine = make_engine("hf", model, tokenizer, max_batch_size=cfg.max_batch_size)
-        for label, problems in problem_sets.items():
-            result, records = evaluate_benchmark(engine, problems, cfg, model_name, label, shots.get(label, ()))
-            results.append(result)
-            samples.extend(records)
-            log.info("%s / %s: mean@%d %.3f", model_name, label, cfg.k, result.mean_at_k)
+        with eval_engine(model_name, cfg) as engine:
+            for label, problems in problem_sets.items():
+                result, records = evaluate_benchmark(engine, problems, cfg, model_name, label, shots.get(label, ()))
+                results.append(result)
+                samples.extend(records)
+                log.info("%s / %s: mean@%d %.3f", model_name, label, cfg.k, result.mean_at_k)
     if out is not None:
         write_results(out, results, samples, cfg)
     return results

@@ -4,13 +4,20 @@ A response is plain reasoning text that may open blocks::
 
     <Parallel><Path>...</Path><Path>...</Path></Parallel><Summary>...</Summary>
 
+In the planned format (`plans=True`, docs/design.md "Planned blocks") a block opens with a plan, one line
+per path, and path j starts with plan line j::
+
+    <Parallel>5*3
+    7*3
+    <Path>5*3=15 ...</Path><Path>7*3=21 ...</Path></Parallel><Summary>...</Summary>
+
 Parsing, strict validation and rendering of responses live further down in this module.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PARALLEL_OPEN = "<Parallel>"
 PARALLEL_CLOSE = "</Parallel>"
@@ -97,6 +104,11 @@ ERROR_KINDS = (
     "text_in_block",  # text between <Parallel> and its first <Path>, or after the last </Path> (offset: the text)
     "empty_path",  # a closed path holding only white space (offset: its <Path>)
     "empty_summary",  # a closed summary holding only white space (offset: its <Summary>)
+    # The planned format only (`plans=True`):
+    "missing_plan",  # a block whose first <Path> (or </Parallel>) follows <Parallel> with no plan (offset: that tag)
+    "plan_mismatch",  # a closed block whose plan names more or fewer lines than it has paths (offset: the
+    # first plan line without a path, or the first <Path> without a plan line)
+    "path_off_plan",  # a path whose text does not start with its plan line (offset: its <Path>)
 )
 
 
@@ -131,6 +143,8 @@ class Block:
     closed: bool  # its </Parallel> was found
     token_span: Span | None = None  # token indices, filled by parse_ids
     summary_closed: bool = False  # its </Summary> was found
+    plan: Span | None = None  # text between <Parallel> and its first <Path> (or </Parallel>), if not only space
+    plan_lines: list[Span] = field(default_factory=list)  # the plan's lines that are not blank, stripped
 
 
 @dataclass
@@ -178,6 +192,49 @@ def _first_non_space(text: str, start: int, end: int) -> int | None:
     return None
 
 
+def plan_line_spans(text: str, start: int, end: int) -> list[Span]:
+    """The lines of text[start:end] that are not blank, each stripped of its surrounding white space."""
+    spans, pos = [], start
+    for line in text[start:end].split("\n"):
+        stripped = line.strip()
+        if stripped:
+            first = pos + len(line) - len(line.lstrip())
+            spans.append(Span(first, first + len(stripped)))
+        pos += len(line) + 1
+    return spans
+
+
+class PlanLines:
+    """A plan's token ids split into its lines, by the decoded text of each token (cached per id): a token
+    whose text holds a newline ends a line and belongs to none, and a line of white-space tokens is blank
+    and does not count. With tokenizers that keep newlines apart from other characters (byte-level BPEs
+    do), these are the lines `plan_line_spans` finds in the decoded text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+
+    def text(self, token: int) -> str:
+        if token not in self._text:
+            self._text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._text[token]
+
+    def ends_line(self, token: int) -> bool:
+        return "\n" in self.text(token)
+
+    def lines(self, ids: list[int]) -> list[list[int]]:
+        """The token ids of each line of the plan `ids` that is not blank, newline tokens left out."""
+        lines, line = [], []
+        for token in [*ids, None]:
+            if token is None or self.ends_line(token):
+                if any(self.text(t).strip() for t in line):
+                    lines.append(line)
+                line = []
+            else:
+                line.append(token)
+        return lines
+
+
 def _snippet(text: str, offset: int) -> str:
     """Up to 30 characters of text starting at `offset`, cut before the next tag."""
     end = min(len(text), offset + 30)
@@ -190,10 +247,11 @@ class _Scanner:
     reports every error at the offset where it happens. A misplaced tag is reported and then treated
     as plain text of the region it sits in, so one mistake does not hide the rest of the structure."""
 
-    def __init__(self, text: str, n_tokens: int | None, lenient: bool):
+    def __init__(self, text: str, n_tokens: int | None, lenient: bool, plans: bool = False):
         self.text = text
         self.n_tokens = n_tokens
         self.lenient = lenient
+        self.plans = plans
         self.state = _MAIN
         self.blocks: list[Block] = []
         self.errors: list[FormatError] = []
@@ -202,6 +260,7 @@ class _Scanner:
         self.path_tag: _Tag | None = None
         self.summary_tag: _Tag | None = None
         self.num_paths = 0  # paths of the open block, unclosed ones included
+        self.path_offsets: list[int] = []  # where each <Path> of the open block starts, unclosed ones included
         self.gap: int | None = None  # first non-space character since the last structural tag of a block
         self.close_end: tuple[int, int | None] = (0, None)  # where a block without summary ends: after </Parallel>
         self.handlers = {
@@ -246,15 +305,15 @@ class _Scanner:
             self._misplaced(tag, "in main text")
             return
         self.block = Block(Span(tag.start, tag.end), [], None, False)
-        self.block_tag, self.num_paths, self.gap = tag, 0, None
+        self.block_tag, self.num_paths, self.gap, self.path_offsets = tag, 0, None, []
         self.state = _BLOCK
 
     def _in_block(self, tag: _Tag) -> None:
         if tag.name == PATH_OPEN:
-            self._check_gap(between_paths=self.num_paths > 0)
+            self._end_gap(tag.start, between_paths=True)
             self._open_path(tag)
         elif tag.name == PARALLEL_CLOSE:
-            self._check_gap(between_paths=False)
+            self._end_gap(tag.start, between_paths=False)
             self._close_block(tag)
         else:
             self._misplaced(tag, "inside a block, between paths")
@@ -303,7 +362,7 @@ class _Scanner:
             self._end_path(end, end_tok, end, closed=False)
             self.state = _BLOCK
         if self.state == _BLOCK:
-            self._check_gap(between_paths=False)
+            self._end_gap(end, between_paths=False)
             assert self.block_tag is not None
             message = f"{PARALLEL_OPEN} is never closed by {PARALLEL_CLOSE}"
             self._error("unclosed_block", self.block_tag.start, message)
@@ -327,9 +386,35 @@ class _Scanner:
             self._error("text_in_block", self.gap, f"text inside {PARALLEL_OPEN} outside any {PATH_OPEN}: {text}")
         self.gap = None
 
+    def _end_gap(self, end: int, between_paths: bool) -> None:
+        """Text since the block's last structural tag, now ended at `end`: the plan before the first path,
+        an error elsewhere."""
+        if self.num_paths == 0:
+            self._end_plan(end)
+        else:
+            self._check_gap(between_paths)
+
+    def _end_plan(self, end: int) -> None:
+        """The text between the open block's <Parallel> and `end` (its first <Path>, its </Parallel> or the end
+        of the text) is the block's plan: an error in the unplanned format, required in the planned one."""
+        assert self.block is not None and self.block_tag is not None
+        if self.gap is None:
+            if self.plans:
+                message = f"{PARALLEL_OPEN} is not followed by a plan (one line per path) before its first path"
+                self._error("missing_plan", end, message)
+            return
+        start = self.block_tag.end
+        self.block.plan = Span(start, end)
+        self.block.plan_lines = plan_line_spans(self.text, start, end)
+        if self.plans:
+            self.gap = None
+        else:
+            self._check_gap(between_paths=False)
+
     def _open_path(self, tag: _Tag) -> None:
         self.path_tag = tag
         self.num_paths += 1
+        self.path_offsets.append(tag.start)
         self.state = _PATH
 
     def _end_path(self, end: int, end_tok: int | None, content_end: int, closed: bool) -> None:
@@ -339,6 +424,13 @@ class _Scanner:
             self._error("empty_path", tag.start, f"{PATH_OPEN} holds only white space")
         if not closed:
             self._error("unclosed_path", tag.start, f"{PATH_OPEN} is never closed by {PATH_CLOSE}")
+        lines = block.plan_lines
+        if closed and self.plans and self.num_paths <= len(lines):
+            line = lines[self.num_paths - 1]
+            wanted = self.text[line.start : line.end]
+            if not self.text[tag.end : content_end].lstrip().startswith(wanted):
+                message = f"path {self.num_paths} does not start with its plan line {wanted!r}"
+                self._error("path_off_plan", tag.start, message)
         if closed or self.lenient:
             path = PathSpan(Span(tag.start, end), Span(tag.end, content_end), closed, self._tokens(tag, end_tok))
             block.paths.append(path)
@@ -348,12 +440,17 @@ class _Scanner:
         assert self.block is not None and self.block_tag is not None
         self.block.closed = True
         self.block.span.end = tag.end
-        if self.num_paths < 2:
+        fewest = 1 if self.plans else 2
+        if self.num_paths < fewest:
+            need = "a planned block needs at least one" if self.plans else "a block needs at least two"
             self._error(
-                "too_few_paths",
-                self.block_tag.start,
-                f"{PARALLEL_OPEN} holds {self.num_paths} path(s); a block needs at least two",
+                "too_few_paths", self.block_tag.start, f"{PARALLEL_OPEN} holds {self.num_paths} path(s); {need}"
             )
+        lines = self.block.plan_lines
+        if self.plans and self.block.plan is not None and len(lines) != self.num_paths:
+            extra = lines[self.num_paths].start if len(lines) > self.num_paths else self.path_offsets[len(lines)]
+            message = f"the plan names {len(lines)} path(s) but the block holds {self.num_paths}"
+            self._error("plan_mismatch", extra, message)
         self.state, self.gap = _AFTER, None
         self.close_end = (tag.end, _after(tag))
 
@@ -391,7 +488,7 @@ def _after(tag: _Tag) -> int | None:
     return None if tag.index is None else tag.index + 1
 
 
-def parse(text: str, lenient: bool = False) -> ParsedResponse:
+def parse(text: str, lenient: bool = False, plans: bool = False) -> ParsedResponse:
     """Find the blocks of `text` and every format error, each with its character offset.
 
     Strict (the default) keeps only blocks whose `</Parallel>` was found and, in them, only paths
@@ -399,13 +496,20 @@ def parse(text: str, lenient: bool = False) -> ParsedResponse:
     a block left open at the end still yields its paths, and a path cut off (by the next `<Path>`, by
     `</Parallel>` or by the end of the text) yields a path with `closed=False`. The errors are the
     same in both modes.
+
+    `plans`: the planned format (docs/design.md, "Planned blocks"): a block opens with a plan, one line per
+    path, path j starts with plan line j, and one path is enough. Either way a block's plan text (what comes
+    between `<Parallel>` and its first `<Path>`) is kept in `Block.plan`; unplanned, it is an error.
     """
-    return _Scanner(text, None, lenient).run([_Tag(m.group(), m.start(), m.end()) for m in _TAG_RE.finditer(text)])
+    return _Scanner(text, None, lenient, plans).run(
+        [_Tag(m.group(), m.start(), m.end()) for m in _TAG_RE.finditer(text)]
+    )
 
 
-def validate(text: str) -> list[FormatError]:
-    """The strict format check (docs/design.md, "The format"); an empty list means the response is well formed."""
-    return parse(text).errors
+def validate(text: str, plans: bool = False) -> list[FormatError]:
+    """The strict format check (docs/design.md, "The format"); an empty list means the response is well formed.
+    `plans`: the planned format's check (`parse`)."""
+    return parse(text, plans=plans).errors
 
 
 def render(parsed: ParsedResponse) -> str:
@@ -445,7 +549,7 @@ def canonicalize(text: str) -> str:
     return _JOIN_SPACE_RE.sub("", text)
 
 
-def parse_ids(ids, tokenizer, lenient: bool = True, tags: TagIds | None = None) -> ParsedResponse:
+def parse_ids(ids, tokenizer, lenient: bool = True, tags: TagIds | None = None, plans: bool = False) -> ParsedResponse:
     """Parse token ids: tags are found by their token ids, never by re-tokenizing decoded text. `tags`
     (`TagIds.from_tokenizer(tokenizer)`) spares encoding the six tags again for every response.
 
@@ -470,4 +574,4 @@ def parse_ids(ids, tokenizer, lenient: bool = True, tags: TagIds | None = None) 
             pieces.append(name)
             pos += len(name)
         run_start = i + 1
-    return _Scanner("".join(pieces), len(ids), lenient).run(found)
+    return _Scanner("".join(pieces), len(ids), lenient, plans).run(found)

@@ -67,6 +67,7 @@ from parallel_r1.prompts import stage_prompt_format
 from parallel_r1.rewards import score_batch
 from parallel_r1.rollout import Rollout, rollout_record, sampling_params
 from parallel_r1.trainer import StageTrainer, clip_gradients, full_weights, load_stage_model
+from parallel_r1.vllm_backend import logprobs_mode
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ class GRPOTrainer(StageTrainer):
             num_processes=acc.num_processes,
             gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
             dtype=self.stage.model.dtype,
+            logprobs_mode=logprobs_mode(rollout.temperature),
         )
 
     # Data order: epoch e visits the problems in a permutation drawn from (data_seed, e).
@@ -367,7 +369,7 @@ class GRPOTrainer(StageTrainer):
             [x.text for x in rollouts], golds, step, self.schedule,
             correct_value=reward.correct_value, wrong_value=reward.wrong_value,
             parallel_value=reward.parallel_value, timeout_s=reward.verify_timeout_s,
-            format_error_value=reward.format_error_value,
+            format_error_value=reward.format_error_value, plans=params.plans,
         )  # fmt: skip
         rewards_B = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         penalty_B = torch.zeros_like(rewards_B)
@@ -383,7 +385,10 @@ class GRPOTrainer(StageTrainer):
         keep_P = informative_groups(rewards_PG) if cfg.filter_zero_variance else torch.ones(len(mine), dtype=torch.bool)
         bans = []
         if self.ban_table is not None:
-            bans = [ban_rows(r.response_ids, self.tags, self.stage.variant, params.max_blocks) for r in rollouts]
+            bans = [
+                ban_rows(r.response_ids, self.tags, self.stage.variant, params.max_blocks, params.plans)
+                for r in rollouts
+            ]
         return _Round(prompts, mine, rollouts, scores, adv_PG, self._global_keep(keep_P.tolist()), penalty_B, bans)
 
     def _global_keep(self, keep: list[bool]) -> list[bool]:

@@ -61,17 +61,18 @@ def score_response(
     parallel_value: float = 1.2,
     timeout_s: float = 5.0,
     format_error_value: float | None = -1.0,
+    plans: bool = False,
 ) -> RewardBreakdown:
     """Score one response against the ground truth `gold`.
 
     `parallel_value` is the total for a correct, well-formed parallel response; the bonus is its excess
     over `correct_value`. While `parallel_active`, a response failing the strict format check scores at
     most `format_error_value` (None: no penalty, the bonus is only withheld). The format check runs
-    whether or not the parallel reward is active, for logging.
+    whether or not the parallel reward is active, for logging; `plans`: the planned format's check.
     """
     answer = extract_answer(response)
     correct = answer is not None and verify(answer, gold, timeout_s)
-    parsed = parse(response)
+    parsed = parse(response, plans=plans)
     accuracy = accuracy_reward(correct, correct_value, wrong_value)
     bonus = 0.0
     if parallel_active:
@@ -93,10 +94,15 @@ def score_response(
 
 
 def score_batch(
-    responses: Sequence[str], golds: Sequence[str], step: int, schedule: RewardSchedule, **values: float | None
+    responses: Sequence[str],
+    golds: Sequence[str],
+    step: int,
+    schedule: RewardSchedule,
+    plans: bool = False,
+    **values: float | None,
 ) -> list[RewardBreakdown]:
-    """Score responses[i] against golds[i] at training step `step`; `values` go to `score_response`."""
+    """Score responses[i] against golds[i] at training step `step`; `plans` and `values` go to `score_response`."""
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
     active = schedule.parallel_active(step)
-    return [score_response(r, g, active, **values) for r, g in zip(responses, golds)]
+    return [score_response(r, g, active, plans=plans, **values) for r, g in zip(responses, golds)]

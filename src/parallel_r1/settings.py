@@ -65,7 +65,16 @@ class SamplingSettings:
         1024, "cap on one path, its <Path> and </Path> included; a path cut short gets a closing tag not trained on"
     )
     max_blocks: int = _knob(4, "parallel blocks allowed per response; at the cap <Parallel> is banned")
-    num_paths: int = _knob(2, "paths forked at each <Parallel> (Unseen decoding)")
+    num_paths: int = _knob(2, "paths forked at each <Parallel> (Unseen decoding) when plans is off")
+    plans: bool = _knob(
+        False,
+        "planned blocks: after <Parallel> the model writes a plan, one line per path, and the engine forks one path "
+        "per line (unseen, threads), each starting with its line (inserted, not trained on); the strict format check "
+        "requires the plan",
+    )
+    max_paths: int = _knob(
+        4, "plans: the most paths of a block; the plan is closed by an inserted <Path> at that many lines"
+    )
 
     def __post_init__(self) -> None:
         require(self.temperature >= 0, "temperature must be >= 0")
@@ -75,6 +84,7 @@ class SamplingSettings:
         require(self.max_path_tokens >= 3, "max_path_tokens must be >= 3 (<Path>, one token, </Path>)")
         require(self.max_blocks >= 0, "max_blocks must be >= 0")
         require(self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)")
+        require(self.max_paths >= 1, "max_paths must be >= 1")
 
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
@@ -167,6 +177,7 @@ class EvalConfig(SamplingSettings):
     seed: int = _knob(0, "seed of the first chunk of problems (the next chunks count up from it)")
     variant: str = _knob(DEFAULT_VARIANT, "decoding variant: unseen, seen or threads")
     max_batch_size: int = _knob(64, "rollouts decoded together")
+    backend: str = _knob("hf", "rollout engine: hf, or vllm (from the model's folder; a preset is saved to one first)")
     verify_timeout_s: float = _knob(5.0, "seconds math-verify may spend on one answer before it counts as wrong")
     template: str | None = _knob(None, "prompt template with {question}; empty: prompts.PROMPT_TEMPLATE")
     chat_template: str = _knob(
@@ -190,6 +201,7 @@ class EvalConfig(SamplingSettings):
         require(self.shots >= 0, "shots must be >= 0")
         require(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         require(self.max_batch_size >= 1, "max_batch_size must be >= 1")
+        require(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         require(self.verify_timeout_s > 0, "verify_timeout_s must be > 0")
 
 
@@ -234,6 +246,8 @@ ARMS = (
     "mixed_mid",
     "mixed_acc",
 )
+# Arms with a recipe in STUDY_RECIPES that the default study does not run (name them in `arms`).
+OPTIONAL_ARMS = ("unseen_planned", "choice_s1", "choice_s2", "choice_mid", "choice_acc")
 SEEDS = (0, 1, 2)
 SWEEP_LRS = (3.0e-5, 1.0e-4, 3.0e-4)  # the RL learning rates `study --sweep` tries by default
 
@@ -258,8 +272,9 @@ class StudySettings:
         require(len(self.arms) >= 1, "a study needs at least one arm")
         require(len(set(self.arms)) == len(self.arms), f"arms must be distinct, got {', '.join(self.arms)}")
         if Path(self.recipes_dir) == STUDY_RECIPES:  # another folder may hold arms of its own
-            unknown = [a for a in self.arms if a not in ARMS]
-            require(not unknown, f"unknown study arm(s) {', '.join(unknown)} (arms: {', '.join(ARMS)})")
+            known = ARMS + OPTIONAL_ARMS
+            unknown = [a for a in self.arms if a not in known]
+            require(not unknown, f"unknown study arm(s) {', '.join(unknown)} (arms: {', '.join(known)})")
         require(len(self.seeds) >= 1, "a study needs at least one seed")
         require(len(set(self.seeds)) == len(self.seeds), "seeds must be distinct")
         require(all(isinstance(s, int) and s >= 0 for s in self.seeds), "seeds must be integers >= 0")

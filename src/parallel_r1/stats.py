@@ -156,3 +156,25 @@ def gain_difference(
         "significant": bool(se > 0 and abs(diff) > 2 * se),
         "t_significant": bool(df and se > 0 and abs(diff / se) > t_critical(df)),
     }
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict:
+    """Mean over seeds of a[seed] - b[seed] on the seeds both have, with the standard error of the per-seed
+    differences (arms that start from the same seed's SFT model, as the reward-schedule arms do, are paired by
+    seed: their shared cold start cancels). `df` = seeds - 1; `significant` and `t_significant` as in
+    `arm_difference`."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        raise ValueError("a paired difference needs at least one seed both arms have")
+    diff, se = mean_se(diffs)
+    df = len(diffs) - 1
+    return {
+        "diff": diff,
+        "se": se,
+        "df": df,
+        "seeds": len(diffs),
+        "values": diffs,
+        "significant": bool(se > 0 and abs(diff) > 2 * se),
+        "t_significant": bool(df and se > 0 and abs(diff / se) > t_critical(df)),
+    }

@@ -11,6 +11,8 @@ Arms, one recipe each in `parallel_r1/recipes/study/` (an SFT stage, then two GR
     mixed_*      Unseen from a mixed cold start (blocks only while three candidates remain), four reward
                  schedules: s1 (parallel, then accuracy), s2 (alternating), mid (parallel for the first steps
                  of the harder stage), acc (accuracy alone)
+    choice_*     (optional) the same four schedules from the choice cold start (a block on a coin's toss
+                 wherever three candidates remain), so that the policy starts unsure whether to open one
 
 `PRIMARY` is the parallel arm the verdict is about, declared before the study ran (the first study's best).
 
@@ -63,7 +65,12 @@ log = logging.getLogger(__name__)
 BASELINE = "sequential"
 PRIMARY = "seen"
 CONTROLS = ("plain", "thorough", "sequential")
-SCHEDULES = ("mixed_s1", "mixed_s2", "mixed_mid", "mixed_acc")
+# The reward-schedule arms, one family per cold start: the arms of a family share a seed's SFT model.
+SCHEDULE_FAMILIES = (
+    ("mixed_s1", "mixed_s2", "mixed_mid", "mixed_acc"),
+    ("choice_s1", "choice_s2", "choice_mid", "choice_acc"),
+)
+SCHEDULES = tuple(arm for family in SCHEDULE_FAMILIES for arm in family)
 VALIDATION_SEED = 10_007
 HELDOUT = "heldout"
 _BUDGET_FIELDS = ("max_steps", "data.task", "data.task_size", "data.task_levels", "grpo.prompts_per_step", "grpo.n")

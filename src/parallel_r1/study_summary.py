@@ -8,7 +8,8 @@ comparisons the study was built for, as `summary.json` and the markdown of `stud
   difference at equal test-time tokens (the sequential arm's majority vote over m samples, m the smallest
   whose tokens reach the primary arm's) and at equal positions (accuracy under position caps).
 * **RL gains**, per seed (after RL minus the same seed's SFT model), and the difference of gains.
-* **Reward schedules**: the parallel ratio of the mixed cold-start arms' rollouts, step by step.
+* **Reward schedules**: the parallel ratio of the schedule arms' rollouts, step by step, and its differences
+  between schedules paired by seed.
 * **Blocks examined** (`diagnostics`): duplicates, coverage, summary consistency and first-try entropy of the
   parallel arms' rollouts at the start and end of RL, and on held-out problems after SFT and after RL.
 """
@@ -168,7 +169,8 @@ def summarize_study(study_dir: str | Path) -> dict:
         "primary": info.get("primary"),
         "arms": arms,
         "comparisons": compare_arms(results, arms, cluster_of, info.get("primary")),
-        "schedules": schedule_table(arms),
+        "schedules": (schedules := schedule_table(arms)),
+        "schedule_differences": schedule_differences(schedules),
         "timings": info.get("timings", {}),
         "clusters": len(set(cluster_of.values())),
         "problems": len(cluster_of),
@@ -237,18 +239,39 @@ def _caps_difference(results: dict, arms: dict, a: str, b: str, cluster_of: dict
 
 def schedule_table(arms: dict) -> dict:
     """For the reward-schedule arms: the parallel ratio of their rollouts at the start and the end of each
-    GRPO stage, mean and standard error over seeds."""
+    GRPO stage (the mean over its first and last `WINDOW` steps), mean and standard error over seeds, and
+    each window's value per seed (`by_seed`)."""
     out = {}
     for arm in study.SCHEDULES:
         if arm not in arms:
             continue
-        windows: dict[str, list[float]] = {}
-        for rows in arms[arm]["trajectory"].values():
+        windows: dict[str, dict[str, float]] = {}
+        for seed, rows in arms[arm]["trajectory"].items():
             for stage in dict.fromkeys(r["stage"] for r in rows):
                 ratios = [r["parallel_ratio"] for r in rows if r["stage"] == stage]
-                windows.setdefault(f"{stage}/start", []).append(stats.mean(ratios[:WINDOW]))
-                windows.setdefault(f"{stage}/end", []).append(stats.mean(ratios[-WINDOW:]))
-        out[arm] = {k: dict(zip(("mean", "se"), stats.mean_se(v)), values=v) for k, v in windows.items()}
+                windows.setdefault(f"{stage}/start", {})[seed] = stats.mean(ratios[:WINDOW])
+                windows.setdefault(f"{stage}/end", {})[seed] = stats.mean(ratios[-WINDOW:])
+        out[arm] = {
+            k: dict(zip(("mean", "se"), stats.mean_se(list(v.values()))), values=list(v.values()), by_seed=v)
+            for k, v in windows.items()
+        }
+    return out
+
+
+def schedule_differences(schedules: dict) -> dict:
+    """Every pair of reward-schedule arms of one family (a before b in `study.SCHEDULE_FAMILIES` order): a's
+    parallel ratio minus b's in each window of `schedule_table`, paired by seed (the arms of one seed share
+    its SFT model, and those that share a stage's reward share that stage's draws), so the cold start's own
+    spread cancels."""
+    out = {}
+    for family in study.SCHEDULE_FAMILIES:
+        names = [a for a in family if a in schedules]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                keys = [k for k in schedules[a] if k in schedules[b]]
+                out[f"{a} - {b}"] = {
+                    k: stats.paired_difference(schedules[a][k]["by_seed"], schedules[b][k]["by_seed"]) for k in keys
+                }
     return out
 
 
@@ -383,7 +406,7 @@ def markdown(summary: dict) -> str:
             "## Reward schedules: block use of the rollouts",
             "",
             f"Parallel ratio of the GRPO rollouts, first and last {WINDOW} steps of each stage, mean ± standard "
-            "error over seeds (mixed cold start: blocks are a choice).",
+            "error over seeds (the schedule arms' cold start leaves opening a block to the policy).",
             "",
         ]
         lines += _table(
@@ -393,6 +416,18 @@ def markdown(summary: dict) -> str:
                 for arm, row in summary["schedules"].items()
             ],
         )
+        if summary.get("schedule_differences"):
+            lines += [
+                "",
+                "Differences of the parallel ratio between schedules in the same windows, paired by seed (the arms "
+                "of a seed share its SFT model); `*` beyond two standard errors, `**` also beyond Student's t "
+                "threshold for seeds - 1 degrees of freedom.",
+                "",
+            ]
+            lines += _table(
+                ["pair", *keys],
+                [[pair, *(_diff(row.get(k)) for k in keys)] for pair, row in summary["schedule_differences"].items()],
+            )
     parallel = [a for a, row in arms.items() if row.get("rl_blocks")]
     if parallel:
         lines += [

@@ -50,6 +50,7 @@ article.sample[data-correct="0"]{border-left-color:#d0463b}
 .paths{display:grid;gap:6px}
 .path{border:1px solid #b8c2e0;border-radius:3px;background:#fff;padding:4px;min-width:0}
 .summary{border:1px dashed #a07ac2;background:#f8f3fc;border-radius:3px;padding:4px;margin-top:6px}
+.plan{border:1px dashed #c2a04a;background:#fcf8ec;border-radius:3px;padding:4px;margin:4px 0}
 .tag{color:#3450a8;background:#e3e8f8;border-radius:3px;font-weight:600;font-family:ui-monospace,monospace;
  font-size:12px;padding:0 3px}
 .cut{color:#d0463b;font-size:12px}
@@ -114,11 +115,18 @@ def _main_text(piece: str) -> str:
 
 
 def render_response(text: str) -> str:
-    """The response as HTML: main text, and each block as a grid with one column per path."""
+    """The response as HTML: main text, and each block as its plan (if it has one) over a grid with one
+    column per path. A response with a plan in any block is checked in the planned format."""
     parsed = parse(text, lenient=True)
+    if any(b.plan is not None for b in parsed.blocks):
+        parsed = parse(text, lenient=True, plans=True)
     out, pos = [], 0
     for block in parsed.blocks:
         out.append(_main_text(text[pos : block.span.start]))
+        plan = ""
+        if block.plan is not None:
+            items = "".join(f"<li>{_text(text[s.start : s.end])}</li>" for s in block.plan_lines)
+            plan = f'<div class="plan">plan<ol>{items}</ol></div>'
         columns = []
         for i, p in enumerate(block.paths, 1):
             end = _tag("</Path>") if p.closed else '<span class="cut">(path cut off)</span>'
@@ -133,7 +141,7 @@ def render_response(text: str) -> str:
             summary = f'<div class="summary">{_tag("<Summary>")}<div class="text">{body}</div>{close}</div>'
         close_block = _tag("</Parallel>") if block.closed else '<span class="cut">(block cut off)</span>'
         out.append(
-            f'<div class="block">{_tag("<Parallel>")}'
+            f'<div class="block">{_tag("<Parallel>")}{plan}'
             f'<div class="paths" style="grid-template-columns:repeat({max(1, len(block.paths))},minmax(0,1fr))">'
             f"{''.join(columns)}</div>{close_block}{summary}</div>"
         )
@@ -225,6 +233,10 @@ def render_rollout(rollout: Rollout):
     for number, block in enumerate(structure.blocks, start=1):
         if text[cursor : block.span.start].strip():
             parts.append(Text(text[cursor : block.span.start]))
+        if block.plan is not None:
+            parts.append(
+                Panel(Text(text[block.plan.start : block.plan.end].strip()), title="plan", border_style="yellow")
+            )
         row = Table.grid(expand=True, padding=(0, 1))
         for _ in block.paths:
             row.add_column(ratio=1)

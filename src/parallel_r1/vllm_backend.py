@@ -7,6 +7,10 @@ Unseen and threads, as the reference implementation does it: decode the main thr
 send one request per path, each `prompt + response so far + <Path>` (vLLM's automatic prefix caching finds
 the shared prefix's KV blocks, so the prefix is computed once); append the paths one after another with
 `</Parallel>` `<Summary>` and send that sequential text for the summary and the rest of the main thread.
+With planned blocks (`SamplingParams.plans`) the plan is one more request after `<Parallel>`, stopped at
+`<Path>`; a plan past `max_paths` lines is cut after its last allowed line (the tokens sampled after it are
+dropped, which is the HF engine's inserted `<Path>` at that line), and path j's request is
+`prompt + response so far + <Path> + plan line j`.
 
 That request pattern IS the threads variant (`attention.build_layout`): a threads trainer scores exactly
 these contexts, so sampling is on-policy up to kernel numerics, which every GRPO step measures
@@ -24,10 +28,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parallel_r1.format import TagIds
+from parallel_r1.format import PlanLines, TagIds
 from parallel_r1.rollout import Rollout, SamplingParams, make_rollout
 
 BAN_BIAS = -100.0  # vLLM's logit_bias is additive; -100 removes a token in practice
+
+
+def logprobs_mode(temperature: float) -> str:
+    """The vLLM `logprobs_mode` whose log-probs come closest to `Rollout.logprobs`' log softmax(logits / T)
+    of the full vocabulary. vLLM's default, "raw_logprobs", is log softmax(logits) before temperature: exact
+    at T = 1 (and for greedy decoding, which records T = 1), wrong otherwise (measured: max gap 0.53 at
+    T = 0.7). "processed_logprobs" divides by T but is also of the banned, top-k/top-p-cut distribution
+    vLLM sampled from, so it is low by the log of the mass those removed (the hf engine's `ban_mass`)."""
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
 
 
 @dataclass
@@ -53,12 +66,14 @@ class _Sample:
     prompt_index: int
     sample_index: int
     prompt_ids: list[int]
-    state: str = "main"  # main | paths | summary
+    state: str = "main"  # main | plan | paths | summary
     response: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     blocks: int = 0
     finish_reason: str | None = None
+    plan: list[int] = field(default_factory=list)  # the open block's plan (planned blocks)
+    first_open: tuple[bool, float] = (False, 0.0)  # whether the model sampled its first <Path>, and its log-prob
 
     def add(self, token: int, sampled: bool, logprob: float = 0.0) -> None:
         self.response.append(token)
@@ -85,8 +100,10 @@ class VLLMEngine:
 
             model = LLM(model=str(model), enable_prefix_caching=True, **llm_kwargs)
         self.llm = model
+        self.logprobs_mode = getattr(getattr(model, "model_config", None), "logprobs_mode", "raw_logprobs")
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
         self.tags = TagIds.from_tokenizer(self.tokenizer)
+        self.plan_lines = PlanLines(self.tokenizer)
 
     @classmethod
     def colocated(cls, model_dir: str | os.PathLike, tokenizer, *, num_processes: int = 1, **llm_kwargs):
@@ -101,10 +118,15 @@ class VLLMEngine:
         return cls(str(model_dir), tokenizer, **llm_kwargs)
 
     def load_weights(self, named_tensors) -> None:
-        """Replace the engine's weights by `named_tensors` ((name, tensor) pairs, e.g. a state dict's items)
-        and drop the prefix cache computed with the old ones. Needs a `colocated` engine."""
-        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        model.load_weights(named_tensors)
+        """Replace the engine's weights by `named_tensors` ((name, tensor) pairs in the checkpoint's names,
+        e.g. a state dict's items) and drop the prefix cache computed with the old ones.
+
+        Through vLLM's `reload_weights`, not the model's `load_weights`: after loading, vLLM turns layers
+        into kernel formats (on CPU each linear layer keeps only a oneDNN-packed copy, its weight emptied),
+        so loading into the parameters alone changes nothing there; `reload_weights` restores the
+        parameters, loads, and packs them again. Needs a `colocated` engine (the tensors are handed over
+        in process)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
         self.llm.reset_prefix_cache()
 
     def run(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
@@ -128,11 +150,15 @@ class VLLMEngine:
             for r in requests
         ]
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        # Raw log-probs ignore the temperature: rather NaN than a plausible wrong number (`logprobs_mode`).
+        temperature_applied = self.logprobs_mode != "raw_logprobs" or params.temperature in (0.0, 1.0)
         completions = []
         for output in self.llm.generate(prompts, sampling, use_tqdm=False):
             choice = output.outputs[0]
             ids = list(choice.token_ids)
             logprobs = [step[t].logprob for t, step in zip(ids, choice.logprobs or [])]
+            if not temperature_applied:
+                logprobs = [float("nan")] * len(logprobs)
             completions.append(Completion(ids, logprobs + [0.0] * (len(ids) - len(logprobs)), choice.finish_reason))
         return completions
 
@@ -145,7 +171,7 @@ class VLLMEngine:
             for s in samples:
                 s.add(self.tags.parallel_open, False)
                 s.blocks = 1
-                s.state = "paths" if params.variant != "seen" else "main"
+                s.state = self._block_state(params)
         # One seed per request, drawn in a fixed order: the same params.seed gives the same rollouts.
         rng = random.Random(params.seed)
         active = list(samples)
@@ -156,6 +182,18 @@ class VLLMEngine:
                 self._advance(sample, requests, [next(completions) for _ in requests], params)
             active = [s for s in active if s.finish_reason is None]
         return [self._to_rollout(s, params) for s in samples]
+
+    @staticmethod
+    def _block_state(params: SamplingParams) -> str:
+        """The state after `<Parallel>`: Seen decodes on, Unseen and threads fork paths, after a plan if planned."""
+        return "main" if params.variant == "seen" else "plan" if params.plans else "paths"
+
+    def _heads(self, s: _Sample, params: SamplingParams) -> list[list[int]]:
+        """The inserted first tokens of each path after its `<Path>`: its plan line (planned blocks)."""
+        if not params.plans:
+            return [[] for _ in range(params.num_paths)]
+        room = max(0, params.max_path_tokens - 3)
+        return [line[:room] for line in self.plan_lines.lines(s.plan)] or [[]]
 
     def _requests(self, s: _Sample, params: SamplingParams, rng: random.Random) -> list[Request]:
         tags, context = self.tags, s.prompt_ids + s.response
@@ -170,31 +208,44 @@ class VLLMEngine:
             return [Request(context, budget, stop, [tags.parallel_open] if capped else [], seed())]
         if s.state == "paths":
             banned = [t for t in tags.as_tuple() if t != tags.path_close]
-            # <Path> and </Path> count towards the path cap, hence max_path_tokens - 2 sampled tokens.
-            max_tokens = max(1, min(params.max_path_tokens - 2, budget - 1))
+            # <Path>, its plan line and </Path> count towards the path cap.
             return [
-                Request(context + [tags.path_open], max_tokens, [tags.path_close], banned, seed())
-                for _ in range(params.num_paths)
+                Request(
+                    context + [tags.path_open] + head,
+                    max(1, min(params.max_path_tokens - 2 - len(head), budget - 1 - len(head))),
+                    [tags.path_close],
+                    banned,
+                    seed(),
+                )
+                for head in self._heads(s, params)
             ]
-        keep = tags.summary_close if s.state == "summary" else None if capped else tags.parallel_open
+        if s.state == "plan":
+            keep = tags.path_open
+        else:
+            keep = tags.summary_close if s.state == "summary" else None if capped else tags.parallel_open
         banned = [t for t in tags.as_tuple() if t != keep]
         return [Request(context, budget, [] if keep is None else [keep], banned, seed())]
 
     def _advance(self, s: _Sample, requests: list[Request], completions: list[Completion], params) -> None:
         tags = self.tags
-        if s.state == "paths":
-            for c in completions:
+        if s.state == "plan":
+            self._plan(s, completions[0], params)
+        elif s.state == "paths":
+            for j, (c, head) in enumerate(zip(completions, self._heads(s, params))):
                 ids, logprobs = c.token_ids, c.logprobs
                 if c.finish_reason == "stop" and ids and ids[-1] != tags.path_close:
                     ids, logprobs = ids[:-1], logprobs[:-1]  # EOS cannot end a path's response: drop it
-                s.add(tags.path_open, False)
+                sampled, logprob = s.first_open if j == 0 else (False, 0.0)
+                s.add(tags.path_open, sampled, logprob)
+                for token in head:
+                    s.add(token, False)
                 for token, logprob in zip(ids, logprobs):
                     s.add(token, True, logprob)
                 if s.response[-1] != tags.path_close:
                     s.add(tags.path_close, False)
             s.add(tags.parallel_close, False)
             s.add(tags.summary_open, False)
-            s.state = "summary"
+            s.state, s.plan, s.first_open = "summary", [], (False, 0.0)
         else:
             ((request, c),) = zip(requests, completions)
             for token, logprob in zip(c.token_ids, c.logprobs):
@@ -204,11 +255,26 @@ class VLLMEngine:
                 s.finish_reason = "stop"  # EOS (any of the model's end-of-sequence ids)
             elif last == tags.parallel_open:
                 s.blocks += 1
-                s.state = "paths" if params.variant != "seen" else "main"
+                s.state = self._block_state(params)
             elif last == tags.summary_close:
                 s.state = "main"
         if s.finish_reason is None and len(s.response) >= params.max_response_tokens:
             s.finish_reason = "length"
+
+    def _plan(self, s: _Sample, c: Completion, params: SamplingParams) -> None:
+        """Take a plan completion: its tokens up to `<Path>` (sampled: the first path's opener), or up to the
+        line break that completes `max_paths` lines (what follows is dropped, the opener is inserted)."""
+        for token, logprob in zip(c.token_ids, c.logprobs):
+            if token == self.tags.path_open:
+                s.state, s.first_open = "paths", (True, logprob)
+                return
+            s.add(token, True, logprob)
+            s.plan.append(token)
+            if self.plan_lines.ends_line(token) and len(self.plan_lines.lines(s.plan)) >= params.max_paths:
+                s.state = "paths"
+                return
+        if c.finish_reason == "stop":
+            s.finish_reason = "stop"  # EOS inside the plan ends the response
 
     def _to_rollout(self, s: _Sample, params: SamplingParams) -> Rollout:
         cut = params.max_response_tokens
@@ -216,4 +282,5 @@ class VLLMEngine:
         return make_rollout(
             self.tokenizer, s.prompt_index, s.sample_index, s.prompt_ids, ids, s.sampled[:cut], s.logprobs[:cut],
             s.finish_reason, ends_with_eos=s.finish_reason == "stop" and len(ids) == len(s.response), tags=self.tags,
+            plans=params.plans,
         )  # fmt: skip

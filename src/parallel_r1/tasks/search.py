@@ -21,7 +21,18 @@ styles differ in one thing at a time (docs/study.md):
 * ``thorough``: sequential text with exactly the parallel script's tries (re-tries included): as broad as
   the parallel teacher, without blocks or summaries (a control);
 * ``mixed``: a block of two paths only while three or more candidates remain untried, single tries
-  otherwise, so that opening a block is a choice that depends on the problem.
+  otherwise, so that opening a block is a choice that depends on the problem;
+* ``choice``: as ``mixed``, but wherever three or more candidates remain a block of two opens on a coin's
+  toss (even odds, drawn from the solution's random stream), so the cold-started policy is unsure whether to
+  open one and the rewards and their schedules can move that choice (with ``mixed`` it is fixed by the
+  problem's state, and RL cannot change it); not in `STYLES`;
+* ``planned`` (the planned format, docs/design.md "Planned blocks"; not in `STYLES` either: the tiny
+  tokenizer's corpus draws from `STYLES`, and a new style there would change the tokenizer): blocks of up
+  to `PLANNED_PATHS` paths, each opened by a plan that names
+  the candidate of each path (``5*3``, one line a path) and each path starting with its line. Candidates are
+  tried in the same order as in every style, a full block at a time up to the block that holds the hit;
+  a block holds fewer paths only when fewer candidates are left (one path is a block, no re-try), so the
+  number of paths depends on the problem, not on where its answer is.
 
 Levels grade the difficulty (more candidates, bigger multipliers, subtraction). Splits are fixed by a hash
 of the computation that solves a problem (multiplier, offset, answer): about 10 % held out (`eval`), 10 %
@@ -46,6 +57,9 @@ CANDIDATES = tuple(range(2, 10))
 _QUESTION_RE = re.compile(r"with n\*(\d+)([+-])(\d+)=")
 _CANDIDATE_RE = re.compile(r"\s*(\d+)\*")
 STYLES = ("parallel", "plain", "sequential", "thorough", "mixed")
+CHOICE = "choice"
+PLANNED = "planned"
+PLANNED_PATHS = 3  # the planned teacher's most paths a block (so blocks of 1, 2 and 3 paths occur)
 SPLIT_SALT = "search-v2/"
 VALID_PERCENT = 10
 # The plain control's delimiters in place of the tags (the tags' order is that of format.TAGS).
@@ -189,12 +203,13 @@ def try_lines(n: int, factor: int, offset: int, target: int) -> str:
 
 
 def teacher_solution(
-    problem: SearchProblem, style: str = "parallel", rng: random.Random | None = None, num_paths: int = 2
+    problem: SearchProblem, style: str = "parallel", rng: random.Random | None = None, num_paths: int | None = None
 ) -> str:
     """A worked solution in `style` (see the module docstring) ending with `Final Answer: <n>`: the candidates
-    tried in a shuffled order."""
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    tried in a shuffled order. `num_paths`: paths a block (default 2), the most for ``planned`` (default
+    `PLANNED_PATHS`)."""
+    if style not in (*STYLES, CHOICE, PLANNED):
+        raise ValueError(f"style must be one of {', '.join((*STYLES, CHOICE, PLANNED))}, got {style!r}")
     rng = rng or random.Random(problem.id)
     order = list(problem.candidates)
     rng.shuffle(order)
@@ -202,9 +217,14 @@ def teacher_solution(
     if style == "sequential":
         # A blank line between tries: the sequential trace gets a separator of its own, as paths get tags.
         return "\n\n".join(_try(problem, c) for c in order[: order.index(problem.answer) + 1]) + "\n" + final
-    if style == "mixed":
-        return _mixed(problem, order) + final
-    groups = _parallel_groups(problem, order, num_paths)
+    if style in ("mixed", CHOICE):
+        return _mixed(problem, order, rng if style == CHOICE else None) + final
+    if style == PLANNED:
+        most = num_paths or PLANNED_PATHS
+        hit = order.index(problem.answer)
+        groups = [order[start : start + most] for start in range(0, hit + 1, most)]
+        return "".join(_block(problem, group, planned=True) for group in groups) + final
+    groups = _parallel_groups(problem, order, num_paths or 2)
     if style == "thorough":
         return "\n\n".join(_try(problem, c) for group in groups for c in group) + "\n" + final
     text = "".join(_block(problem, group) for group in groups) + final
@@ -230,17 +250,24 @@ def _parallel_groups(problem: SearchProblem, order: list[int], num_paths: int) -
     return groups
 
 
-def _block(problem: SearchProblem, group: list[int]) -> str:
+def plan_line(n: int, factor: int) -> str:
+    """A planned path's line: the product it computes first (``5*3``), which its try then starts with."""
+    return f"{n}*{factor}"
+
+
+def _block(problem: SearchProblem, group: list[int], planned: bool = False) -> str:
     paths = "".join(PATH_OPEN + _try(problem, c) + PATH_CLOSE for c in group)
     summary = f"{problem.answer} works" if problem.answer in group else "none works"
-    return PARALLEL_OPEN + paths + PARALLEL_CLOSE + SUMMARY_OPEN + summary + SUMMARY_CLOSE
+    plan = "".join(plan_line(c, problem.factor) + "\n" for c in group) if planned else ""
+    return PARALLEL_OPEN + plan + paths + PARALLEL_CLOSE + SUMMARY_OPEN + summary + SUMMARY_CLOSE
 
 
-def _mixed(problem: SearchProblem, order: list[int]) -> str:
-    """Blocks of two while three or more candidates remain untried, single tries after; stops at the hit."""
+def _mixed(problem: SearchProblem, order: list[int], coin: random.Random | None = None) -> str:
+    """Blocks of two while three or more candidates remain untried (with `coin`: on its toss, one toss per
+    such decision), single tries otherwise; stops at the hit."""
     text, i = "", 0
     while True:
-        if len(order) - i >= 3:
+        if len(order) - i >= 3 and (coin is None or coin.random() < 0.5):
             group = order[i : i + 2]
             text += _block(problem, group)
             if problem.answer in group:
