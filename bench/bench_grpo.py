@@ -3,8 +3,9 @@
 Both sides start from the same freshly initialised tiny Llama (models preset "tiny", 3.4 M parameters),
 train on the same built-in task prompts, sample 8 prompts x 8 responses of up to 128 tokens per step
 and make 2 optimiser steps of 4 prompts each (no KL, clip 0.2/0.28, token-level loss). TRL uses its own
-generation (plain sequential decoding); parallel-r1 uses its rollout engine in the Seen and the Unseen
-variant. A step's throughput is generated response tokens / wall time of the whole step (sampling,
+generation (plain sequential decoding) in its fastest CPU configuration (no gradient checkpointing,
+which its GRPOConfig turns on by default; its fused LM head); parallel-r1 uses its rollout engine in the
+Seen and the Unseen variant. A step's throughput is generated response tokens / wall time of the whole step (sampling,
 scoring, old log-probs, updates). One warm-up step, then the mean over the measured steps.
 
 TRL is a reference point only, not a dependency: `pip install trl`. Run:
@@ -105,6 +106,7 @@ def bench_trl(steps: int, workdir: Path) -> tuple[float, str]:
         temperature=1.0,
         max_steps=(steps + 1) * optimiser_steps,
         use_cpu=True,
+        gradient_checkpointing=False,  # GRPOConfig's default is True: recomputing activations is slower
         bf16=False,
         logging_steps=1,
         save_strategy="no",
