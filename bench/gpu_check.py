@@ -177,6 +177,38 @@ def check_engine(device, dtype_name: str) -> None:
             )
 
 
+@guarded("update rows ({1}, {2})")
+def check_update_rows(device, dtype_name: str, attn: str) -> None:
+    """GRPO's default update layout, grouped rows (a group's prompt once, no padding; flex attention's
+    BlockMask or the chunked sdpa kernel), against padded rows: the same log-probs on every trained token."""
+    import torch
+
+    from parallel_r1.batch import collate_rollouts, recompute_logprobs
+    from parallel_r1.engine import ParallelEngine, SamplingParams
+    from parallel_r1.format import TagIds
+
+    started = time.perf_counter()
+    model, tokenizer, _ = tiny_model(device, getattr(torch, dtype_name), attn)
+    tags = TagIds.from_tokenizer(tokenizer)
+    biased_head(model, tokenizer, {tags.parallel_open: 4.0, tags.path_close: 3.0, tags.summary_close: 3.0})
+    prompts = [f"Problem: {a} + {b} = ?\n" * (1 + a % 3) for a, b in zip(range(3, 11), range(40, 48))]
+    gaps = {}
+    for variant in ("seen", "unseen", "threads"):
+        params = SamplingParams(seed=5, max_response_tokens=96, max_path_tokens=24, variant=variant)
+        rollouts = ParallelEngine(model, tokenizer, max_batch_size=64).generate(prompts, n=4, params=params)
+        batch = collate_rollouts(rollouts, [0.0] * len(rollouts), tokenizer.pad_token_id).to(device)
+        padded, grouped = (
+            recompute_logprobs(model, batch, tags, variant, 1.0, micro_batch_size=16, rows=rows)
+            for rows in ("padded", "grouped")
+        )
+        mask = batch.loss_mask_BT > 0
+        gaps[variant] = (grouped - padded).abs()[mask].max().item()
+    limit = FP32_LOGPROB_TOL if dtype_name == "float32" else 0.1
+    detail = ", ".join(f"{v} max {g:.1e}" for v, g in gaps.items())
+    name = f"grouped update rows = padded rows ({attn}, {dtype_name})"
+    record(name, max(gaps.values()) <= limit, detail, f"{limit:g}", started)
+
+
 # ---------------------------------------------------------------------------------------------------
 # One SFT step and one GRPO step per attention backend.
 
@@ -648,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             if attn == "flex_attention" and args.device == "cpu":
                 record("train steps (flex_attention)", None, "FlexAttention has no backward on CPU: skipped")
                 continue
+            check_update_rows(args.device, "float32", attn)
             check_train_steps(args.device, attn, low, workdir)
         if args.device == "cuda":
             check_throughput(args.device, "bfloat16", path_tokens=128, prompts=64)

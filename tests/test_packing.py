@@ -119,3 +119,11 @@ def test_packed_logprobs_and_gradients_equal_the_padded_rows(monkeypatch, arch, 
             got, _ = scored(model, ids, mask, prompt_len, variant, True, share, behaviour, keep)
             for g, w in zip(got, want):
                 assert torch.allclose(g, w, atol=1e-5), (variant, share, (g - w).abs().max())
+
+
+def test_flex_attention_on_cpu_is_refused_with_a_message():
+    """torch's CPU flex kernel aborts the process on a packed row: the scoring refuses it up front."""
+    model = make_model(48, "llama", "flex_attention")
+    ids, mask, prompt_len = grouped_rows(2)
+    with pytest.raises(ValueError, match="update_rows: padded"):
+        packed_logprobs(model, ids, mask, prompt_len, TAGS, "unseen")

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel_r1.attention import Layout, build_layout, can_chunk, layout_logits, scored_targets
+from parallel_r1.attention import (
+    FLEX_BACKEND,
+    Layout,
+    build_layout,
+    can_chunk,
+    hf_config,
+    layout_logits,
+    scored_targets,
+)
 from parallel_r1.bans import Behaviour
 from parallel_r1.format import TagIds
 
@@ -140,6 +148,12 @@ def packed_logprobs(
     Prompt tokens (and padding) get 0."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if input_ids_BT.device.type == "cpu" and getattr(hf_config(model), "_attn_implementation", None) == FLEX_BACKEND:
+        # Seen with torch 2.13: the process aborts ("malloc(): unaligned tcache chunk detected") on a packed row.
+        raise ValueError(
+            "flex attention on CPU cannot score packed rows (torch's CPU flex kernel aborts on them): "
+            "load the model with attn_implementation 'sdpa', or set grpo.update_rows: padded"
+        )
     B, T = input_ids_BT.shape
     layout = build_layout(input_ids_BT, attention_mask_BT, tags, variant)
     groups = prompt_groups(input_ids_BT, attention_mask_BT, prompt_len_B) if share_prompts else [[b] for b in range(B)]
