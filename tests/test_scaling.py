@@ -27,6 +27,12 @@ def test_positions_count_each_blocks_longest_path_under_unseen_only():
         scaling.response_positions(rec("p", 0, "1", True, 50, paths=(10, 6), per_block=(3,)), "unseen")
 
 
+def test_positions_of_a_block_without_paths():
+    # A planned block can close before its first path (a plan cut by the response cap): it saves nothing.
+    r = rec("p", 0, "1", True, 40, paths=(7, 5), per_block=(0, 2))
+    assert scaling.response_positions(r, "unseen") == 40 - 5
+
+
 def test_vote_credit_splits_ties_and_ignores_missing_answers():
     group = [rec("p", 0, "3", True, 5), rec("p", 1, "4", False, 5)]
     assert scaling.vote_credit(group) == 0.5

@@ -38,7 +38,7 @@ def response_positions(record: dict, variant: str) -> int:
     start = 0
     for size in sizes:
         block = paths[start : start + size]
-        tokens -= sum(block) - max(block)
+        tokens -= sum(block) - max(block, default=0)  # a block cut before its first path saves nothing
         start += size
     return tokens
 
