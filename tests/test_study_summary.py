@@ -54,6 +54,18 @@ def synthetic_summary():
     }
 
 
+def test_markdown_of_arms_without_the_primary_or_the_baseline_leaves_their_comparisons_out():
+    """`study --arms unseen,unseen_planned`: no primary arm ran, so no column or section compares with it."""
+    summary = synthetic_summary()
+    summary["arms"] = {"unseen": summary["arms"]["seen"]}
+    summary["comparisons"] = {key: {} for key in summary["comparisons"]}
+    summary["schedules"] = {"unseen": summary["schedules"]["seen"]}
+    text = markdown(summary)
+    assert "None" not in text and "vs seen" not in text and "seen's tokens" not in text
+    assert "## RL gains against the baseline's" not in text and "## At equal test-time tokens" in text
+    assert "| unseen | 0.150 ± 0.010 | 0.200 ± 0.010 | 0.050 ± 0.010 | - | 0.90 |" in text
+
+
 def test_markdown_states_every_arm_and_every_comparison_with_its_marks():
     text = markdown(synthetic_summary())
     lines = text.splitlines()

@@ -314,56 +314,46 @@ def markdown(summary: dict) -> str:
         "## Accuracy at equal training budget",
         "",
     ]
+    # With `--arms` the primary arm (or the baseline) may not have run: its comparisons are then left out.
+    compared = bool(comp["primary"])
     rows = []
     for arm, row in arms.items():
         vs_primary = comp["primary"].get(arm)
-        rows.append(
-            [
-                arm,
-                _pm(row.get("sft")),
-                _pm(row.get("rl")),
-                _pm(row.get("rl_gain")),
-                _diff(comp["vs_baseline"].get(arm)),
-                _diff({**vs_primary, "diff": -vs_primary["diff"]}) if vs_primary else "-",
-                _num(row.get("rl_parallel_ratio"), 2),
-                _num(row.get("rl_tokens")),
-                _num(row.get("rl_positions")),
-                _num(row.get("train_generated_tokens"), 0),
-            ]
-        )
-    header = ["arm", "after SFT", "after RL", "RL gain (per seed)", "vs sequential", f"vs {primary}"]
+        cells = [arm, _pm(row.get("sft")), _pm(row.get("rl")), _pm(row.get("rl_gain"))]
+        cells.append(_diff(comp["vs_baseline"].get(arm)))
+        if compared:
+            cells.append(_diff({**vs_primary, "diff": -vs_primary["diff"]}) if vs_primary else "-")
+        cells += [_num(row.get("rl_parallel_ratio"), 2), _num(row.get("rl_tokens")), _num(row.get("rl_positions"))]
+        rows.append([*cells, _num(row.get("train_generated_tokens"), 0)])
+    header = ["arm", "after SFT", "after RL", "RL gain (per seed)", "vs sequential", *([f"vs {primary}"] * compared)]
     header += ["block ratio", "tokens / response", "positions / response", "RL tokens"]
     lines += _table(header, rows)
-    lines += [
-        "",
-        f"`vs {primary}`: the arm minus {primary}. RL gain: after RL minus the same seed's SFT model, "
-        "mean ± standard error over seeds.",
-        "",
-        "## RL gains against the baseline's",
-        "",
-    ]
-    lines += _table(
-        ["arm", "its RL gain", "the baseline's", "difference"],
-        [
-            [arm, f"{g['gain_a']:+.3f} ± {g['se_a']:.3f}", f"{g['gain_b']:+.3f} ± {g['se_b']:.3f}", _diff(g)]
-            for arm, g in comp["rl_gain_vs_baseline"].items()
-        ],
-    )
-    lines += [
-        "",
-        "## At equal test-time tokens: majority vote over m samples",
-        "",
-        f"{primary}'s single response against the other arm's majority vote over the fewest samples whose "
-        f"tokens reach {primary}'s (ties split the credit).",
-        "",
-    ]
-    lines += _table(
-        ["arm", "m", "its tokens", f"{primary}'s tokens", f"{primary} minus the arm's maj@m"],
-        [
-            [arm, str(e["m"]), f"{e['tokens']:.1f}", f"{e['primary_tokens']:.1f}", _diff(e)]
-            for arm, e in comp["equal_tokens"].items()
-        ],
-    )
+    vs_note = f"`vs {primary}`: the arm minus {primary}. " if compared else ""
+    lines += ["", vs_note + "RL gain: after RL minus the same seed's SFT model, mean ± standard error over seeds."]
+    if comp["rl_gain_vs_baseline"]:
+        lines += ["", "## RL gains against the baseline's", ""]
+        lines += _table(
+            ["arm", "its RL gain", "the baseline's", "difference"],
+            [
+                [arm, f"{g['gain_a']:+.3f} ± {g['se_a']:.3f}", f"{g['gain_b']:+.3f} ± {g['se_b']:.3f}", _diff(g)]
+                for arm, g in comp["rl_gain_vs_baseline"].items()
+            ],
+        )
+    lines += ["", "## At equal test-time tokens: majority vote over m samples"]
+    if comp["equal_tokens"]:
+        lines += [
+            "",
+            f"{primary}'s single response against the other arm's majority vote over the fewest samples whose "
+            f"tokens reach {primary}'s (ties split the credit).",
+            "",
+        ]
+        lines += _table(
+            ["arm", "m", "its tokens", f"{primary}'s tokens", f"{primary} minus the arm's maj@m"],
+            [
+                [arm, str(e["m"]), f"{e['tokens']:.1f}", f"{e['primary_tokens']:.1f}", _diff(e)]
+                for arm, e in comp["equal_tokens"].items()
+            ],
+        )
     ms = sorted({r["m"] for row in arms.values() for r in row.get("rl_majority", [])})
     lines += [
         "",
