@@ -415,3 +415,107 @@ def test_flex_attention_matches_sdpa(tiny_tokenizer, tag_ids):
         got, _ = response_logprobs(flex, ids, mask, tag_ids)
     real = mask.bool()
     assert torch.allclose(got[real], want[real], atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- nested blocks
+
+
+def nested_reference(ids: list[int], real: list[bool], tags: TagIds = TAGS):
+    """The nested rule token by token with a stack of open blocks: (positions, allowed). A token's chain is
+    the (block, path) of every path it sits in; a query does not see a key that, at some level, is in
+    another path of the same block. Every path of a block starts at the block's `s`; `</Parallel>` sits
+    at `s + L`, L the longest path in positions."""
+    T = len(ids)
+    pos, chain = [0] * T, [()] * T
+    frames: list[dict] = []
+    nxt, n_blocks, n_paths = 0, 0, 0
+
+    def current() -> tuple:
+        return tuple((f["block"], f["path"]) for f in frames if f["path"] is not None)
+
+    def end_path(f: dict) -> None:
+        if f["path"] is not None:
+            f["longest"] = max(f["longest"], nxt - f["start"])
+
+    for t, (tok, r) in enumerate(zip(ids, real)):
+        if not r:
+            continue
+        if tok == tags.parallel_open:
+            chain[t], pos[t] = current(), nxt
+            nxt += 1
+            frames.append({"block": n_blocks, "path": None, "start": None, "longest": 0})
+            n_blocks += 1
+            continue
+        if frames and tok == tags.path_open:
+            f = frames[-1]
+            end_path(f)
+            f["path"], n_paths = n_paths, n_paths + 1
+            f["start"] = nxt if f["start"] is None else f["start"]
+            nxt = f["start"]
+        elif frames and tok == tags.parallel_close:
+            f = frames.pop()
+            end_path(f)
+            nxt = f["start"] + f["longest"] if f["start"] is not None else nxt
+        chain[t], pos[t] = current(), nxt
+        nxt += 1
+    allowed = [[False] * T for _ in range(T)]
+    for q in range(T):
+        for k in range(q + 1):
+            isolated = any(a[0] == b[0] and a[1] != b[1] for a, b in zip(chain[q], chain[k]))
+            allowed[q][k] = real[k] and not isolated
+        allowed[q][q] |= not real[q]
+    return pos, allowed
+
+
+def random_nested_row(rng: random.Random, depth: int = 1, max_depth: int = 3) -> list[int]:
+    """Text with 0-2 blocks whose paths may hold blocks of their own, down to `max_depth`."""
+    row = [rng.randint(10, 20) for _ in range(rng.randint(0, 2))]
+    for _ in range(rng.randint(0, 2)):
+        row.append(P)
+        for _ in range(rng.randint(1, 3)):
+            row += [PA] + [rng.randint(10, 20) for _ in range(rng.randint(0, 3))]
+            if depth < max_depth and rng.random() < 0.6:
+                row += random_nested_row(rng, depth + 1, max_depth)
+            row += [rng.randint(10, 20) for _ in range(rng.randint(0, 2))] + [EPA]
+        row += [EP, S, rng.randint(10, 20), ES] + [rng.randint(10, 20) for _ in range(rng.randint(0, 2))]
+    return row
+
+
+def test_hand_written_nested_block_positions_and_mask():
+    #       0  1   2   3  4   5   6    7   8   9    10  11 12  13   14  15  16  17   18  19  20  21
+    row = [10, P, PA, 11, P, PA, 12, EPA, PA, 13, 14, EPA, EP, S, 15, ES, EPA, PA, 16, EPA, EP, 17]
+    ids = torch.tensor([row])
+    # outer s = 2; inner s = 5, its longest path 4 -> its </Parallel> at 9; outer path 1 ends at 13
+    # (12 positions from 2), path 2 restarts at 2, so the outer </Parallel> sits at 2 + 12.
+    assert build_positions(ids, None, TAGS).tolist() == [
+        [0, 1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8, 9, 10, 11, 12, 13, 2, 3, 4, 14, 15]
+    ]
+    ok = allowed(build_layout(ids, None, TAGS, "unseen"))[0]
+    assert not ok[9, 6] and ok[9, 4] and ok[9, 3]  # inner path 2 sees its outer path, not its sibling
+    assert ok[13, 9] and ok[13, 6]  # the inner summary sees both inner paths
+    assert not ok[18, 3] and not ok[18, 9] and not ok[18, 14] and ok[18, 1]  # outer path 2 sees none of path 1
+    assert ok[21, 18] and ok[21, 9]  # after the block, everything
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_random_nested_structures_match_the_reference_rule(left):
+    rng = random.Random(1)
+    nested = 0
+    for _ in range(25):
+        rows = [random_nested_row(rng) for _ in range(4)]
+        rows = [r[: rng.randint(1, len(r))] if r and rng.random() < 0.3 else (r or [10]) for r in rows]
+        ids, mask = pad_batch(rows, [left] * len(rows))
+        add, pos = build_attention(ids, mask, TAGS, "unseen")
+        for b in range(len(rows)):
+            real = mask[b].bool().tolist()
+            ref_pos, ref_allowed = nested_reference(ids[b].tolist(), real)
+            assert pos[b].tolist() == ref_pos, ids[b].tolist()
+            assert (add[b, 0] == 0).tolist() == ref_allowed, ids[b].tolist()
+        nested += sum(ids.eq(P).cumsum(1).gt(1).any(1).tolist())
+    assert nested >= 20  # most batches hold nested blocks
+
+
+def test_threads_refuses_nested_blocks():
+    row = [10, P, PA, 11, P, PA, 12, EPA, PA, 13, EPA, EP, S, 15, ES, EPA, PA, 16, EPA, EP, 17]
+    with pytest.raises(ValueError, match="threads variant does not nest"):
+        build_layout(torch.tensor([row]), None, TAGS, "threads")

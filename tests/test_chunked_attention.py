@@ -183,3 +183,16 @@ def test_auto_kernel_switches_at_the_threshold_and_restores_the_backend(monkeypa
     with pytest.raises(RuntimeError, match="boom"):
         response_logprobs(tiny_model, ids, mask, TAGS, "unseen")
     assert tiny_model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunk_plan_of_nested_blocks_is_the_layout_rule(chunk):
+    from test_attention import random_nested_row
+
+    rng = random.Random(chunk)
+    for _ in range(8):
+        rows = [random_nested_row(rng) or [10] for _ in range(3)]
+        ids, mask = batch(rows, [rng.random() < 0.5 for _ in rows])
+        layout = build_layout(ids, mask, TAGS, "unseen")
+        B, S = layout.input_ids.shape
+        assert torch.equal(plan_to_dense(chunk_plan(layout, chunk), B, S), allowed(layout)), ids.tolist()

@@ -1,3 +1,4 @@
+import copy
 from collections import Counter
 
 import pytest
@@ -365,7 +366,7 @@ def test_step_mask_equals_build_attention(tiny_tokenizer, tags):
     text = "a b<Parallel><Path>x y</Path><Path>z</Path></Parallel><Summary>s</Summary>c<Parallel><Path>u"
     ids = torch.tensor([[tiny_tokenizer.pad_token_id] * 3 + tiny_tokenizer(text)["input_ids"]])
     real = ids != tiny_tokenizer.pad_token_id
-    block, path = structure_ids(ids, tags, real.long())
+    block, path = (ids_BT[..., None] for ids_BT in structure_ids(ids, tags, real.long()))
     expected, _ = build_attention(ids, real.long(), tags, "unseen")
     assert torch.equal(step_mask(real, block, path, ids.shape[1], torch.float32), expected)
     # The last 4 queries against the full key set are the last 4 rows of the full mask.
@@ -565,3 +566,85 @@ def test_planned_cap_and_behaviour_logprobs(plan_model, tiny_tokenizer, tags):
         sampled = torch.tensor(r.sampled_mask)
         assert torch.allclose(torch.tensor(r.logprobs)[sampled], replayed[0, len(r.prompt_ids) :][sampled], atol=1e-4)
     assert blocks >= 2
+
+
+# ----------------------------------------------------------------------------- nested blocks
+
+
+ENGINE_PREVENTS = {
+    "nested_block", "stray_close", "path_outside_block", "summary_out_of_place", "text_before_summary",
+    "text_between_paths", "text_in_block", "too_few_paths",
+}  # fmt: skip
+
+
+def _nested_rollouts(model, tokenizer, variant, max_depth, behaviour=False):
+    params = SamplingParams(
+        seed=2, variant=variant, max_response_tokens=140, max_path_tokens=30, num_paths=2, max_blocks=6,
+        max_depth=max_depth,
+    )  # fmt: skip
+    return ParallelEngine(model, tokenizer, behaviour_logprobs=behaviour).generate(PROMPTS, n=3, params=params), params
+
+
+@pytest.mark.parametrize("max_depth", [2, 3])
+def test_nested_unseen_blocks_are_sampled_as_they_are_trained(block_model, tiny_tokenizer, tags, max_depth):
+    """A path opens blocks of its own up to max_depth; what the engine records is what the Unseen trainer
+    computes on the sequential row (float32, the stated bound), every response well formed at its depth."""
+    rollouts, _ = _nested_rollouts(block_model, tiny_tokenizer, "unseen", max_depth)
+    depths = [r.structure.depth for r in rollouts]
+    assert max(depths) == max_depth, depths
+    for r in rollouts:
+        # The engine never misplaces a tag; what is left is the model's (an empty path, an answer in a summary)
+        # or the cut of a row at max_response_tokens.
+        assert not {e.kind for e in r.structure.errors} & ENGINE_PREVENTS, r.structure.errors
+        sampled = torch.tensor(r.sampled_mask)
+        expected = scored(block_model, tags, r, "unseen")
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], expected[sampled], atol=1e-4)
+
+
+def test_nested_blocks_replay_their_bans_exactly_in_float64(block_model, tiny_model, tiny_tokenizer, tags):
+    """In float64, with the bans replayed (`ban_rows`, BAN_PATH_NEST included), engine and trainer agree to
+    1e-9 on nested Unseen blocks and on nested Seen text (a model that also favours <Path>, which Seen
+    decodes itself)."""
+    seen_bias = {tags.parallel_open: 3.0, tags.path_open: 3.0, tags.path_close: 2.0, tags.parallel_close: 1.5}
+    seen_model = with_bias(copy.deepcopy(tiny_model), {**seen_bias, tags.summary_open: 3.0, tags.summary_close: 2.0})
+    try:
+        for variant, model in (("unseen", block_model), ("seen", seen_model)):
+            model64 = model.double()
+            rollouts, params = _nested_rollouts(model64, tiny_tokenizer, variant, 2, behaviour=True)
+            assert max(r.structure.depth for r in rollouts) == 2, variant
+            table = ban_table(tags, model64.config.vocab_size, torch.device("cpu"))
+            for r in rollouts:
+                rows = ban_rows(r.response_ids, tags, variant, params.max_blocks, max_depth=params.max_depth)
+                replay = Behaviour(torch.tensor([[0] * len(r.prompt_ids) + rows]), table)
+                ids = torch.tensor([r.prompt_ids + r.response_ids])
+                with torch.no_grad():
+                    logprobs, _ = response_logprobs(model64, ids, torch.ones_like(ids), tags, variant, behaviour=replay)
+                sampled = torch.tensor(r.sampled_mask)
+                gap = (torch.tensor(r.logprobs, dtype=torch.float64) - logprobs[0, len(r.prompt_ids) :])[sampled]
+                assert gap.abs().max() <= 1e-9, (variant, gap.abs().max())
+    finally:
+        block_model.float()
+        seen_model.float()
+
+
+def test_past_max_depth_a_path_cannot_open_a_block(block_model, tiny_tokenizer, tags):
+    """At the cap <Parallel> is banned inside a path (Seen bans nothing else: a <Parallel> between paths or in
+    a summary stays the model's mistake)."""
+    for variant in ("unseen", "seen"):
+        for max_depth in (1, 2):
+            rollouts, _ = _nested_rollouts(block_model, tiny_tokenizer, variant, max_depth)
+            errors = [e for r in rollouts for e in r.structure.errors if e.kind == "nested_block"]
+            in_a_path = [e for e in errors if e.message.startswith("<Parallel> inside a path")]
+            if variant == "unseen" or max_depth > 1:
+                assert all(r.structure.depth <= max_depth for r in rollouts) and not in_a_path
+            else:  # Seen without nesting leaves <Parallel> in a path to the model, as before nesting existed
+                assert in_a_path
+
+
+def test_nesting_is_refused_where_it_is_not_supported():
+    with pytest.raises(ValueError, match="threads variant does not nest"):
+        SamplingParams(variant="threads", max_depth=2)
+    with pytest.raises(ValueError, match="do not take plans"):
+        SamplingParams(max_depth=2, plans=True)
+    with pytest.raises(ValueError, match="max_depth must be >= 1"):
+        SamplingParams(max_depth=0)

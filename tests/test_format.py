@@ -517,3 +517,86 @@ def test_plan_lines_split_token_ids_like_the_text(tiny_tokenizer):
     lines = PlanLines(tiny_tokenizer).lines(ids)
     assert [tiny_tokenizer.decode(line).strip() for line in lines] == ["5*3", "7*3", "9*3"]
     assert PlanLines(tiny_tokenizer).lines([]) == []
+
+
+# ----------------------------------------------------------------------------- nested blocks
+
+INNER = "<Parallel><Path>5 + 1 = 6</Path><Path>5 + 2 = 7</Path></Parallel><Summary>7 works.</Summary>"
+NESTED = (
+    "Try both.<Parallel><Path>try 5:" + INNER + " so 5.</Path><Path>try 4: no</Path></Parallel>"
+    "<Summary>5.</Summary>Final Answer: 5"
+)
+
+
+def test_a_path_may_open_a_block_up_to_max_depth():
+    parsed = parse(NESTED, max_depth=2)
+    assert parsed.errors == []
+    outer = parsed.blocks[0]
+    assert len(parsed.blocks) == 1 and outer.depth == 1
+    first, second = outer.paths
+    assert [b.depth for b in first.blocks] == [2] and second.blocks == []
+    inner = first.blocks[0]
+    assert NESTED[inner.span.start : inner.span.end] == INNER
+    assert first.content.start < inner.span.start < inner.span.end < first.content.end
+    assert [NESTED[p.content.start : p.content.end] for p in inner.paths] == ["5 + 1 = 6", "5 + 2 = 7"]
+    assert parsed.depth == 2 and parsed.num_blocks == 2 and parsed.paths_per_block == [2, 2]
+    assert [b.depth for b in parsed.all_blocks] == [1, 2]
+    assert render(parsed) == NESTED
+
+
+def test_nesting_past_max_depth_is_an_error_at_the_inner_parallel():
+    inner_at = [m.start() for m in re.finditer("<Parallel>", NESTED)][1]
+    errors = validate(NESTED)  # max_depth 1: blocks do not nest
+    assert errors[0].kind == "unclosed_path" and any(e.kind == "nested_block" and e.offset == inner_at for e in errors)
+    deeper = NESTED.replace("5 + 1 = 6", "6?" + INNER)
+    deepest_at = [m.start() for m in re.finditer("<Parallel>", deeper)][2]
+    nested = [e for e in validate(deeper, max_depth=2) if e.kind == "nested_block"]
+    assert [e.offset for e in nested] == [deepest_at] and "at most 2 deep" in nested[0].message
+    assert validate(deeper, max_depth=3) == []
+
+
+def test_malformed_nesting_is_reported_at_its_offset():
+    no_summary = NESTED.replace("<Summary>7 works.</Summary>", "")
+    errors = validate(no_summary, max_depth=2)
+    assert [(e.kind, e.offset) for e in errors] == [("missing_summary", no_summary.index("so 5."))]
+    # the inner block still ends at its </Parallel>, and the outer path goes on after it
+    parsed = parse(no_summary, max_depth=2)
+    assert parsed.blocks[0].paths[0].blocks[0].summary is None and len(parsed.blocks[0].paths) == 2
+    in_summary = NESTED.replace("<Summary>5.</Summary>", "<Summary>" + INNER + "</Summary>")
+    kinds = {e.kind for e in validate(in_summary, max_depth=2)}
+    assert "nested_block" in kinds
+    cut = NESTED[: NESTED.index("5 + 2")]
+    kinds = [(e.kind, e.offset) for e in validate(cut, max_depth=2)]
+    assert ("unclosed_block", 9) in kinds and ("unclosed_block", NESTED.index("<Parallel>", 10)) in kinds
+    lenient = parse(cut, lenient=True, max_depth=2)
+    assert lenient.depth == 2 and render(lenient) == cut
+
+
+def test_nested_render_round_trips_truncated_and_random_text():
+    rng = random.Random(1)
+    cases = [NESTED[:i] for i in range(len(NESTED) + 1)] + [_random_response(rng) for _ in range(400)]
+    for text in cases:
+        for lenient in (False, True):
+            parsed = parse(text, lenient=lenient, max_depth=3)
+            assert render(parsed) == text
+            _check_invariants(parsed)
+            for block in parsed.all_blocks:
+                for path in block.paths:
+                    for inner in path.blocks:
+                        assert inner.depth == block.depth + 1
+                        assert path.content.start <= inner.span.start <= inner.span.end <= path.span.end
+
+
+def test_max_depth_must_be_positive():
+    with pytest.raises(ValueError, match="max_depth"):
+        parse(BLOCK, max_depth=0)
+
+
+def test_parse_ids_gives_token_spans_of_nested_blocks(tiny_tokenizer):
+    add_parallel_tokens(tiny_tokenizer)
+    ids = tiny_tokenizer(NESTED, add_special_tokens=False)["input_ids"]
+    parsed = parse_ids(ids, tiny_tokenizer, lenient=False, max_depth=2)
+    assert parsed.errors == []
+    inner = parsed.blocks[0].paths[0].blocks[0]
+    span = inner.token_span
+    assert tiny_tokenizer.decode(ids[span.start : span.end]) == INNER

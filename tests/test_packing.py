@@ -127,3 +127,22 @@ def test_flex_attention_on_cpu_is_refused_with_a_message():
     ids, mask, prompt_len = grouped_rows(2)
     with pytest.raises(ValueError, match="update_rows: padded"):
         packed_logprobs(model, ids, mask, prompt_len, TAGS, "unseen")
+
+
+def test_packed_nested_blocks_equal_the_padded_rows(monkeypatch):
+    """Unseen responses with nested blocks, a group's prompt once: log-probs and gradients of the padded rows."""
+    from test_attention import random_nested_row
+
+    monkeypatch.setattr(attention, "CHUNK_TOKENS", 7)
+    monkeypatch.setattr(packing, "SCORE_CHUNK", 5)
+    model = make_model(48, "llama", "sdpa")
+    rng = random.Random(5)
+    prompts = [[11, 12, 13], [14, 15]]
+    rows = [(p, random_nested_row(rng) or [16]) for p in prompts for _ in range(3)]
+    ids, mask = batch([p + r for p, r in rows], [rng.random() < 0.5 for _ in rows])
+    prompt_len = [len(p) for p, _ in rows]
+    assert (ids == TAGS.parallel_open).sum() >= 4
+    want, keep = scored(model, ids, mask, prompt_len, "unseen", False, False, None)
+    got, _ = scored(model, ids, mask, prompt_len, "unseen", True, True, None, keep)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()

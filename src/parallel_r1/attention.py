@@ -8,8 +8,12 @@ reproduces it with a KV cache, so the two must agree token for token:
 * every path of a block starts at the same position `s` (that of the block's first `<Path>`), and
   `</Parallel>` continues from `s + L`, L being the longest path's length.
 
+Nested blocks (a path opening a block of its own, `max_depth` > 1) apply the rule at every level: a query
+does not see another path of any block it sits in, and a path's length L counts positions, so an inner
+block inside a path takes its own longest path's room.
+
 Everything here is vectorised over the batch and the sequence (cumsum / cummax over tag masks, one
-scatter for the longest path); there is no loop over tokens or blocks.
+scatter for the longest path); the only loop is over nesting levels, none over tokens or blocks.
 
 Backends: Hugging Face `sdpa` and `eager` take the dense additive float mask from `build_attention`
 (eager mis-reads a boolean 4-D mask, so only the float form is produced); `flex_attention` takes the
@@ -62,7 +66,8 @@ def _last_index(flags: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Structure:
-    """Where every token sits in the block structure, each field [B, T]; -1 (or False) outside."""
+    """Where every token sits in the blocks of one nesting level, each field [B, T]; -1 (or False) outside.
+    Ids are unique within a row and a level."""
 
     block_id: torch.Tensor
     path_id: torch.Tensor
@@ -81,19 +86,34 @@ def tag_spans(is_open: torch.Tensor, is_close: torch.Tensor) -> tuple[torch.Tens
     return last_open, (last_open >= 0) & (last_open > last_close_before)
 
 
-def _structure(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor) -> _Structure:
+def _levels(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor) -> list[_Structure]:
+    """The `_Structure` of every nesting level, outermost first (always at least one). A token's level is the
+    number of blocks around it, its block's own `<Parallel>` and `</Parallel>` included, so the tags of a
+    level-d block, and its paths' `<Path>`s, are the tags at level d."""
     is_open = (input_ids == tags.parallel_open) & real
     is_close = (input_ids == tags.parallel_close) & real
+    level = is_open.long().cumsum(1) - F.pad(is_close.long().cumsum(1)[:, :-1], (1, 0))
+    depth = max(1, int(level.max())) if level.numel() else 1
+    is_path_open = (input_ids == tags.path_open) & real
+    return [
+        _structure(is_open & (level == d), is_close & (level == d), is_path_open & (level == d), real)
+        for d in range(1, depth + 1)
+    ]
+
+
+def _structure(is_open: torch.Tensor, is_close: torch.Tensor, is_path_open: torch.Tensor, real: torch.Tensor):
+    """The `_Structure` of the blocks opened by `is_open`, closed by `is_close`, with paths opened by
+    `is_path_open` (all Bool[B, T], real tokens only)."""
     last_open, in_block = tag_spans(is_open, is_close)
     in_block &= real
     block_id = torch.where(in_block, is_open.long().cumsum(1) - 1, -1)
 
-    is_path_open = (input_ids == tags.path_open) & in_block
+    is_path_open = is_path_open & in_block
     last_path_open = _last_index(is_path_open)
     # A path runs from its `<Path>` to the next `<Path>` or `</Parallel>` of the same block.
     in_path = in_block & (last_path_open > last_open) & ~is_close
     path_id = torch.where(in_path, is_path_open.long().cumsum(1) - 1, -1)
-    idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+    idx = torch.arange(is_open.shape[1], device=is_open.device)
     offset = torch.where(in_path, idx - last_path_open, -1)
     # A block's first `<Path>` is one with no other `<Path>` between it and the block's `<Parallel>`.
     path_open_before = F.pad(last_path_open[:, :-1], (1, 0), value=-1)
@@ -104,13 +124,13 @@ def _structure(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor) -> _St
 def structure_ids(
     input_ids: torch.Tensor, tags: TagIds, attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block_id, path_id), both LongTensor[B, T] with -1 outside a block / path.
+    """(block_id, path_id), both LongTensor[B, T] with -1 outside a block / path, of the outermost blocks.
 
     Ids are unique within a row (the k-th block of a row has block_id k, the k-th path path_id k).
     A path spans from its `<Path>` up to, not including, the next `<Path>` or `</Parallel>`; tokens
     between `<Parallel>` and the first `<Path>` are in the block but in no path. Padding is -1.
     """
-    structure = _structure(input_ids, tags, _real_mask(input_ids, attention_mask))
+    structure = _levels(input_ids, tags, _real_mask(input_ids, attention_mask))[0]
     return structure.block_id, structure.path_id
 
 
@@ -120,29 +140,46 @@ def build_positions(
     """position_ids LongTensor[B, T] of the sequential text: real tokens count from 0, padding gets 0.
 
     Seen and threads (whose row is the text read causally): one more per token. Unseen: a path's j-th
-    token sits at `s + j` (s: position of the block's first `<Path>`), and the `</Parallel>` closing the
-    block at `s + L` (L: longest path of the block, in tokens).
+    position is `s + j` (s: position of the block's first `<Path>`), and the `</Parallel>` closing the
+    block sits at `s + L` (L: longest path of the block, in positions; a block nested in a path counts
+    only its own longest path).
     """
     _check_variant(variant)
     real = _real_mask(input_ids, attention_mask)
     if variant != "unseen":
         return torch.where(real, real.long().cumsum(1) - 1, 0)
-    return _unseen_positions(_structure(input_ids, tags, real), real)
+    return _unseen_positions(_levels(input_ids, tags, real), real)
 
 
-def _unseen_positions(st: _Structure, real: torch.Tensor) -> torch.Tensor:
-    """`build_positions` of the unseen variant from the row's structure."""
-    block_id, path_id, offset, closes = st.block_id, st.path_id, st.offset, st.closes
-    in_path = path_id >= 0
-    # Longest path of each block: the largest offset + 1 among its tokens (slot 0 collects non-path tokens).
-    slots = torch.zeros(real.shape[0], real.shape[1] + 1, dtype=torch.long, device=real.device)
-    longest = slots.scatter_reduce(1, torch.where(in_path, block_id + 1, 0), offset + 1, reduce="amax")
-    jump = torch.where(closes, longest.gather(1, block_id + 1), 0).cumsum(1)
-    # Non-path tokens count up by one, plus the length L of every block closed so far; paths restart
-    # at the position the first `<Path>` would have had.
-    outside = (real & ~in_path).long().cumsum(1)
-    positions = torch.where(in_path, outside + jump + offset, outside - 1 + jump)
-    return torch.where(real, positions, 0)
+def _unseen_positions(levels: list[_Structure], real: torch.Tensor) -> torch.Tensor:
+    """`build_positions` of the unseen variant from the row's structure at every level.
+
+    Positions are the running sum of per-token steps, 1 for every real token to begin with. Each level,
+    innermost first, then resets its later `<Path>`s to the block's `s` and moves its `</Parallel>` to `s + L`
+    by changing the step of those tokens alone: a path's positions relative to its `<Path>` are already
+    final, since the levels inside it were done before and nothing at this level sits inside a path."""
+    B, T = real.shape
+    step = real.long()
+    idx = torch.arange(T, device=real.device)
+    for st in reversed(levels):
+        position = step.cumsum(1) - 1
+        in_path = st.path_id >= 0
+        path_open = torch.where(in_path, idx - st.offset, 0)
+        relative = torch.where(in_path, position - position.gather(1, path_open), -1)
+        # Per path (slot path_id + 1) and per block (slot block_id + 1), the length in positions; slot 0
+        # collects the tokens outside paths.
+        slots = torch.zeros(B, T + 1, dtype=torch.long, device=real.device)
+        path_len = slots.scatter_reduce(1, torch.where(in_path, st.path_id + 1, 0), relative + 1, reduce="amax")
+        block_len = slots.scatter_reduce(1, torch.where(in_path, st.block_id + 1, 0), relative + 1, reduce="amax")
+        # A later path's <Path> steps back over the path before it (path ids of a block are consecutive).
+        later = in_path & (st.offset == 0) & (idx != st.first_path)
+        step = torch.where(later, 1 - path_len.gather(1, st.path_id.clamp(min=0)), step)
+        # </Parallel> steps over its block's longest path instead of its last one.
+        last_path = F.pad(st.path_id[:, :-1], (1, 0), value=-1)
+        last_len = path_len.gather(1, last_path + 1)
+        longest = block_len.gather(1, st.block_id + 1)
+        step = torch.where(st.closes, longest - last_len + 1, step)
+    return torch.where(real, step.cumsum(1) - 1, 0)
 
 
 @dataclass
@@ -157,6 +194,8 @@ class Layout:
     i.e. a token of segment 0 reads causally, and a token of an isolated segment (an Unseen path, a
     threads path copy) reads its own segment and the columns up to its horizon (the last token before
     its block's first `<Path>`). Padding queries also see themselves, so no row of the mask is empty.
+    Nested Unseen blocks add one (seg, horizon) pair per level below the outermost (`inner`), and a
+    query must pass the rule at every level.
     """
 
     input_ids: torch.Tensor  # LongTensor[B, S]
@@ -169,6 +208,11 @@ class Layout:
     # needs group[k] == group[q] and (doc[k] == 0 or doc[k] == doc[q]): doc 0 is a group's shared prompt.
     group: torch.Tensor | None = None  # LongTensor[B, S]
     doc: torch.Tensor | None = None  # LongTensor[B, S]
+    inner: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (seg, horizon) [B, S] of levels 2, 3, ...
+
+    def levels(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(seg, horizon) of every level, outermost first."""
+        return [(self.seg, self.horizon), *self.inner]
 
     def to_sequence(self, values_BS: torch.Tensor | None) -> torch.Tensor | None:
         """Per-token values [B, S] of the layout back to the T tokens of the sequential text."""
@@ -197,11 +241,15 @@ def build_layout(
     sequential = torch.where(real, real.long().cumsum(1) - 1, 0)
     if variant == "seen":
         return Layout(input_ids, real, sequential, zeros, zeros - 1)
-    st = _structure(input_ids, tags, real)
+    levels = _levels(input_ids, tags, real)
+    st = levels[0]
     in_path = st.path_id >= 0
     if variant == "unseen":
-        seg = torch.where(in_path, st.path_id + 1, 0)
-        return Layout(input_ids, real, _unseen_positions(st, real), seg, st.first_path - 1)
+        pairs = [(torch.where(s.path_id >= 0, s.path_id + 1, 0), s.first_path - 1) for s in levels]
+        positions = _unseen_positions(levels, real)
+        return Layout(input_ids, real, positions, *pairs[0], inner=tuple(pairs[1:]))
+    if len(levels) > 1:
+        raise ValueError("the threads variant does not nest blocks (its re-prefill at join is one level deep)")
 
     B, T = input_ids.shape
     first_path = st.first_path.clamp(min=0)
@@ -236,9 +284,10 @@ def allowed(layout: Layout, q_start: int = 0, q_end: int | None = None) -> torch
     device = layout.input_ids.device
     q = torch.arange(q_start, q_end, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
-    seg_q, horizon_q = layout.seg[:, q_start:q_end, None], layout.horizon[:, q_start:q_end, None]
-    rule = (seg_q == 0) | (layout.seg[:, None, :] == seg_q) | (k <= horizon_q)
-    visible = (k <= q) & layout.real[:, None, :] & rule & _packed_rule(layout, q_start, q_end)
+    visible = (k <= q) & layout.real[:, None, :] & _packed_rule(layout, q_start, q_end)
+    for seg, horizon in layout.levels():
+        seg_q, horizon_q = seg[:, q_start:q_end, None], horizon[:, q_start:q_end, None]
+        visible = visible & ((seg_q == 0) | (seg[:, None, :] == seg_q) | (k <= horizon_q))
     return visible | ((k == q) & ~layout.real[:, q_start:q_end, None])
 
 
@@ -254,12 +303,13 @@ def dense_mask(layout: Layout, dtype: torch.dtype = torch.float32) -> torch.Tens
 def block_mask(layout: Layout):
     """A flex-attention `BlockMask` of the `Layout`'s rule. It stores 128 x 128 tiles, skipping fully
     masked ones, so memory grows with the number of tiles rather than with S * S."""
-    seg, horizon, real = layout.seg, layout.horizon, layout.real
+    levels, real = layout.levels(), layout.real
     group, doc = _group_doc(layout)
 
     def mask_mod(b, h, q, k):
-        rule = (seg[b, q] == 0) | (seg[b, k] == seg[b, q]) | (k <= horizon[b, q])
-        rule = rule & (group[b, k] == group[b, q]) & ((doc[b, k] == 0) | (doc[b, k] == doc[b, q]))
+        rule = (group[b, k] == group[b, q]) & ((doc[b, k] == 0) | (doc[b, k] == doc[b, q]))
+        for seg, horizon in levels:
+            rule = rule & ((seg[b, q] == 0) | (seg[b, k] == seg[b, q]) | (k <= horizon[b, q]))
         return ((k <= q) & real[b, k] & rule) | ((q == k) & ~real[b, q])
 
     B, S = layout.input_ids.shape
@@ -463,7 +513,7 @@ def chunk_plan(layout: Layout, chunk: int | None = None) -> list[chunked_attenti
     chunk = CHUNK_TOKENS if chunk is None else chunk
     S = layout.seg.shape[1]
     change = torch.zeros(S - 1, dtype=torch.bool, device=layout.seg.device)
-    for ids in (layout.seg, layout.horizon, *_group_doc(layout)):
+    for ids in (*(ids for level in layout.levels() for ids in level), *_group_doc(layout)):
         change |= (ids[:, 1:] != ids[:, :-1]).any(0)
     cuts = sorted(set(range(0, S, chunk)) | set((change.nonzero().flatten() + 1).tolist()) | {S})
     pieces = []
@@ -494,6 +544,7 @@ def _columns(layout: Layout, start: int, end: int) -> Layout:
         source=None,
         group=None if layout.group is None else layout.group[:, start:end],
         doc=None if layout.doc is None else layout.doc[:, start:end],
+        inner=tuple((seg[:, start:end], horizon[:, start:end] - start) for seg, horizon in layout.inner),
     )
 
 

@@ -1,10 +1,11 @@
 """The sampler's state-dependent tag bans, and what the trainer needs to replay them.
 
 The engine keeps the format well formed by banning tags by decoding state: only `</Path>` may close a
-path, only `</Summary>` a summary, only `<Path>` ends a plan, `<Parallel>` is banned past the block cap,
-and so on. Each state is a row of a [7, V] ban table; `ban_rows` replays from a response's tokens alone
-which row each token was sampled under, and `Behaviour` carries rows, table and top-k/top-p to the
-trainer so that its log-probs are those of the distribution the engine actually sampled from.
+path, only `</Summary>` a summary, only `<Path>` ends a plan, `<Parallel>` is banned past the block cap and,
+inside a path, at the nesting cap, and so on. Each state is a row of a [8, V] ban table; `ban_rows` replays
+from a response's tokens alone which row each token was sampled under, and `Behaviour` carries rows, table
+and top-k/top-p to the trainer so that its log-probs are those of the distribution the engine actually
+sampled from.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from parallel_r1.format import TagIds
 
 # Ban-table rows: which tags each decoding state may not sample.
-BAN_NONE, BAN_MAIN, BAN_MAIN_CAPPED, BAN_PATH, BAN_SUMMARY, BAN_PARALLEL, BAN_PLAN = range(7)
+BAN_NONE, BAN_MAIN, BAN_MAIN_CAPPED, BAN_PATH, BAN_SUMMARY, BAN_PARALLEL, BAN_PLAN, BAN_PATH_NEST = range(8)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Behaviour:
 
 
 def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[7, V] bool: row r holds the tokens banned in decoding state r (the BAN_* constants)."""
+    """[8, V] bool: row r holds the tokens banned in decoding state r (the BAN_* constants)."""
     all_tags = tags.as_tuple()
     banned = {
         BAN_NONE: [],
@@ -42,6 +43,7 @@ def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tens
         BAN_SUMMARY: [t for t in all_tags if t != tags.summary_close],
         BAN_PARALLEL: [tags.parallel_open],
         BAN_PLAN: [t for t in all_tags if t != tags.path_open],
+        BAN_PATH_NEST: [t for t in all_tags if t not in (tags.path_close, tags.parallel_open)],
     }
     table = torch.zeros(len(banned), vocab_size, dtype=torch.bool, device=device)
     for row, ids in banned.items():
@@ -49,31 +51,76 @@ def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tens
     return table
 
 
-def ban_rows(response_ids: list[int], tags: TagIds, variant: str, max_blocks: int, plans: bool = False) -> list[int]:
+class SeenDepth:
+    """How deep the Seen text read so far sits in open paths, from its tags alone (the Seen engine enforces no
+    structure, so tags that close nothing are skipped): with nesting on (`max_depth` > 1), `<Parallel>` may
+    not open inside a path of a block at depth `max_depth`. Without it Seen bans nothing inside a path, as
+    before nesting existed (a nested block is a format error the reward sees), so its samples and the
+    figures made with them do not change. The engine and `ban_rows` both feed it, so they agree on every
+    token's ban row."""
+
+    def __init__(self, tags: TagIds, max_depth: int):
+        self.tags, self.max_depth = tags, max_depth
+        self.open: list[str] = []  # "block" / "path", innermost last
+
+    def at_cap(self) -> bool:
+        if self.max_depth == 1 or not self.open or self.open[-1] != "path":
+            return False
+        return self.open.count("block") >= self.max_depth
+
+    def feed(self, token: int) -> None:
+        tags, top = self.tags, self.open[-1] if self.open else None
+        if token == tags.parallel_open:
+            self.open.append("block")
+        elif token == tags.path_open and top == "block":
+            self.open.append("path")
+        elif (token == tags.path_close and top == "path") or (token == tags.parallel_close and top == "block"):
+            self.open.pop()
+
+
+def ban_rows(
+    response_ids: list[int], tags: TagIds, variant: str, max_blocks: int, plans: bool = False, max_depth: int = 1
+) -> list[int]:
     """The ban-table row (BAN_*) each response token was sampled under, replayed from the tokens alone:
     the decoding state `_Row.ban_row` reads when the engine samples it (`plans`: a block's plan, from its
-    `<Parallel>` to its first `<Path>`, is sampled under BAN_PLAN). Rows of engine-inserted tokens are
-    meaningless (they are not trained on)."""
-    rows, blocks, state = [], 0, "main"
+    `<Parallel>` to its first `<Path>`, is sampled under BAN_PLAN; a path may open a block while the blocks
+    it sits in are fewer than `max_depth`). Rows of engine-inserted tokens are meaningless (they are not
+    trained on)."""
+    rows, blocks = [], 0
+    if variant == "seen":
+        depth = SeenDepth(tags, max_depth)
+        for token in response_ids:
+            rows.append(BAN_PARALLEL if blocks >= max_blocks or depth.at_cap() else BAN_NONE)
+            blocks += token == tags.parallel_open
+            depth.feed(token)
+        return rows
+    # The engine's states, innermost last: "main" (the main text), "path" (a path's own text), "plan", "block"
+    # (between paths), "closed" (after </Parallel>), "summary". A block pushes the state it opens from; its
+    # summary's end returns to it, and so does any other tag after </Parallel> (a row cut short ends its open
+    # nested blocks with an inserted </Parallel> before a sibling path, `engine._Thread.flat`).
+    stack = ["main"]
     for token in response_ids:
-        capped = blocks >= max_blocks
-        if variant == "seen":
-            rows.append(BAN_PARALLEL if capped else BAN_NONE)
-        elif state == "path":
-            rows.append(BAN_PATH)
+        if stack[-1] == "closed" and token != tags.summary_open:
+            stack.pop()
+        state, capped = stack[-1], blocks >= max_blocks
+        if state == "path":
+            nest = not capped and stack.count("path") < max_depth
+            rows.append(BAN_PATH_NEST if nest else BAN_PATH)
         elif state == "plan":
             rows.append(BAN_PLAN)
         else:
             rows.append(BAN_SUMMARY if state == "summary" else BAN_MAIN_CAPPED if capped else BAN_MAIN)
         if token == tags.parallel_open:
             blocks += 1
-            state = "plan" if plans else state
+            stack.append("plan" if plans else "block")
         elif token == tags.path_open:
-            state = "path"
+            stack[-1] = "path"
         elif token == tags.path_close:
-            state = "block"
+            stack[-1] = "block"
+        elif token == tags.parallel_close and len(stack) > 1:
+            stack[-1] = "closed"
         elif token == tags.summary_open:
-            state = "summary"
-        elif token == tags.summary_close:
-            state = "main"
+            stack[-1] = "summary"
+        elif token == tags.summary_close and len(stack) > 1:
+            stack.pop()
     return rows

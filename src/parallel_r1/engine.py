@@ -46,8 +46,10 @@ from parallel_r1.bans import (
     BAN_NONE,
     BAN_PARALLEL,
     BAN_PATH,
+    BAN_PATH_NEST,
     BAN_PLAN,
     BAN_SUMMARY,
+    SeenDepth,
     ban_table,
 )
 from parallel_r1.format import PlanLines, TagIds
@@ -73,8 +75,7 @@ class _Slot:
 
     token: int
     position: int
-    block: int = -1
-    path: int = -1  # row-unique path id, -1 outside a path
+    levels: tuple[tuple[int, int], ...] = ()  # (block id, path id) of each path it sits in (`_Thread.levels`)
     stream: int | None = None  # which stream samples from this slot's logits (None: nobody)
 
 
@@ -90,8 +91,40 @@ class _Target(NamedTuple):
 
 
 @dataclass
+class _Thread:
+    """One stream of a row: the main thread, or one path of a block. A path may open a block of its own
+    (nesting), so threads form a tree; `levels` holds the (block id, path id) of every path the thread sits
+    in, outermost first (empty for the main thread), and goes with each of its slots into the mask."""
+
+    stream: int  # row-unique; MAIN_STREAM for the main thread
+    levels: tuple[tuple[int, int], ...] = ()
+    counter: tuple[int, int] = (0, 0)  # (block, stream) of its tokens in the counter-based sampler
+    tokens: list[_Token] = field(default_factory=list)  # its sequential layout, closed inner blocks included
+    state: str = "main"  # main (its own text) -> [plan ->] paths -> summary -> main
+    next_position: int = 0
+    block: int = 0  # id of the block it has open
+    path_start: int = 0  # s: position of every path's <Path> in its open block
+    children: list[_Thread] = field(default_factory=list)  # the open block's paths
+    plan: list[int] = field(default_factory=list)  # params.plans: the open block's plan, token ids
+    closed: bool = False  # a path that has its </Path>
+
+    def flat(self, tags: TagIds | None = None, seal: bool = False) -> list[_Token]:
+        """Its tokens followed by those of its open block's paths, in the sequential layout. `seal` (a path
+        that a sibling follows in the layout of a row cut short): every block it holds open ends with an
+        inserted `</Parallel>`, an open summary with `</Summary>`, so that the sibling's `<Path>` is read at
+        its own level."""
+        out = list(self.tokens)
+        for k, child in enumerate(self.children):
+            out += child.flat(tags, seal or k < len(self.children) - 1)
+        if seal and tags is not None and (self.children or self.state == "summary"):
+            out.append(_Token(tags.parallel_close if self.children else tags.summary_close, False, 0.0))
+        return out
+
+
+@dataclass
 class _Row:
-    """One sample's decoding state (the state machine MAIN -> [PLAN ->] PATHS -> SUMMARY -> MAIN)."""
+    """One sample's decoding state: a tree of `_Thread`s, each a state machine MAIN -> [PLAN ->] PATHS ->
+    SUMMARY -> MAIN (a path's MAIN is its own text, where it may open a nested block)."""
 
     prompt_index: int
     sample_index: int
@@ -101,160 +134,167 @@ class _Row:
     eos_ids: frozenset[int]
     key: int = 0  # the sample's key in the counter-based sampler (the caller's problem index)
     plan_lines: PlanLines | None = None  # params.plans: how the plan's token ids split into lines
-    state: str = "main"
-    out: list[_Token] = field(default_factory=list)  # sequential layout of the main thread and closed blocks
-    paths: list[list[_Token]] = field(default_factory=list)  # the open block's paths
     pending: list[_Slot] = field(default_factory=list)
-    next_position: int = 0
-    blocks: int = 0
-    path_start: int = 0  # s: position of every path's <Path>
-    path_uids: list[int] = field(default_factory=list)
-    plan: list[int] = field(default_factory=list)  # params.plans: the open block's plan, token ids
+    blocks: int = 0  # blocks opened so far (ids 1, 2, ... in opening order)
+    next_path: int = 0  # row-unique path ids, in forking order
     hide_paths: list[int] = field(default_factory=list)  # "threads": path ids whose cached slots to hide
     finish_reason: str | None = None
     finished_at: float = 0.0  # time.perf_counter() when the sample finished
 
     def __post_init__(self) -> None:
+        self.main = _Thread(MAIN_STREAM, next_position=len(self.prompt_ids))
+        self.streams = {MAIN_STREAM: self.main}
+        self.seen_depth = SeenDepth(self.tags, self.params.max_depth)
         self.pending = [_Slot(t, i) for i, t in enumerate(self.prompt_ids)]
-        self.next_position = len(self.prompt_ids)
         if self.params.open_block:
-            self._main_token(self.tags.parallel_open, 0.0, sampled=False)
+            self._write(self.main, self.tags.parallel_open, 0.0, sampled=False)
         else:
             self.pending[-1].stream = MAIN_STREAM
 
     def length(self) -> int:
-        return len(self.out) + sum(len(p) for p in self.paths)
+        return len(self.main.flat())
 
     def ban_row(self, stream: int) -> int:
         capped = self.blocks >= self.params.max_blocks
         if self.params.variant == "seen":
-            return BAN_PARALLEL if capped else BAN_NONE
-        if stream != MAIN_STREAM:
-            return BAN_PATH
-        if self.state == "plan":
+            return BAN_PARALLEL if capped or self.seen_depth.at_cap() else BAN_NONE
+        thread = self.streams[stream]
+        if thread.state == "plan":
             return BAN_PLAN
-        if self.state == "summary":
+        if thread.state == "summary":
             return BAN_SUMMARY
-        return BAN_MAIN_CAPPED if capped else BAN_MAIN
+        if thread is self.main:
+            return BAN_MAIN_CAPPED if capped else BAN_MAIN
+        return BAN_PATH_NEST if not capped and len(thread.levels) < self.params.max_depth else BAN_PATH
 
     def counter(self, stream: int) -> tuple[int, int, int]:
         """(block, stream, index): where the next token of `stream` sits, for the counter-based sampler."""
-        if stream == MAIN_STREAM:
-            return 0, 0, len(self.out)
-        return self.blocks, stream + 1, len(self.paths[stream])
+        thread = self.streams[stream]
+        return (*thread.counter, len(thread.tokens))
 
     def advance(self, samples: dict[int, tuple[int, float]]) -> None:
         """Take this step's sampled (token, logprob) per stream and queue what to feed next."""
         self.pending = []
         for stream, (token, logprob) in samples.items():
-            if stream == MAIN_STREAM:
-                self._main_token(token, logprob)
-            else:
-                self._path_token(stream, token, logprob)
-        if self.state == "paths" and all(p[-1].id == self.tags.path_close for p in self.paths):
-            self._close_block()
+            self._write(self.streams[stream], token, logprob)
+        done = [t for t in self.streams.values() if t.state == "paths" and all(c.closed for c in t.children)]
+        for thread in done:
+            self._close_block(thread)
         if self.finish_reason is None and self.length() >= self.params.max_response_tokens:
             self.finish_reason = "length"
 
-    def _feed_main(self, token: int, stream: int | None = MAIN_STREAM) -> None:
-        self.pending.append(_Slot(token, self.next_position, stream=stream))
-        self.next_position += 1
+    def _feed(self, thread: _Thread, token: int, stream: int | None) -> None:
+        self.pending.append(_Slot(token, thread.next_position, thread.levels, stream))
+        thread.next_position += 1
 
-    def _main_token(self, token: int, logprob: float, sampled: bool = True) -> None:
-        if self.state == "plan" and token == self.tags.path_open:
-            self._fork(_Token(token, sampled, logprob))
+    def _write(self, thread: _Thread, token: int, logprob: float, sampled: bool = True) -> None:
+        """`thread`'s next token (sampled, or inserted by the engine): record it and queue its slot."""
+        tags, is_path = self.tags, thread is not self.main
+        if thread.state == "plan" and token == tags.path_open:
+            self._fork(thread, _Token(token, sampled, logprob))
             return
-        self.out.append(_Token(token, sampled, logprob))
+        if token in self.eos_ids and is_path:
+            # A path cannot end the response: close what it holds open, then the path.
+            ends = [tags.summary_close] if thread.state == "summary" else []
+            for closing in [*ends, tags.path_close]:
+                thread.tokens.append(_Token(closing, False, 0.0))
+                self._feed(thread, closing, None)
+            thread.closed = True
+            return
+        thread.tokens.append(_Token(token, sampled, logprob))
+        if self.params.variant == "seen":
+            self.seen_depth.feed(token)
         if token in self.eos_ids:
             self.finish_reason = "stop"
             return
-        if token == self.tags.parallel_open:
+        if token == tags.parallel_open:
             self.blocks += 1
             if self.params.variant != "seen":
-                self._open_block()
+                self._open_block(thread)
                 return
-        if token == self.tags.summary_close and self.state == "summary":
-            self.state = "main"
-        if self.state == "plan":
-            self.plan.append(token)
+        if token == tags.summary_close and thread.state == "summary":
+            thread.state = "main"
+        if thread.state == "plan":
+            thread.plan.append(token)
             lines = self.plan_lines
-            if lines.ends_line(token) and len(lines.lines(self.plan)) >= self.params.max_paths:
+            if lines.ends_line(token) and len(lines.lines(thread.plan)) >= self.params.max_paths:
                 # The plan names max_paths paths: the engine closes it with an inserted <Path>.
-                self._feed_main(token, stream=None)
-                self._fork(_Token(self.tags.path_open, False, 0.0))
+                self._feed(thread, token, None)
+                self._fork(thread, _Token(tags.path_open, False, 0.0))
                 return
-        self._feed_main(token)
+        if is_path and token == tags.path_close:
+            self._feed(thread, token, None)
+            thread.closed = True
+            return
+        if is_path and thread.state == "main" and len(thread.tokens) >= self.params.max_path_tokens - 1:
+            thread.tokens.append(_Token(tags.path_close, False, 0.0))
+            self._feed(thread, token, None)
+            self._feed(thread, tags.path_close, None)
+            thread.closed = True
+            return
+        self._feed(thread, token, thread.stream)
 
-    def _open_block(self) -> None:
+    def _open_block(self, thread: _Thread) -> None:
+        thread.block = self.blocks
         if self.params.plans:
             # The model writes the plan in the shared prefix; its first <Path> (sampled) ends it.
-            self._feed_main(self.tags.parallel_open)
-            self.state, self.plan = "plan", []
+            self._feed(thread, self.tags.parallel_open, thread.stream)
+            thread.state, thread.plan = "plan", []
             return
-        self._feed_main(self.tags.parallel_open, stream=None)
-        self._fork(_Token(self.tags.path_open, False, 0.0), self.params.num_paths)
+        self._feed(thread, self.tags.parallel_open, None)
+        self._fork(thread, _Token(self.tags.path_open, False, 0.0), self.params.num_paths)
 
-    def _fork(self, first: _Token, num_paths: int | None = None) -> None:
-        """Open the block's paths, each at position s = the next position: `num_paths` of them, or with a plan
-        one per plan line (at least one), path j starting with its line's tokens (inserted, not sampled;
+    def _fork(self, thread: _Thread, first: _Token, num_paths: int | None = None) -> None:
+        """Open the block's paths, each at position s = the thread's next position: `num_paths` of them, or with
+        a plan one per plan line (at least one), path j starting with its line's tokens (inserted, not sampled;
         cut to leave room for a sampled token within max_path_tokens). `first` is path 1's `<Path>`."""
-        self.state = "paths"
-        self.path_start = self.next_position
+        thread.state = "paths"
+        thread.path_start = thread.next_position
         if num_paths is None:
             room = max(0, self.params.max_path_tokens - 3)
-            heads = [line[:room] for line in self.plan_lines.lines(self.plan)] or [[]]
+            heads = [line[:room] for line in self.plan_lines.lines(thread.plan)] or [[]]
         else:
             heads = [[] for _ in range(num_paths)]
-        first_uid = max(self.path_uids, default=-1) + 1
-        self.path_uids = list(range(first_uid, first_uid + len(heads)))
         opener = _Token(self.tags.path_open, False, 0.0)
-        self.paths = [
-            [first if k == 0 else opener] + [_Token(t, False, 0.0) for t in head] for k, head in enumerate(heads)
-        ]
-        for k, (uid, path) in enumerate(zip(self.path_uids, self.paths)):
-            for j, token in enumerate(path):
-                self.pending.append(_Slot(token.id, self.path_start + j, self.blocks, uid))
-            self.pending[-1].stream = k
+        stream = max(self.streams) + 1
+        for k, head in enumerate(heads):
+            child = _Thread(
+                stream + k, thread.levels + ((thread.block, self.next_path),), (thread.block, k + 1),
+                [first if k == 0 else opener] + [_Token(t, False, 0.0) for t in head],
+                next_position=thread.path_start,
+            )  # fmt: skip
+            self.next_path += 1
+            self.streams[child.stream] = child
+            thread.children.append(child)
+            for j, token in enumerate(child.tokens):
+                self._feed(child, token.id, child.stream if j == len(child.tokens) - 1 else None)
 
-    def _path_token(self, k: int, token: int, logprob: float) -> None:
-        path = self.paths[k]
-        first_new = len(path)
-        if token in self.eos_ids:  # a path cannot end the response: close the path instead
-            path.append(_Token(self.tags.path_close, False, 0.0))
-        else:
-            path.append(_Token(token, True, logprob))
-        if path[-1].id != self.tags.path_close and len(path) == self.params.max_path_tokens - 1:
-            path.append(_Token(self.tags.path_close, False, 0.0))
-        for j in range(first_new, len(path)):
-            self.pending.append(_Slot(path[j].id, self.path_start + j, self.blocks, self.path_uids[k]))
-        if path[-1].id != self.tags.path_close:
-            self.pending[-1].stream = k
-
-    def _close_block(self) -> None:
+    def _close_block(self, thread: _Thread) -> None:
+        children = thread.children
         if self.params.variant == "threads":
             # Re-read the block causally: path 1's slots already are its causal encoding; paths 2..N are
             # fed again as plain text at sequential positions and their isolated slots are hidden.
-            first = self.path_uids[0]
-            self.pending = [s for s in self.pending if s.path == first]
-            self.next_position = self.path_start + len(self.paths[0])
-            for path in self.paths[1:]:
-                for token in path:
-                    self._feed_main(token.id, stream=None)
-            self.hide_paths = self.path_uids[1:]
+            first = children[0].levels[-1][1]
+            self.pending = [s for s in self.pending if s.levels and s.levels[-1][1] == first]
+            thread.next_position = children[0].next_position
+            for child in children[1:]:
+                for token in child.tokens:
+                    self._feed(thread, token.id, None)
+            self.hide_paths = [child.levels[-1][1] for child in children[1:]]
         else:
-            self.next_position = self.path_start + max(len(p) for p in self.paths)
-        for path in self.paths:
-            self.out.extend(path)
-        self.paths = []
-        self.out.append(_Token(self.tags.parallel_close, False, 0.0))
-        self.out.append(_Token(self.tags.summary_open, False, 0.0))
-        self._feed_main(self.tags.parallel_close, stream=None)
-        self._feed_main(self.tags.summary_open)
-        self.state = "summary"
+            thread.next_position = max(child.next_position for child in children)
+        for child in children:
+            thread.tokens.extend(child.tokens)
+            del self.streams[child.stream]
+        thread.children = []
+        thread.tokens.append(_Token(self.tags.parallel_close, False, 0.0))
+        thread.tokens.append(_Token(self.tags.summary_open, False, 0.0))
+        self._feed(thread, self.tags.parallel_close, None)
+        self._feed(thread, self.tags.summary_open, thread.stream)
+        thread.state = "summary"
 
     def response(self) -> list[_Token]:
-        tokens = self.out + [t for p in self.paths for t in p]
-        return tokens[: self.params.max_response_tokens]
+        return self.main.flat(self.tags)[: self.params.max_response_tokens]
 
 
 def query_mask(
@@ -267,15 +307,16 @@ def query_mask(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Additive attention mask [B, 1, Q, K] of queries at slots `q_index` [B, Q] (with their block/path ids
-    [B, Q]) over keys described by key_valid/key_block/key_path [B, K].
+    [B, Q, D], one pair per nesting level, -1 past a slot's depth) over keys described by key_valid [B, K]
+    and key_block/key_path [B, K, D].
 
-    A query sees a key iff the key is valid, not after it, and not in another path of the same block;
+    A query sees a key iff the key is valid, not after it, and at no level in another path of the same block;
     every query sees its own slot, so no row is all -inf (padding queries see only themselves).
     """
     k_index = torch.arange(key_valid.shape[1], device=key_valid.device)[None, None, :]
     q_index, q_block, q_path = q_index[:, :, None], q_block[:, :, None], q_path[:, :, None]
-    k_block, k_path = key_block[:, None, :], key_path[:, None, :]
-    other_path = (q_path >= 0) & (k_path >= 0) & (q_path != k_path) & (q_block == k_block)
+    k_block, k_path = key_block[:, None], key_path[:, None]
+    other_path = ((q_path >= 0) & (k_path >= 0) & (q_path != k_path) & (q_block == k_block)).any(-1)
     allowed = (k_index <= q_index) & key_valid[:, None, :] & ~other_path
     allowed |= k_index == q_index
     mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
@@ -285,7 +326,8 @@ def query_mask(
 def step_mask(
     key_valid: torch.Tensor, key_block: torch.Tensor, key_path: torch.Tensor, num_queries: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Additive attention mask [B, 1, Q, K] for the last Q of K slots (the keys include the queries)."""
+    """Additive attention mask [B, 1, Q, K] for the last Q of K slots (the keys include the queries); the
+    block and path ids are [B, K, D] (`query_mask`)."""
     num_keys = key_valid.shape[1]
     q_index = torch.arange(num_keys - num_queries, num_keys, device=key_valid.device).expand(key_valid.shape[0], -1)
     q_block, q_path = key_block[:, -num_queries:], key_path[:, -num_queries:]
@@ -454,10 +496,12 @@ class ParallelEngine:
         widest = max(params.num_paths, params.max_paths if params.plans else 0)
         capacity = max(len(r.prompt_ids) for r in rows) + 2 * widest + 64
         cache = SlotCache(self.model.config.num_hidden_layers, batch, capacity)
-        meta = SlotMeta(batch, capacity, device)
+        meta = SlotMeta(batch, capacity, device, params.max_depth)
         waiting = deque(rows)
         live: list[_Row] = []
-        light = widest + 2  # the most tokens a decoding row feeds in one step (but forks of planned paths)
+        # The most tokens a decoding row feeds in one step (but forks of planned paths): every open path at
+        # the deepest level forking a block.
+        light = widest**params.max_depth + 2
         while waiting or live:
             started = time.perf_counter()
             while waiting and len(live) < batch:
@@ -530,25 +574,27 @@ class ParallelEngine:
             capacity = max(kv_length, cache.capacity * 3 // 2)
             cache.grow(capacity)
             meta.grow(capacity)
-        # One int tensor for the step's query grid [5, b, Q] (ids, positions, block, path, slot) and one for
-        # the metadata writes [4, n] (cache row, slot, block, path) of the real tokens.
-        ids, pos, q_block, q_path, q_slot = [], [], [], [], []
-        written: list[list[int]] = [[], [], [], []]
+        # One int tensor for the step's query grid [3, b, Q] (ids, positions, slot), one for its levels
+        # [2, b, Q, D] (block, path), and one for the metadata writes [2 + 2 D, n] (cache row, slot, then the
+        # blocks and the paths of each level) of the real tokens.
+        depth = params.max_depth
+        ids, pos, q_slot, q_levels = [], [], [], []
+        written: list[list[int]] = [[] for _ in range(2 + 2 * depth)]
         targets: list[_Target] = []
+        outside = [(-1, -1)] * depth
         for i, (b, r, start) in enumerate(zip(group, rows, lengths)):
             pending = r.pending
             pad = width - len(pending)
             ids.append([s.token for s in pending] + [self.pad_id] * pad)
             pos.append([s.position for s in pending] + [0] * pad)
-            blocks = [s.block for s in pending]
-            paths = [s.path for s in pending]
-            q_block.append(blocks + [-1] * pad)
-            q_path.append(paths + [-1] * pad)
+            levels = [[*s.levels, *outside[len(s.levels) :]] for s in pending]
+            q_levels.append(levels + [outside] * pad)
             q_slot.append(list(range(start, start + width)))
             written[0].extend([b] * len(pending))
             written[1].extend(range(start, start + len(pending)))
-            written[2].extend(blocks)
-            written[3].extend(paths)
+            for d in range(depth):
+                written[2 + d].extend(level[d][0] for level in levels)
+                written[2 + depth + d].extend(level[d][1] for level in levels)
             for col, s in enumerate(pending):
                 if s.stream is not None:
                     targets.append(_Target(i, col, s.stream, r.ban_row(s.stream), r.counter(s.stream)))
@@ -556,15 +602,16 @@ class ParallelEngine:
                 meta.hide(b, r.hide_paths)
                 r.hide_paths = []
         meta.write(torch.tensor(written, device=device))
-        grid = torch.tensor([ids, pos, q_block, q_path, q_slot], device=device)
+        grid = torch.tensor([ids, pos, q_slot], device=device)
+        q_block_path = torch.tensor(q_levels, device=device).movedim(-1, 0)
         row_index = torch.tensor(group, device=device)[:, None]
         # group is sorted: a range of rows is read as a view of the cache, other groups are gathered.
         row_t = slice(group[0], group[-1] + 1) if group[-1] - group[0] == len(group) - 1 else row_index[:, 0]
-        cache.plan(row_t, row_index, grid[4], kv_length)
+        cache.plan(row_t, row_index, grid[2], kv_length)
         seconds["inputs"] += time.perf_counter() - started
         started = time.perf_counter()
         key_valid, key_block, key_path = meta.view(row_t, kv_length)
-        mask = query_mask(key_valid, key_block, key_path, grid[4], grid[2], grid[3], dtype)
+        mask = query_mask(key_valid, key_block, key_path, grid[2], q_block_path[0], q_block_path[1], dtype)
         seconds["mask"] += time.perf_counter() - started
         started = time.perf_counter()
         target_t = torch.tensor([(t.row, t.column, t.ban_row) for t in targets], device=device)
@@ -616,4 +663,5 @@ class ParallelEngine:
             self.tokenizer, row.prompt_index, row.sample_index, row.prompt_ids, ids,
             [t.sampled for t in tokens], [t.logprob for t in tokens], row.finish_reason,
             ends_with_eos=bool(ids) and ids[-1] in self.eos_ids, tags=self.tags, plans=row.params.plans,
+            max_depth=row.params.max_depth,
         )  # fmt: skip

@@ -131,11 +131,14 @@ class BenchmarkResult:
 
 
 def sample_record(
-    rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0, plans: bool = False
-) -> dict:
+    rollout, problem, model_name: str, benchmark: str, timeout_s: float = 5.0, plans: bool = False,
+    max_depth: int = 1,
+) -> dict:  # fmt: skip
     """Score one rollout: its `rollout.RolloutRecord`, which holds what the metrics, the viewer and the
-    analysis need (`plans`: checked in the planned format)."""
-    score = score_response(rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s, plans=plans)
+    analysis need (`plans`: checked in the planned format; `max_depth`: blocks nest that deep)."""
+    score = score_response(
+        rollout.text, problem.answer, parallel_active=True, timeout_s=timeout_s, plans=plans, max_depth=max_depth
+    )
     return rollout_record(
         rollout,
         question=problem.question,
@@ -229,7 +232,8 @@ def evaluate_benchmark(
                 problem = chunk[rollout.prompt_index]
                 if cut is not None and cut in rollout.text:
                     rollout = replace(rollout, text=rollout.text.split(cut, 1)[0])
-                records.append(sample_record(rollout, problem, model_name, benchmark, cfg.verify_timeout_s, cfg.plans))
+                caps = (cfg.verify_timeout_s, cfg.plans, cfg.max_depth)
+                records.append(sample_record(rollout, problem, model_name, benchmark, *caps))
             progress.advance(task, len(chunk))
     result = summarize(records, cfg.k, model_name, benchmark, seconds, cfg.verify_timeout_s)
     if counted:

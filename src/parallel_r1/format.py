@@ -4,6 +4,9 @@ A response is plain reasoning text that may open blocks::
 
     <Parallel><Path>...</Path><Path>...</Path></Parallel><Summary>...</Summary>
 
+A path may open a block of its own when nesting is allowed (`max_depth` > 1, docs/design.md "Nested
+blocks"): `<Path>try 3<Parallel><Path>3+1</Path><Path>3+2</Path></Parallel><Summary>..</Summary></Path>`.
+
 In the planned format (`plans=True`, docs/design.md "Planned blocks") a block opens with a plan, one line
 per path, and path j starts with plan line j::
 
@@ -92,7 +95,7 @@ def add_parallel_tokens(tokenizer, model=None) -> TagIds:
 ERROR_KINDS = (
     "stray_close",  # a closing tag with nothing open to close: </Path> in main text, </Summary> with no <Summary>
     "path_outside_block",  # <Path> in main text or inside a summary
-    "nested_block",  # <Parallel> while a block or a summary is open (blocks do not nest)
+    "nested_block",  # <Parallel> where no block may open: in a summary, between paths, or in a path at max_depth
     "summary_out_of_place",  # <Summary> anywhere but right after </Parallel>
     "unclosed_path",  # a <Path> ended by the next <Path>, by </Parallel> or by the end of text (offset: its <Path>)
     "unclosed_block",  # a <Parallel> with no </Parallel> before the end of text (offset: its <Parallel>)
@@ -133,6 +136,7 @@ class PathSpan:
     content: Span  # between the tags
     closed: bool  # ended by its own </Path>
     token_span: Span | None = None  # token indices, filled by parse_ids
+    blocks: list[Block] = field(default_factory=list)  # the blocks this path opens (nesting), in order
 
 
 @dataclass
@@ -145,12 +149,13 @@ class Block:
     summary_closed: bool = False  # its </Summary> was found
     plan: Span | None = None  # text between <Parallel> and its first <Path> (or </Parallel>), if not only space
     plan_lines: list[Span] = field(default_factory=list)  # the plan's lines that are not blank, stripped
+    depth: int = 1  # 1 for a block in main text, d + 1 for a block inside a path of a depth-d block
 
 
 @dataclass
 class ParsedResponse:
     text: str
-    blocks: list[Block]
+    blocks: list[Block]  # the blocks of the main text; nested ones are in their paths' `blocks`
     main_segments: list[Span]  # the text outside every block, in order
     errors: list[FormatError]
 
@@ -159,12 +164,31 @@ class ParsedResponse:
         return not self.errors
 
     @property
+    def all_blocks(self) -> list[Block]:
+        """Every block, nested ones included, in the order their <Parallel> appears."""
+        found: list[Block] = []
+
+        def walk(blocks: list[Block]) -> None:
+            for block in blocks:
+                found.append(block)
+                for path in block.paths:
+                    walk(path.blocks)
+
+        walk(self.blocks)
+        return found
+
+    @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return len(self.all_blocks)
 
     @property
     def paths_per_block(self) -> list[int]:
-        return [len(b.paths) for b in self.blocks]
+        return [len(b.paths) for b in self.all_blocks]
+
+    @property
+    def depth(self) -> int:
+        """The deepest nesting of the response: 0 without blocks, 1 when no block nests."""
+        return max((b.depth for b in self.all_blocks), default=0)
 
     @property
     def has_parallel(self) -> bool:
@@ -247,11 +271,20 @@ class _Scanner:
     reports every error at the offset where it happens. A misplaced tag is reported and then treated
     as plain text of the region it sits in, so one mistake does not hide the rest of the structure."""
 
-    def __init__(self, text: str, n_tokens: int | None, lenient: bool, plans: bool = False):
+    # The fields that belong to the innermost open block; opening a nested block pushes them on `outer`.
+    _FRAME = ("state", "block", "block_tag", "path_tag", "summary_tag", "num_paths", "path_offsets", "gap",
+              "close_end", "inner")  # fmt: skip
+
+    def __init__(self, text: str, n_tokens: int | None, lenient: bool, plans: bool = False, max_depth: int = 1):
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be at least 1, got {max_depth}")
         self.text = text
         self.n_tokens = n_tokens
         self.lenient = lenient
         self.plans = plans
+        self.max_depth = max_depth
+        self.outer: list[dict] = []  # the frames of the blocks that enclose the open one
+        self.inner: list[Block] = []  # blocks the open path has opened and ended so far
         self.state = _MAIN
         self.blocks: list[Block] = []
         self.errors: list[FormatError] = []
@@ -291,7 +324,14 @@ class _Scanner:
 
     def _misplaced(self, tag: _Tag, where: str) -> None:
         if tag.name == PARALLEL_OPEN:
-            self._error("nested_block", tag.start, f"{tag.name} {where}: blocks do not nest")
+            rule = "blocks do not nest"
+            if self.max_depth > 1:
+                rule = (
+                    f"blocks nest at most {self.max_depth} deep"
+                    if where == "inside a path"
+                    else ("a block opens only in main text or inside a path")
+                )
+            self._error("nested_block", tag.start, f"{tag.name} {where}: {rule}")
         elif tag.name == PATH_OPEN:
             self._error("path_outside_block", tag.start, f"{tag.name} {where}: a path must sit inside a block")
         elif tag.name == SUMMARY_OPEN:
@@ -304,9 +344,18 @@ class _Scanner:
         if tag.name != PARALLEL_OPEN:
             self._misplaced(tag, "in main text")
             return
-        self.block = Block(Span(tag.start, tag.end), [], None, False)
+        self._open_block(tag)
+
+    def _open_block(self, tag: _Tag) -> None:
+        self.block = Block(Span(tag.start, tag.end), [], None, False, depth=len(self.outer) + 1)
         self.block_tag, self.num_paths, self.gap, self.path_offsets = tag, 0, None, []
         self.state = _BLOCK
+
+    def _nest(self, tag: _Tag) -> None:
+        """A <Parallel> inside the open path: the path's block waits on `outer` until the new block ends."""
+        self.outer.append({name: getattr(self, name) for name in self._FRAME})
+        self.inner, self.summary_tag = [], None
+        self._open_block(tag)
 
     def _in_block(self, tag: _Tag) -> None:
         if tag.name == PATH_OPEN:
@@ -328,6 +377,8 @@ class _Scanner:
         elif tag.name == PARALLEL_CLOSE:
             self._end_path(tag.start, tag.index, tag.start, closed=False)
             self._close_block(tag)
+        elif tag.name == PARALLEL_OPEN and len(self.outer) + 1 < self.max_depth:
+            self._nest(tag)
         else:
             self._misplaced(tag, "inside a path")
 
@@ -343,7 +394,7 @@ class _Scanner:
             self.state = _SUMMARY
             return
         self._missing_summary(tag.start if self.gap is None else self.gap)
-        self._in_main(tag)
+        self.handlers[self.state](tag)
 
     def _in_summary(self, tag: _Tag) -> None:
         if tag.name != SUMMARY_CLOSE:
@@ -357,6 +408,12 @@ class _Scanner:
         self._end_block(tag.end, _after(tag))
 
     def _finish(self) -> None:
+        """End what the text leaves open, the innermost block first (each `_end_block` of a nested one goes back
+        to the path that opened it)."""
+        while self.state != _MAIN:
+            self._finish_block()
+
+    def _finish_block(self) -> None:
         end, end_tok = len(self.text), self.n_tokens
         if self.state == _PATH:
             self._end_path(end, end_tok, end, closed=False)
@@ -432,9 +489,9 @@ class _Scanner:
                 message = f"path {self.num_paths} does not start with its plan line {wanted!r}"
                 self._error("path_off_plan", tag.start, message)
         if closed or self.lenient:
-            path = PathSpan(Span(tag.start, end), Span(tag.end, content_end), closed, self._tokens(tag, end_tok))
-            block.paths.append(path)
-        self.path_tag = None
+            span, content = Span(tag.start, end), Span(tag.end, content_end)
+            block.paths.append(PathSpan(span, content, closed, self._tokens(tag, end_tok), self.inner))
+        self.path_tag, self.inner = None, []
 
     def _close_block(self, tag: _Tag) -> None:
         assert self.block is not None and self.block_tag is not None
@@ -463,6 +520,12 @@ class _Scanner:
         assert block is not None and self.block_tag is not None
         block.span.end = end
         block.token_span = self._tokens(self.block_tag, end_tok)
+        if self.outer:
+            for name, value in self.outer.pop().items():
+                setattr(self, name, value)
+            if block.closed or self.lenient:
+                self.inner.append(block)
+            return
         if block.closed or self.lenient:
             self.blocks.append(block)
         self.block, self.block_tag, self.summary_tag = None, None, None
@@ -488,7 +551,7 @@ def _after(tag: _Tag) -> int | None:
     return None if tag.index is None else tag.index + 1
 
 
-def parse(text: str, lenient: bool = False, plans: bool = False) -> ParsedResponse:
+def parse(text: str, lenient: bool = False, plans: bool = False, max_depth: int = 1) -> ParsedResponse:
     """Find the blocks of `text` and every format error, each with its character offset.
 
     Strict (the default) keeps only blocks whose `</Parallel>` was found and, in them, only paths
@@ -500,16 +563,19 @@ def parse(text: str, lenient: bool = False, plans: bool = False) -> ParsedRespon
     `plans`: the planned format (docs/design.md, "Planned blocks"): a block opens with a plan, one line per
     path, path j starts with plan line j, and one path is enough. Either way a block's plan text (what comes
     between `<Parallel>` and its first `<Path>`) is kept in `Block.plan`; unplanned, it is an error.
+
+    `max_depth`: how deep blocks may nest (1: a `<Parallel>` inside a path is a `nested_block` error); a path's
+    own blocks are in its `PathSpan.blocks`, with `Block.depth` counting from 1.
     """
-    return _Scanner(text, None, lenient, plans).run(
+    return _Scanner(text, None, lenient, plans, max_depth).run(
         [_Tag(m.group(), m.start(), m.end()) for m in _TAG_RE.finditer(text)]
     )
 
 
-def validate(text: str, plans: bool = False) -> list[FormatError]:
+def validate(text: str, plans: bool = False, max_depth: int = 1) -> list[FormatError]:
     """The strict format check (docs/design.md, "The format"); an empty list means the response is well formed.
-    `plans`: the planned format's check (`parse`)."""
-    return parse(text, plans=plans).errors
+    `plans`, `max_depth`: as in `parse`."""
+    return parse(text, plans=plans, max_depth=max_depth).errors
 
 
 def render(parsed: ParsedResponse) -> str:
@@ -549,7 +615,9 @@ def canonicalize(text: str) -> str:
     return _JOIN_SPACE_RE.sub("", text)
 
 
-def parse_ids(ids, tokenizer, lenient: bool = True, tags: TagIds | None = None, plans: bool = False) -> ParsedResponse:
+def parse_ids(
+    ids, tokenizer, lenient: bool = True, tags: TagIds | None = None, plans: bool = False, max_depth: int = 1
+) -> ParsedResponse:
     """Parse token ids: tags are found by their token ids, never by re-tokenizing decoded text. `tags`
     (`TagIds.from_tokenizer(tokenizer)`) spares encoding the six tags again for every response.
 
@@ -574,4 +642,4 @@ def parse_ids(ids, tokenizer, lenient: bool = True, tags: TagIds | None = None, 
             pieces.append(name)
             pos += len(name)
         run_start = i + 1
-    return _Scanner("".join(pieces), len(ids), lenient, plans).run(found)
+    return _Scanner("".join(pieces), len(ids), lenient, plans, max_depth).run(found)

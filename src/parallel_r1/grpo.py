@@ -369,7 +369,7 @@ class GRPOTrainer(StageTrainer):
             [x.text for x in rollouts], golds, step, self.schedule,
             correct_value=reward.correct_value, wrong_value=reward.wrong_value,
             parallel_value=reward.parallel_value, timeout_s=reward.verify_timeout_s,
-            format_error_value=reward.format_error_value, plans=params.plans,
+            format_error_value=reward.format_error_value, plans=params.plans, max_depth=params.max_depth,
         )  # fmt: skip
         rewards_B = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         penalty_B = torch.zeros_like(rewards_B)
@@ -385,10 +385,8 @@ class GRPOTrainer(StageTrainer):
         keep_P = informative_groups(rewards_PG) if cfg.filter_zero_variance else torch.ones(len(mine), dtype=torch.bool)
         bans = []
         if self.ban_table is not None:
-            bans = [
-                ban_rows(r.response_ids, self.tags, self.stage.variant, params.max_blocks, params.plans)
-                for r in rollouts
-            ]
+            caps = (params.max_blocks, params.plans, params.max_depth)
+            bans = [ban_rows(r.response_ids, self.tags, self.stage.variant, *caps) for r in rollouts]
         return _Round(prompts, mine, rollouts, scores, adv_PG, self._global_keep(keep_P.tolist()), penalty_B, bans)
 
     def _global_keep(self, keep: list[bool]) -> list[bool]:

@@ -93,12 +93,13 @@ class SlotCache(Cache):
 
 
 class SlotMeta:
-    """Per cache row: how many slots are used, and per slot valid / block id / path id ([rows, capacity])."""
+    """Per cache row: how many slots are used, and per slot whether it is valid ([rows, capacity]) and its
+    block id and path id at each of `depth` nesting levels ([rows, capacity, depth], -1 outside)."""
 
-    def __init__(self, rows: int, capacity: int, device: torch.device):
+    def __init__(self, rows: int, capacity: int, device: torch.device, depth: int = 1):
         self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
-        self.block = torch.full((rows, capacity), -1, dtype=torch.long, device=device)
-        self.path = torch.full((rows, capacity), -1, dtype=torch.long, device=device)
+        self.block = torch.full((rows, capacity, depth), -1, dtype=torch.long, device=device)
+        self.path = torch.full((rows, capacity, depth), -1, dtype=torch.long, device=device)
         self.lengths: list[int] = []
 
     def reset(self, row: int) -> None:
@@ -112,19 +113,22 @@ class SlotMeta:
     def grow(self, capacity: int) -> None:
         for name, fill in (("valid", False), ("block", -1), ("path", -1)):
             old = getattr(self, name)
-            new = torch.full((old.shape[0], capacity), fill, dtype=old.dtype, device=old.device)
+            new = torch.full((old.shape[0], capacity, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
     def write(self, written: torch.Tensor) -> None:
-        """Mark slots used: `written` [4, n] holds per slot its cache row, slot index, block id, path id."""
+        """Mark slots used: `written` [2 + 2 D, n] holds per slot its cache row, slot index, its block ids at the
+        D levels, then its path ids."""
         index = (written[0], written[1])
+        depth = self.block.shape[2]
         self.valid[index] = True
-        self.block[index] = written[2]
-        self.path[index] = written[3]
+        self.block[index] = written[2 : 2 + depth].T
+        self.path[index] = written[2 + depth :].T
 
     def hide(self, row: int, path_ids: list[int]) -> None:
-        self.valid[row] &= ~torch.isin(self.path[row], torch.tensor(path_ids, device=self.path.device))
+        hidden = torch.isin(self.path[row], torch.tensor(path_ids, device=self.path.device)).any(-1)
+        self.valid[row] &= ~hidden
 
     def move_row(self, source: int, target: int) -> None:
         for tensor in (self.valid, self.block, self.path):

@@ -102,16 +102,22 @@ def pack(layout: Layout, text_width: int, prompt_len_B: list[int], groups: list[
             to_packed[b, cols[prompt_len:]] = place(b, cols[prompt_len:], g, j + 1)
 
     rows_S, cols_S = torch.cat(src_rows), torch.cat(src_cols)
-    horizon = layout.horizon[rows_S, cols_S]
-    horizon = torch.where(horizon >= 0, to_packed[rows_S, horizon.clamp(min=0)], -1)
+
+    def level(seg: torch.Tensor, horizon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        horizon = horizon[rows_S, cols_S]
+        horizon = torch.where(horizon >= 0, to_packed[rows_S, horizon.clamp(min=0)], -1)
+        return seg[rows_S, cols_S][None], horizon[None]
+
+    levels = [level(seg, horizon) for seg, horizon in layout.levels()]
     packed = Layout(
         input_ids=layout.input_ids[rows_S, cols_S][None],
         real=torch.ones(1, width, dtype=torch.bool, device=device),
         positions=layout.positions[rows_S, cols_S][None],
-        seg=layout.seg[rows_S, cols_S][None],
-        horizon=horizon[None],
+        seg=levels[0][0],
+        horizon=levels[0][1],
         group=torch.cat(group_ids)[None],
         doc=torch.cat(doc_ids)[None],
+        inner=tuple(levels[1:]),
     )
 
     # The response tokens of the text, each scored in its column of the layout (a threads copy's, via

@@ -62,17 +62,19 @@ def score_response(
     timeout_s: float = 5.0,
     format_error_value: float | None = -1.0,
     plans: bool = False,
+    max_depth: int = 1,
 ) -> RewardBreakdown:
     """Score one response against the ground truth `gold`.
 
     `parallel_value` is the total for a correct, well-formed parallel response; the bonus is its excess
     over `correct_value`. While `parallel_active`, a response failing the strict format check scores at
     most `format_error_value` (None: no penalty, the bonus is only withheld). The format check runs
-    whether or not the parallel reward is active, for logging; `plans`: the planned format's check.
+    whether or not the parallel reward is active, for logging; `plans`: the planned format's check;
+    `max_depth`: how deep blocks may nest (`format.parse`).
     """
     answer = extract_answer(response)
     correct = answer is not None and verify(answer, gold, timeout_s)
-    parsed = parse(response, plans=plans)
+    parsed = parse(response, plans=plans, max_depth=max_depth)
     accuracy = accuracy_reward(correct, correct_value, wrong_value)
     bonus = 0.0
     if parallel_active:
@@ -99,10 +101,12 @@ def score_batch(
     step: int,
     schedule: RewardSchedule,
     plans: bool = False,
+    max_depth: int = 1,
     **values: float | None,
 ) -> list[RewardBreakdown]:
-    """Score responses[i] against golds[i] at training step `step`; `plans` and `values` go to `score_response`."""
+    """Score responses[i] against golds[i] at training step `step`; `plans`, `max_depth` and `values` go to
+    `score_response`."""
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
     active = schedule.parallel_active(step)
-    return [score_response(r, g, active, plans=plans, **values) for r, g in zip(responses, golds)]
+    return [score_response(r, g, active, plans=plans, max_depth=max_depth, **values) for r, g in zip(responses, golds)]

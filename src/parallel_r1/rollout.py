@@ -45,11 +45,11 @@ class Rollout:
 def make_rollout(
     tokenizer, prompt_index: int, sample_index: int, prompt_ids: list[int], response_ids: list[int],
     sampled_mask: list[bool], logprobs: list[float], finish_reason: str | None, ends_with_eos: bool,
-    tags: TagIds | None = None, plans: bool = False,
+    tags: TagIds | None = None, plans: bool = False, max_depth: int = 1,
 ) -> Rollout:  # fmt: skip
     """The `Rollout` of a finished sample (both backends): its text leaves a final EOS out, its structure
     comes from the token ids (a tag is a tag by id, not by its spelling), checked in the planned format when
-    the sample was drawn with `plans`."""
+    the sample was drawn with `plans`, and with blocks nesting to the `max_depth` it was drawn with."""
     text_ids = response_ids[:-1] if ends_with_eos else response_ids
     return Rollout(
         prompt_index=prompt_index,
@@ -60,7 +60,7 @@ def make_rollout(
         sampled_mask=sampled_mask,
         logprobs=logprobs,
         finish_reason=finish_reason or "length",
-        structure=parse_ids(response_ids, tokenizer, tags=tags, plans=plans),
+        structure=parse_ids(response_ids, tokenizer, tags=tags, plans=plans, max_depth=max_depth),
     )
 
 

@@ -75,6 +75,11 @@ class SamplingSettings:
     max_paths: int = _knob(
         4, "plans: the most paths of a block; the plan is closed by an inserted <Path> at that many lines"
     )
+    max_depth: int = _knob(
+        1,
+        "how deep blocks nest: a path may open a block of its own while it sits in fewer than max_depth blocks, "
+        "and <Parallel> is banned in a path at the cap (1: blocks do not nest); seen and unseen, without plans",
+    )
 
     def __post_init__(self) -> None:
         require(self.temperature >= 0, "temperature must be >= 0")
@@ -85,6 +90,8 @@ class SamplingSettings:
         require(self.max_blocks >= 0, "max_blocks must be >= 0")
         require(self.num_paths >= 2, "num_paths must be >= 2 (a block holds at least two paths)")
         require(self.max_paths >= 1, "max_paths must be >= 1")
+        require(self.max_depth >= 1, "max_depth must be >= 1 (1: blocks do not nest)")
+        require(self.max_depth == 1 or not self.plans, "nested blocks (max_depth > 1) do not take plans yet")
 
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
@@ -106,6 +113,10 @@ class SamplingParams(SamplingSettings):
         super().__post_init__()
         require(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         require(not self.open_block or self.max_blocks >= 1, "open_block needs max_blocks >= 1")
+        require(
+            self.max_depth == 1 or self.variant != "threads",
+            "the threads variant does not nest blocks (its re-prefill at join is one level deep): max_depth must be 1",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -165,6 +165,8 @@ class VLLMEngine:
     def generate(self, prompts, n: int = 1, params: SamplingParams | None = None) -> list[Rollout]:
         """len(prompts) * n rollouts, grouped by prompt (prompt 0's n samples first)."""
         params = params or SamplingParams()
+        if params.max_depth > 1:
+            raise ValueError("the vllm backend does not nest blocks yet: use max_depth 1 or the hf backend")
         encoded = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
         samples = [_Sample(i, j, ids) for i, ids in enumerate(encoded) for j in range(n)]
         if params.open_block:
