@@ -147,3 +147,13 @@ def test_analyze_cli(tmp_path):
     assert main(["analyze", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "a")]) == 0
     groups = json.loads((tmp_path / "a" / "summary.json").read_text())["groups"]
     assert [g["exploration_share"] for g in groups] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_nested_blocks_are_analysed_with_their_depth():
+    inner = "<Parallel><Path>5+1=6</Path><Path>5+2=7</Path></Parallel><Summary>7</Summary>"
+    text = f"<Parallel><Path>try 5 {inner}</Path><Path>4+3=7</Path></Parallel><Summary>7</Summary>Final Answer: 7"
+    outer, nested = analyze_response(text, max_depth=2)
+    assert (outer.depth, nested.depth) == (1, 2) and outer.num_paths == nested.num_paths == 2
+    records = [{"response": text, "correct": True, "depth": 2}, {"response": "Final Answer: 7", "depth": 0}]
+    [group] = analyze_records(records)
+    assert group.num_blocks == 2 and group.depth_share == {0: 0.5, 2: 0.5}

@@ -87,3 +87,17 @@ def test_plans_flag_checks_the_planned_format(tmp_path, capsys):
     assert _json_lines(capsys.readouterr().out)[0]["valid"] is True
     assert main(["check", str(path), "--json"]) == 1
     assert not _json_lines(capsys.readouterr().out)[0]["valid"]
+
+
+def test_max_depth_flag_accepts_nested_blocks_and_names_the_offset_past_it(tmp_path, capsys):
+    inner = "<Parallel><Path>x</Path><Path>y</Path></Parallel><Summary>s</Summary>"
+    nested = f"<Parallel><Path>a{inner}</Path><Path>b</Path></Parallel><Summary>t</Summary>Final Answer: 1"
+    path = _write(tmp_path, [{"response": nested}])
+    assert main(["check", str(path), "--json", "--max-depth", "2"]) == 0
+    assert _json_lines(capsys.readouterr().out) == [
+        {"line": 1, "valid": True, "blocks": 2, "paths": [2, 2], "errors": []}
+    ]
+    assert main(["check", str(path)]) == 1
+    assert f"nested_block at offset {nested.index(inner)}" in capsys.readouterr().out
+    assert main(["check", str(path), "--max-depth", "0"]) == 2
+    assert "--max-depth must be at least 1" in capsys.readouterr().err

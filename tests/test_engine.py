@@ -8,6 +8,7 @@ from parallel_r1.attention import build_attention, build_positions, response_log
 from parallel_r1.bans import BAN_MAIN, BAN_NONE, BAN_PATH, Behaviour, ban_rows, ban_table
 from parallel_r1.engine import ParallelEngine, SamplingParams, output_layer, step_mask
 from parallel_r1.format import TagIds
+from parallel_r1.rollout import unseen_positions
 from parallel_r1.sampler import sample_tokens
 
 PROMPTS = ["Question: Tom has 3 apples and buys 4 more.", "Amy reads 12 pages", "The answer is"]
@@ -59,6 +60,9 @@ def test_unseen_logprobs_match_structured_forward(block_model, tiny_tokenizer, t
         sampled = torch.tensor(r.sampled_mask)
         expected = scored(block_model, tags, r, "unseen")
         assert torch.allclose(torch.tensor(r.logprobs)[sampled], expected[sampled], atol=1e-4)
+        # The record's critical path is the last position the Unseen layout gives the response, plus one.
+        positions = build_positions(torch.tensor([r.prompt_ids + r.response_ids]), None, tags)[0]
+        assert unseen_positions(r) == positions[len(r.prompt_ids) :].max().item() + 1 - len(r.prompt_ids)
         assert all(lp == 0.0 for lp, s in zip(r.logprobs, r.sampled_mask) if not s)
 
 
@@ -599,6 +603,9 @@ def test_nested_unseen_blocks_are_sampled_as_they_are_trained(block_model, tiny_
         sampled = torch.tensor(r.sampled_mask)
         expected = scored(block_model, tags, r, "unseen")
         assert torch.allclose(torch.tensor(r.logprobs)[sampled], expected[sampled], atol=1e-4)
+        # The record's critical path is the last position the Unseen layout gives the response, plus one.
+        positions = build_positions(torch.tensor([r.prompt_ids + r.response_ids]), None, tags)[0]
+        assert unseen_positions(r) == positions[len(r.prompt_ids) :].max().item() + 1 - len(r.prompt_ids)
 
 
 def test_nested_blocks_replay_their_bans_exactly_in_float64(block_model, tiny_model, tiny_tokenizer, tags):

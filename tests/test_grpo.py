@@ -633,3 +633,31 @@ def test_two_steps_with_packed_and_grouped_rows_give_the_padded_rows_weights(tmp
     for rows in ("grouped", "packed"):
         assert (weights[rows] - weights["padded"]).abs().max() < 2e-5, rows
         assert losses[rows] == pytest.approx(losses["padded"], rel=1e-5, abs=1e-7), rows
+
+
+def test_a_grpo_step_on_nested_unseen_blocks_trains_what_it_sampled(tmp_path, monkeypatch):
+    """Rollouts with blocks nested two deep (a model biased towards <Parallel>): the trainer's log-probs of the
+    sampled tokens, behaviour bans replayed, equal the engine's (mismatch under the stated 1e-4) over the
+    update's tokens, and the step's metrics report paths per block and depth."""
+    from test_engine import with_bias
+
+    from parallel_r1 import trainer as trainer_module
+    from parallel_r1.config import parse_recipe
+
+    loader = trainer_module.load_model_and_tokenizer
+
+    def biased(*args, **kwargs):
+        model, tokenizer = loader(*args, **kwargs)
+        tags = TagIds.from_tokenizer(tokenizer)
+        bias = {tags.parallel_open: 4.0, tags.path_close: 2.0, tags.summary_close: 3.0}
+        return with_bias(model, bias), tokenizer
+
+    monkeypatch.setattr(trainer_module, "load_model_and_tokenizer", biased)
+    text = GRPO_STAGE.replace("max_path_tokens: 6,", "max_path_tokens: 12, max_depth: 2, max_blocks: 6,")
+    stage = parse_recipe(text.replace("max_response_tokens: 24", "max_response_tokens: 64")).stages[0]
+    trainer = GRPOTrainer(stage, tmp_path, init_model="tiny", seed=0)
+    rollouts = _capturing(trainer)
+    metrics, _ = trainer.train_step(0, [0, 1])
+    assert max(r.structure.depth for r in rollouts) == 2
+    assert metrics["mismatch_max"] < 1e-4 and metrics["trained_tokens"] > 100
+    assert 1.0 < metrics["block_depth"] <= 2.0 and metrics["paths_per_block"] == 2.0

@@ -220,3 +220,13 @@ def test_records_in_older_names_are_shown_the_same(tmp_path):
         (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
         page = write_viewer([tmp_path / "r.jsonl"], tmp_path / "page.html").read_text()
         assert "pred <b>8</b>" in page and "gold <b>7</b>" in page
+
+
+def test_a_nested_block_is_drawn_inside_its_path():
+    inner = "<Parallel><Path>5+1</Path><Path>5+2</Path></Parallel><Summary>7 works</Summary>"
+    text = f"go<Parallel><Path>try 5{inner} so 5</Path><Path>try 4</Path></Parallel><Summary>5</Summary>done"
+    html = render_response(text, max_depth=2)
+    assert html.count('<div class="block">') == 2 and "format errors" not in html
+    first_path = html.index('<div class="path">')
+    assert first_path < html.index("5+1") < html.index("so 5") < html.index("try 4")  # inside path 1, in order
+    assert "nested_block" in render_response(text)  # at max_depth 1 it is an error

@@ -104,6 +104,7 @@ class BlockAnalysis:
     path_answers: list[str | None]  # the answer each path reaches, if any
     agree: bool | None  # all path answers equal; None when fewer than two paths reached one
     role: str  # "exploration" | "verification"
+    depth: int = 1  # 1 for a block of the main text, d + 1 inside a path of a depth-d block
 
 
 def path_answer(content: str) -> str | None:
@@ -149,13 +150,14 @@ def first_candidate(text: str, main_spans: Sequence[tuple[int, int]], answer: st
     return None
 
 
-def analyze_response(text: str, question: str | None = None) -> list[BlockAnalysis]:
-    """Analyse each block of `text` (lenient parse, so truncated blocks count too).
+def analyze_response(text: str, question: str | None = None, max_depth: int = 1) -> list[BlockAnalysis]:
+    """Analyse each block of `text` (lenient parse, so truncated blocks count too; blocks nested to `max_depth`
+    count as blocks of their own, after the block that holds them).
 
     When the response restates `question`, the restatement is skipped before looking for a candidate
     answer: numbers from the problem statement are not candidates.
     """
-    parsed = parse(text, lenient=True)
+    parsed = parse(text, lenient=True, max_depth=max_depth)
     if not parsed.blocks:
         return []
     final = extract_answer(text)
@@ -167,7 +169,7 @@ def analyze_response(text: str, question: str | None = None) -> list[BlockAnalys
     main_spans.sort()
     candidate = first_candidate(text, main_spans, final, start)
     out = []
-    for block in parsed.blocks:
+    for block in parsed.all_blocks:
         contents = [text[p.content.start : p.content.end] for p in block.paths]
         answers = [path_answer(c) for c in contents]
         role = "verification" if candidate is not None and candidate < block.span.start else "exploration"
@@ -179,6 +181,7 @@ def analyze_response(text: str, question: str | None = None) -> list[BlockAnalys
                 path_answers=answers,
                 agree=answers_agree(answers),
                 role=role,
+                depth=block.depth,
             )
         )
     return out
@@ -205,6 +208,7 @@ class GroupSummary:
     path_agreement: float | None  # share of blocks (with >= 2 path answers) whose paths agree
     paths_per_block: dict[int, float] = field(default_factory=dict)  # share of blocks with k paths, per k
     mean_paths: float | None = None  # paths per block
+    depth_share: dict[int, float] = field(default_factory=dict)  # share of responses whose deepest block is at d
 
 
 def group_key(record: dict) -> tuple[int, int | str]:
@@ -224,6 +228,7 @@ def summarize_group(label: str, records: Sequence[dict], blocks: Sequence[Sequen
     judged = [b.agree for b in flat if b.agree is not None]
     paths = [c for b in flat for c in b.path_chars]
     scored = [bool(r["correct"]) for r in records if "correct" in r]
+    depths = Counter(max((b.depth for b in bs), default=0) for bs in blocks)
     return GroupSummary(
         group=label,
         num_responses=len(records),
@@ -239,6 +244,7 @@ def summarize_group(label: str, records: Sequence[dict], blocks: Sequence[Sequen
         path_agreement=sum(judged) / len(judged) if judged else None,
         paths_per_block={k: n / len(flat) for k, n in sorted(Counter(b.num_paths for b in flat).items())},
         mean_paths=sum(b.num_paths for b in flat) / len(flat) if flat else None,
+        depth_share={d: c / n for d, c in sorted(depths.items())},
     )
 
 
@@ -251,7 +257,7 @@ def analyze_records(records: Sequence[dict]) -> list[GroupSummary]:
     out = []
     for key in keys:
         members = groups[key]
-        blocks = [analyze_response(r["response"], r.get("question")) for r in members]
+        blocks = [analyze_response(r["response"], r.get("question"), max(1, r.get("depth") or 1)) for r in members]
         out.append(summarize_group(str(key[1]), members, blocks))
     return out
 

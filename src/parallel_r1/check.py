@@ -16,26 +16,26 @@ class InputError(_BaseInputError):
     """A response file that cannot be read; the message names the file and, where known, the line."""
 
 
-def check_file(path: str | Path, field: str = "response", plans: bool = False) -> list[dict]:
+def check_file(path: str | Path, field: str = "response", plans: bool = False, max_depth: int = 1) -> list[dict]:
     """Strictly validate the `field` of every record of a JSONL file (blank lines are skipped).
 
     Returns one dict per record: {"line", "valid", "blocks", "paths", "errors"}, where blocks and
     paths count what is there (lenient parse) and errors are those of the strict check. Raises
     InputError for a missing or unreadable file, a line that is not a JSON object, or a missing field.
-    `plans`: the planned format's check (`format.parse`).
+    `plans`: the planned format's check; `max_depth`: how deep blocks may nest (`format.parse`).
     """
     results = []
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    results.append(_check_line(path, n, line, field, plans))
+                    results.append(_check_line(path, n, line, field, plans, max_depth))
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read: {e}") from e
     return results
 
 
-def _check_line(path: str | Path, n: int, line: str, field: str, plans: bool = False) -> dict:
+def _check_line(path: str | Path, n: int, line: str, field: str, plans: bool = False, max_depth: int = 1) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -44,7 +44,7 @@ def _check_line(path: str | Path, n: int, line: str, field: str, plans: bool = F
         raise InputError(f"{path}:{n}: no field {field!r} in this record")
     if not isinstance(record[field], str):
         raise InputError(f"{path}:{n}: field {field!r} must be a string, not {type(record[field]).__name__}")
-    parsed = parse(record[field], lenient=True, plans=plans)
+    parsed = parse(record[field], lenient=True, plans=plans, max_depth=max_depth)
     return {
         "line": n,
         "valid": parsed.well_formed,

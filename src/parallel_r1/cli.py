@@ -114,11 +114,16 @@ def _add_check_parser(sub) -> None:
     check.add_argument("--field", default="response", help="record field holding the response (default: response)")
     check.add_argument("--json", action="store_true", help="print one JSON object per record")
     check.add_argument("--plans", action="store_true", help="check the planned format (a plan opens every block)")
+    check.add_argument(
+        "--max-depth", type=int, default=1, help="how deep blocks may nest (default 1: a block in a path is an error)"
+    )
     check.set_defaults(func=_cmd_check)
 
 
 def _cmd_check(args) -> int:
-    results = response_format.check_file(args.file, args.field, plans=args.plans)
+    if args.max_depth < 1:
+        raise InputError(f"--max-depth must be at least 1, got {args.max_depth}")
+    results = response_format.check_file(args.file, args.field, plans=args.plans, max_depth=args.max_depth)
     if args.json:
         for result in results:
             print(json.dumps(result))

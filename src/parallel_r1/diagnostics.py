@@ -34,11 +34,12 @@ def tried_candidates(text: str) -> list[int]:
     return [int(m.group(1)) for m in _TRY_RE.finditer(text)]
 
 
-def block_facts(text: str) -> list[dict]:
-    """Per block of a response: the candidates of its paths, the candidates a path found to work, and what
-    its summary names (a candidate, "none", or None when it names nothing or is missing)."""
+def block_facts(text: str, max_depth: int = 1) -> list[dict]:
+    """Per block of a response (nested ones too, to `max_depth`): the candidates of its paths, the candidates
+    a path found to work, and what its summary names (a candidate, "none", or None when it names nothing or
+    is missing)."""
     out = []
-    for block in parse(text).blocks:
+    for block in parse(text, max_depth=max_depth).all_blocks:
         tried, works = [], []
         for path in block.paths:
             content = text[path.content.start : path.content.end]
@@ -78,7 +79,7 @@ def block_diagnostics(records: Iterable[dict]) -> dict:
         covered += gold in tries
         group = f"{r.get('step', '')}/{r.get('problem_index', r.get('problem_id', ''))}"
         firsts.setdefault(group, []).append(tries[0] if tries else None)
-        for facts in block_facts(text):
+        for facts in block_facts(text, max(1, r.get("depth") or 1)):
             blocks += 1
             widths[len(facts["tried"])] += 1
             known = [c for c in facts["tried"] if c is not None]

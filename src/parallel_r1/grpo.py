@@ -498,6 +498,8 @@ class GRPOTrainer(StageTrainer):
         gap_sum, gap_over, gap_tokens = acc.reduce(gap, "sum").tolist()
         gap_max = acc.gather(torch.tensor([sums.get("gap_max", 0.0)], device=acc.device)).max().item()
         paths = [n for rec in records for n in rec["path_tokens"]]
+        widths = [k for rec in records for k in rec["paths_per_block"]]
+        depths = [rec["depth"] for rec in records if rec["num_blocks"]]
 
         def mean(key: str) -> float:
             return sum(float(rec[key]) for rec in records) / len(records)
@@ -510,6 +512,8 @@ class GRPOTrainer(StageTrainer):
             "parallel_ratio": sum(rec["num_blocks"] > 0 for rec in records) / len(records),
             "well_formed": mean("well_formed"),
             "blocks_per_response": mean("num_blocks"),
+            "paths_per_block": sum(widths) / len(widths) if widths else 0.0,
+            "block_depth": sum(depths) / len(depths) if depths else 0.0,
             "response_length": mean("response_tokens"),
             "path_length": sum(paths) / len(paths) if paths else 0.0,
             "truncated": sum(rec["finish_reason"] == "length" for rec in records) / len(records),

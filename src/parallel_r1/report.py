@@ -279,11 +279,13 @@ def _grpo_series(run: RecipeRun, key: str) -> tuple[list[int], list[float], list
 def plot_training(runs: list[RecipeRun]) -> bytes:
     """Reward, training accuracy and parallel ratio over the RL steps of every recipe, and the SFT loss."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
     panels = [
         ("reward", "reward (GRPO)", axes[0][0]),
         ("accuracy", "training accuracy (sampled responses)", axes[0][1]),
         ("parallel_ratio", "parallel ratio (responses with a block)", axes[1][0]),
+        ("paths_per_block", "paths per block (rollouts)", axes[2][0]),
+        ("block_depth", "depth of the deepest block (rollouts with a block)", axes[2][1]),
     ]
     for key, title, ax in panels:
         for i, run in enumerate(runs):

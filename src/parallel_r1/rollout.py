@@ -65,13 +65,29 @@ def make_rollout(
 
 
 def path_lengths(rollout: Rollout) -> list[int]:
-    """Token lengths of every path of a rollout, its <Path> and </Path> included."""
+    """Token lengths of every path of a rollout (nested blocks' too, in the order the blocks open), its <Path>
+    and </Path> included."""
     return [
         p.token_span.end - p.token_span.start
-        for b in rollout.structure.blocks
+        for b in rollout.structure.all_blocks
         for p in b.paths
         if p.token_span is not None
     ]
+
+
+def unseen_positions(rollout: Rollout) -> int:
+    """Positions the response occupies under Unseen decoding (its critical path): its tokens, less, in every
+    block, the tokens of its paths beyond the positions of its longest one, a path's positions being its
+    tokens less what its own nested blocks save."""
+
+    def saved(blocks) -> int:
+        total = 0
+        for block in blocks:
+            spans = [(p.token_span.end - p.token_span.start, p) for p in block.paths if p.token_span is not None]
+            total += sum(n for n, _ in spans) - max((n - saved(p.blocks) for n, p in spans), default=0)
+        return total
+
+    return len(rollout.response_ids) - saved(rollout.structure.blocks)
 
 
 class RolloutRecord(TypedDict, total=False):
@@ -99,10 +115,12 @@ class RolloutRecord(TypedDict, total=False):
     advantage: float  # GRPO
     # Structure and length.
     well_formed: bool  # the strict format check found no error
-    num_blocks: int
-    paths_per_block: list[int]
+    num_blocks: int  # nested blocks included
+    paths_per_block: list[int]  # per block, nested ones included, in the order they open
+    depth: int  # the deepest block: 0 without blocks, 1 when none nests
     response_tokens: int
     path_tokens: list[int]  # per path, its <Path> and </Path> included
+    unseen_positions: int  # positions under Unseen decoding (`unseen_positions`)
     finish_reason: str  # "stop" | "length"
     # Token level (generate --jsonl).
     prompt_ids: list[int]
@@ -139,8 +157,10 @@ def rollout_record(
         well_formed=bool(score.well_formed if score is not None else structure.well_formed),
         num_blocks=score.num_blocks if score is not None else structure.num_blocks,
         paths_per_block=structure.paths_per_block,
+        depth=structure.depth,
         response_tokens=len(rollout.response_ids),
         path_tokens=path_lengths(rollout),
+        unseen_positions=unseen_positions(rollout),
         finish_reason=rollout.finish_reason,
     )
     if token_ids:

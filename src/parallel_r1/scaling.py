@@ -28,10 +28,13 @@ MAX_SUBSETS = 200  # per problem and m; beyond it, seeded random subsets stand i
 
 def response_positions(record: dict, variant: str) -> int:
     """Positions a response occupies: its tokens, less, under Unseen decoding, every path of each block but
-    the longest."""
+    the longest (the record's `unseen_positions`, which also counts nested blocks; records written before it
+    existed have no nesting and are counted from their path lengths)."""
     tokens = int(record["response_tokens"])
     if variant != "unseen":
         return tokens
+    if record.get("unseen_positions") is not None:
+        return int(record["unseen_positions"])
     paths, sizes = list(record.get("path_tokens") or []), list(record.get("paths_per_block") or [])
     if sum(sizes) != len(paths):
         raise ValueError(f"record has {len(paths)} path lengths for blocks of {sizes} paths")

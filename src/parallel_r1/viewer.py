@@ -114,25 +114,36 @@ def _main_text(piece: str) -> str:
     return f'<div class="text main">{_text(piece)}</div>' if piece else ""
 
 
-def render_response(text: str) -> str:
+def render_response(text: str, max_depth: int = 1) -> str:
     """The response as HTML: main text, and each block as its plan (if it has one) over a grid with one
-    column per path. A response with a plan in any block is checked in the planned format."""
-    parsed = parse(text, lenient=True)
+    column per path, a path's own blocks (nesting to `max_depth`) drawn inside its column. A response with
+    a plan in any block is checked in the planned format."""
+    parsed = parse(text, lenient=True, max_depth=max_depth)
     if any(b.plan is not None for b in parsed.blocks):
-        parsed = parse(text, lenient=True, plans=True)
-    out, pos = [], 0
-    for block in parsed.blocks:
-        out.append(_main_text(text[pos : block.span.start]))
+        parsed = parse(text, lenient=True, plans=True, max_depth=max_depth)
+    out = [_render_region(text, 0, len(text), parsed.blocks)]
+    if parsed.errors:
+        kinds = ", ".join(sorted({e.kind for e in parsed.errors}))
+        out.append(f'<div class="errors">format errors: {html.escape(kinds)}</div>')
+    return "".join(out)
+
+
+def _render_region(text: str, start: int, end: int, blocks: list, main: bool = True) -> str:
+    """text[start:end] as HTML, `blocks` (the blocks that open in it) drawn as blocks."""
+    piece = _main_text if main else (lambda s: _text(s.strip("\n")))
+    out, pos = [], start
+    for block in blocks:
+        out.append(piece(text[pos : block.span.start]))
         plan = ""
         if block.plan is not None:
             items = "".join(f"<li>{_text(text[s.start : s.end])}</li>" for s in block.plan_lines)
             plan = f'<div class="plan">plan<ol>{items}</ol></div>'
         columns = []
         for i, p in enumerate(block.paths, 1):
-            end = _tag("</Path>") if p.closed else '<span class="cut">(path cut off)</span>'
-            body = _text(text[p.content.start : p.content.end].strip("\n"))
+            closing = _tag("</Path>") if p.closed else '<span class="cut">(path cut off)</span>'
+            body = _render_region(text, p.content.start, p.content.end, p.blocks, main=False)
             columns.append(
-                f'<div class="path">{_tag("<Path>")} <small>{i}</small><div class="text">{body}</div>{end}</div>'
+                f'<div class="path">{_tag("<Path>")} <small>{i}</small><div class="text">{body}</div>{closing}</div>'
             )
         summary = ""
         if block.summary is not None:
@@ -146,10 +157,7 @@ def render_response(text: str) -> str:
             f"{''.join(columns)}</div>{close_block}{summary}</div>"
         )
         pos = block.span.end
-    out.append(_main_text(text[pos:]))
-    if parsed.errors:
-        kinds = ", ".join(sorted({e.kind for e in parsed.errors}))
-        out.append(f'<div class="errors">format errors: {html.escape(kinds)}</div>')
+    out.append(piece(text[pos:end]))
     return "".join(out)
 
 
@@ -188,7 +196,7 @@ def render_card(record: dict) -> str:
         f'<article class="sample" data-correct="{flag}" data-blocks="{int(num_blocks)}" '
         f'data-group="{html.escape(group, quote=True)}">'
         f'<div class="meta">{"".join(f"<span>{m}</span>" for m in meta)}</div>'
-        f"{question_html}{render_response(response)}</article>"
+        f"{question_html}{render_response(response, max(1, record.get('depth') or 1))}</article>"
     )
 
 
