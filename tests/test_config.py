@@ -284,3 +284,22 @@ def test_extends_refuses_cycles_missing_files_and_text_without_a_folder(tmp_path
 def test_a_linked_recipe_extends_relative_to_the_file_it_links_to(tmp_path):
     (tmp_path / "tiny.yaml").symlink_to(DEFAULT_RECIPE)
     assert load_recipe(tmp_path / "tiny.yaml") == default_recipe()
+
+
+@pytest.mark.parametrize(
+    ("variant", "rollout"),
+    [("threads", "{max_depth: 2}"), ("unseen", "{max_depth: 2, backend: vllm}"), ("unseen", "{max_depth: 0}")],
+)
+def test_nesting_is_checked_at_load(variant, rollout):
+    text = f"""
+name: nest
+stages:
+  - name: rl
+    kind: grpo
+    variant: {variant}
+    max_steps: 1
+    grpo:
+      rollout: {rollout}
+"""
+    with pytest.raises(ConfigError, match="max_depth"):
+        parse_recipe(text)

@@ -391,6 +391,11 @@ class StageConfig:
             _require(self.sft is None, "a stage of kind grpo takes no sft section")
             _require(self.max_steps is not None, "a grpo stage needs max_steps")
             self.grpo = self.grpo or GRPOConfig()
+            rollout = self.grpo.rollout
+            _require(
+                rollout.max_depth == 1 or (self.variant != "threads" and rollout.backend == "hf"),
+                "rollout.max_depth > 1 (nested blocks) needs the seen or unseen variant and the hf backend",
+            )
 
 
 @dataclass
