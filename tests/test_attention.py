@@ -515,7 +515,12 @@ def test_random_nested_structures_match_the_reference_rule(left):
     assert nested >= 20  # most batches hold nested blocks
 
 
-def test_threads_refuses_nested_blocks():
+def test_threads_reads_a_nested_row_as_flat_blocks_as_before_nesting():
+    """Threads does not nest (its engine refuses max_depth > 1): a <Parallel> inside an open block starts a
+    new block of the same level, as every variant read it before nesting existed."""
     row = [10, P, PA, 11, P, PA, 12, EPA, PA, 13, EPA, EP, S, 15, ES, EPA, PA, 16, EPA, EP, 17]
-    with pytest.raises(ValueError, match="threads variant does not nest"):
-        build_layout(torch.tensor([row]), None, TAGS, "threads")
+    layout = build_layout(torch.tensor([row]), None, TAGS, "threads")
+    assert layout.inner == () and layout.seg.max().item() > 0
+    # Read flat, the inner <Parallel> starts block 1, whose second path (3 tokens) is the only copy; nested,
+    # the inner block's second path and the outer block's would both be copied.
+    assert layout.input_ids.shape[1] == len(row) + 3

@@ -86,15 +86,18 @@ def tag_spans(is_open: torch.Tensor, is_close: torch.Tensor) -> tuple[torch.Tens
     return last_open, (last_open >= 0) & (last_open > last_close_before)
 
 
-def _levels(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor) -> list[_Structure]:
+def _levels(input_ids: torch.Tensor, tags: TagIds, real: torch.Tensor, nest: bool = True) -> list[_Structure]:
     """The `_Structure` of every nesting level, outermost first (always at least one). A token's level is the
     number of blocks around it, its block's own `<Parallel>` and `</Parallel>` included, so the tags of a
-    level-d block, and its paths' `<Path>`s, are the tags at level d."""
+    level-d block, and its paths' `<Path>`s, are the tags at level d. `nest=False` reads every block at one
+    level, a `<Parallel>` inside an open block starting a new block (how rows were read before nesting)."""
     is_open = (input_ids == tags.parallel_open) & real
     is_close = (input_ids == tags.parallel_close) & real
+    is_path_open = (input_ids == tags.path_open) & real
+    if not nest:
+        return [_structure(is_open, is_close, is_path_open, real)]
     level = is_open.long().cumsum(1) - F.pad(is_close.long().cumsum(1)[:, :-1], (1, 0))
     depth = max(1, int(level.max())) if level.numel() else 1
-    is_path_open = (input_ids == tags.path_open) & real
     return [
         _structure(is_open & (level == d), is_close & (level == d), is_path_open & (level == d), real)
         for d in range(1, depth + 1)
@@ -241,15 +244,13 @@ def build_layout(
     sequential = torch.where(real, real.long().cumsum(1) - 1, 0)
     if variant == "seen":
         return Layout(input_ids, real, sequential, zeros, zeros - 1)
-    levels = _levels(input_ids, tags, real)
+    levels = _levels(input_ids, tags, real, nest=variant == "unseen")
     st = levels[0]
     in_path = st.path_id >= 0
     if variant == "unseen":
         pairs = [(torch.where(s.path_id >= 0, s.path_id + 1, 0), s.first_path - 1) for s in levels]
         positions = _unseen_positions(levels, real)
         return Layout(input_ids, real, positions, *pairs[0], inner=tuple(pairs[1:]))
-    if len(levels) > 1:
-        raise ValueError("the threads variant does not nest blocks (its re-prefill at join is one level deep)")
 
     B, T = input_ids.shape
     first_path = st.first_path.clamp(min=0)
