@@ -661,3 +661,41 @@ def test_a_grpo_step_on_nested_unseen_blocks_trains_what_it_sampled(tmp_path, mo
     assert max(r.structure.depth for r in rollouts) == 2
     assert metrics["mismatch_max"] < 1e-4 and metrics["trained_tokens"] > 100
     assert 1.0 < metrics["block_depth"] <= 2.0 and metrics["paths_per_block"] == 2.0
+
+
+def test_the_speedup_reward_is_the_share_of_tokens_off_the_critical_path(tmp_path, monkeypatch):
+    """With reward.speedup_value, a correct Unseen rollout's record carries speedup_value * (1 - positions /
+    tokens), positions its critical path; Seen rollouts gain nothing."""
+    from test_engine import with_bias
+
+    from parallel_r1 import rewards
+    from parallel_r1 import trainer as trainer_module
+    from parallel_r1.config import parse_recipe
+    from parallel_r1.rollout import unseen_positions
+
+    loader = trainer_module.load_model_and_tokenizer
+
+    def biased(*args, **kwargs):
+        model, tokenizer = loader(*args, **kwargs)
+        tags = TagIds.from_tokenizer(tokenizer)
+        return with_bias(model, {tags.parallel_open: 3.0, tags.path_close: 2.0, tags.summary_close: 3.0}), tokenizer
+
+    monkeypatch.setattr(trainer_module, "load_model_and_tokenizer", biased)
+    # Every other response is correct, whatever it says.
+    answers = iter(range(10**6))
+    monkeypatch.setattr(rewards, "extract_answer", lambda text: str(next(answers) % 2))
+    monkeypatch.setattr(rewards, "verify", lambda answer, gold, timeout_s: answer == "1")
+    text = GRPO_STAGE.replace("max_path_tokens: 6,", "max_path_tokens: 10,").replace(
+        "filter_zero_variance: false", "filter_zero_variance: false\n      reward: {speedup_value: 0.5}"
+    )
+    for variant in ("unseen", "seen"):
+        stage = parse_recipe(text.replace("variant: unseen", f"variant: {variant}")).stages[0]
+        trainer = GRPOTrainer(stage, tmp_path / variant, init_model="tiny", seed=0)
+        rollouts = _capturing(trainer)
+        _, records = trainer.train_step(0, [0, 1])
+        assert len(records) == len(rollouts) and {rec["correct"] for rec in records} == {True, False}
+        for r, rec in zip(rollouts, records):
+            expected = 0.5 * (1 - unseen_positions(r) / len(r.response_ids)) if variant == "unseen" else 0.0
+            assert rec["speedup_bonus"] == pytest.approx(expected if rec["correct"] else 0.0)
+        if variant == "unseen":
+            assert any(rec["speedup_bonus"] > 0 for rec in records)

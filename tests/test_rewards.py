@@ -216,3 +216,16 @@ def test_planned_responses_pass_the_format_gate_only_when_checked_as_planned():
     schedule = RewardSchedule("parallel")
     [score] = score_batch([planned], ["5"], 0, schedule, plans=True, format_error_value=-1.0)
     assert score.well_formed and score.parallel_bonus == pytest.approx(0.2)
+
+
+def test_speedup_bonus_rewards_a_shorter_critical_path_at_equal_correctness():
+    schedule = RewardSchedule("accuracy")
+    out = score_batch([WELL_FORMED, WELL_FORMED, WELL_FORMED], ["7", "7", "8"], 0, schedule,
+                      speedups=[0.5, 0.25, 0.5], speedup_value=0.4)  # fmt: skip
+    assert [b.speedup_bonus for b in out] == pytest.approx([0.2, 0.1, 0.0])  # a wrong answer gains nothing
+    assert [b.reward for b in out] == pytest.approx([1.2, 1.1, -1.0])
+    assert score_batch([WELL_FORMED], ["7"], 0, schedule, speedups=[0.5])[0].reward == 1.0  # off by default
+    gated = score_response(ONE_PATH, "7", parallel_active=True, speedup=0.5, speedup_value=0.4)
+    assert gated.reward == -1.0 and gated.format_penalty == pytest.approx(-1.0 - 1.2)  # the format gate still caps it
+    with pytest.raises(ValueError):
+        score_batch([PLAIN], ["7"], 0, schedule, speedups=[0.1, 0.2])

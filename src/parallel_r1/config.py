@@ -185,11 +185,15 @@ class RewardConfig:
     """While the parallel reward is on, the most a response failing the strict format check can score,
     even with a correct answer (the reference's format gate: -1). Empty (null): no penalty, the bonus is
     only withheld."""
+    speedup_value: float = 0.0
+    """A correct answer also gains speedup_value * (1 - positions / tokens), positions its Unseen critical
+    path (ThreadWeaver's acceleration reward; 0 under Seen and Threads decoding). 0 turns it off."""
 
     def __post_init__(self) -> None:
         _require(self.correct_value > self.wrong_value, "correct_value must be > wrong_value")
         _require(self.parallel_value >= self.correct_value, "parallel_value must be >= correct_value")
         _require(self.verify_timeout_s > 0, "verify_timeout_s must be > 0")
+        _require(self.speedup_value >= 0, "speedup_value must be >= 0 (0 turns it off)")
         _require(
             self.format_error_value is None or self.format_error_value < self.correct_value,
             "format_error_value must be < correct_value (or empty: no format penalty)",

@@ -65,7 +65,7 @@ from parallel_r1.objectives import (
 )
 from parallel_r1.prompts import stage_prompt_format
 from parallel_r1.rewards import score_batch
-from parallel_r1.rollout import Rollout, rollout_record, sampling_params
+from parallel_r1.rollout import Rollout, rollout_record, sampling_params, unseen_positions
 from parallel_r1.trainer import StageTrainer, clip_gradients, full_weights, load_stage_model
 from parallel_r1.vllm_backend import logprobs_mode
 
@@ -365,11 +365,15 @@ class GRPOTrainer(StageTrainer):
         # Score with the schedule's reward at this step.
         golds = [self.problems[mine[r.prompt_index]].answer for r in rollouts]
         reward = cfg.reward
+        speedups = None
+        if reward.speedup_value and self.stage.variant == "unseen":
+            speedups = [1 - unseen_positions(r) / max(1, len(r.response_ids)) for r in rollouts]
         scores = score_batch(
             [x.text for x in rollouts], golds, step, self.schedule,
             correct_value=reward.correct_value, wrong_value=reward.wrong_value,
             parallel_value=reward.parallel_value, timeout_s=reward.verify_timeout_s,
             format_error_value=reward.format_error_value, plans=params.plans, max_depth=params.max_depth,
+            speedups=speedups, speedup_value=reward.speedup_value,
         )  # fmt: skip
         rewards_B = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         penalty_B = torch.zeros_like(rewards_B)
@@ -468,6 +472,7 @@ class GRPOTrainer(StageTrainer):
             context = {"step": step + 1, "problem_index": index, "problem_id": problem.id}
             advantage = round_.adv_PG.flatten()[k].item()
             scored = {"accuracy": s.accuracy, "parallel_bonus": s.parallel_bonus, "advantage": advantage}
+            scored["speedup_bonus"] = s.speedup_bonus
             if self.cfg.overlong_buffer:
                 scored["overlong_penalty"] = round_.penalty_B[k].item()
             records.append(
@@ -508,6 +513,7 @@ class GRPOTrainer(StageTrainer):
             "reward": mean("reward"),
             "reward_accuracy": mean("accuracy"),
             "reward_parallel_bonus": mean("parallel_bonus"),
+            "reward_speedup_bonus": mean("speedup_bonus"),
             "accuracy": mean("correct"),
             "parallel_ratio": sum(rec["num_blocks"] > 0 for rec in records) / len(records),
             "well_formed": mean("well_formed"),

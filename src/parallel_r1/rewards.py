@@ -13,6 +13,12 @@ a response whose structure fails the strict check of `parallel_r1.format` scores
 (at most; a wrong answer keeps its own lower value), even with a correct answer. `format_error_value=None`
 turns the penalty off (an ill-formed response then only loses the bonus).
 
+An optional cost term lets RL learn when more paths pay (ThreadWeaver's acceleration reward): with
+`speedup_value` > 0 a correct answer also gains `speedup_value * (1 - positions / tokens)`, the share of its
+tokens that Unseen decoding runs side by side (positions: its critical path, `rollout.unseen_positions`), so
+at equal correctness a shorter longest path scores more. It is 0 for Seen and Threads, whose every token
+takes a position, and off by default.
+
 Every function is pure; `score_response` returns the components so that trainers can log them.
 """
 
@@ -36,7 +42,8 @@ class RewardBreakdown:
     num_blocks: int  # closed <Parallel> blocks
     answer: str | None  # the extracted final answer
     parallel_active: bool  # whether the schedule enabled the parallel reward on this step
-    format_penalty: float = 0.0  # <= 0: what the format gate took away; reward = accuracy + bonus + penalty
+    format_penalty: float = 0.0  # <= 0: what the format gate took away; reward = accuracy + bonuses + penalty
+    speedup_bonus: float = 0.0  # extra for a correct answer decoded on a shorter critical path (`speedup_value`)
 
 
 def accuracy_reward(correct: bool, correct_value: float = 1.0, wrong_value: float = -1.0) -> float:
@@ -63,6 +70,8 @@ def score_response(
     format_error_value: float | None = -1.0,
     plans: bool = False,
     max_depth: int = 1,
+    speedup: float = 0.0,
+    speedup_value: float = 0.0,
 ) -> RewardBreakdown:
     """Score one response against the ground truth `gold`.
 
@@ -70,7 +79,8 @@ def score_response(
     over `correct_value`. While `parallel_active`, a response failing the strict format check scores at
     most `format_error_value` (None: no penalty, the bonus is only withheld). The format check runs
     whether or not the parallel reward is active, for logging; `plans`: the planned format's check;
-    `max_depth`: how deep blocks may nest (`format.parse`).
+    `max_depth`: how deep blocks may nest (`format.parse`). `speedup` (1 - positions / tokens of the response)
+    earns a correct answer `speedup_value * speedup` (the module docstring).
     """
     answer = extract_answer(response)
     correct = answer is not None and verify(answer, gold, timeout_s)
@@ -79,7 +89,8 @@ def score_response(
     bonus = 0.0
     if parallel_active:
         bonus = parallel_bonus(correct, parsed.num_blocks, parsed.well_formed, parallel_value - correct_value)
-    reward = accuracy + bonus
+    faster = speedup_value * speedup if correct else 0.0
+    reward = accuracy + bonus + faster
     if parallel_active and not parsed.well_formed and format_error_value is not None:
         reward = min(reward, format_error_value)  # the format gate
     return RewardBreakdown(
@@ -91,7 +102,8 @@ def score_response(
         num_blocks=parsed.num_blocks,
         answer=answer,
         parallel_active=parallel_active,
-        format_penalty=reward - (accuracy + bonus),
+        format_penalty=reward - (accuracy + bonus + faster),
+        speedup_bonus=faster,
     )
 
 
@@ -102,11 +114,16 @@ def score_batch(
     schedule: RewardSchedule,
     plans: bool = False,
     max_depth: int = 1,
+    speedups: Sequence[float] | None = None,
     **values: float | None,
 ) -> list[RewardBreakdown]:
-    """Score responses[i] against golds[i] at training step `step`; `plans`, `max_depth` and `values` go to
-    `score_response`."""
+    """Score responses[i] against golds[i] at training step `step`; `plans`, `max_depth`, `speedups[i]` and
+    `values` go to `score_response`."""
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers")
     active = schedule.parallel_active(step)
-    return [score_response(r, g, active, plans=plans, max_depth=max_depth, **values) for r, g in zip(responses, golds)]
+    speedups = [0.0] * len(responses) if speedups is None else speedups
+    return [
+        score_response(r, g, active, plans=plans, max_depth=max_depth, speedup=s, **values)
+        for r, g, s in zip(responses, golds, speedups, strict=True)
+    ]

@@ -112,6 +112,7 @@ class RolloutRecord(TypedDict, total=False):
     reward: float
     accuracy: float  # GRPO: the accuracy part of the reward
     parallel_bonus: float  # GRPO: the parallel part of the reward
+    speedup_bonus: float  # GRPO: the critical-path part of the reward (`reward.speedup_value`)
     advantage: float  # GRPO
     # Structure and length.
     well_formed: bool  # the strict format check found no error
