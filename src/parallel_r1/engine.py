@@ -75,7 +75,7 @@ class _Slot:
 
     token: int
     position: int
-    levels: tuple[tuple[int, int], ...] = ()  # (block id, path id) of each path it sits in (`_Thread.levels`)
+    where: tuple[int, ...]  # its thread's block ids at each nesting level, then its path ids (`_Thread.where`)
     stream: int | None = None  # which stream samples from this slot's logits (None: nobody)
 
 
@@ -98,6 +98,7 @@ class _Thread:
 
     stream: int  # row-unique; MAIN_STREAM for the main thread
     levels: tuple[tuple[int, int], ...] = ()
+    where: tuple[int, ...] = ()  # `levels` as its slots' metadata: the D block ids, then the D path ids (-1 pads)
     counter: tuple[int, int] = (0, 0)  # (block, stream) of its tokens in the counter-based sampler
     tokens: list[_Token] = field(default_factory=list)  # its sequential layout, closed inner blocks included
     state: str = "main"  # main (its own text) -> [plan ->] paths -> summary -> main
@@ -142,10 +143,10 @@ class _Row:
     finished_at: float = 0.0  # time.perf_counter() when the sample finished
 
     def __post_init__(self) -> None:
-        self.main = _Thread(MAIN_STREAM, next_position=len(self.prompt_ids))
+        self.main = _Thread(MAIN_STREAM, where=(-1,) * (2 * self.params.max_depth), next_position=len(self.prompt_ids))
         self.streams = {MAIN_STREAM: self.main}
         self.seen_depth = SeenDepth(self.tags, self.params.max_depth)
-        self.pending = [_Slot(t, i) for i, t in enumerate(self.prompt_ids)]
+        self.pending = [_Slot(t, i, self.main.where) for i, t in enumerate(self.prompt_ids)]
         if self.params.open_block:
             self._write(self.main, self.tags.parallel_open, 0.0, sampled=False)
         else:
@@ -184,7 +185,7 @@ class _Row:
             self.finish_reason = "length"
 
     def _feed(self, thread: _Thread, token: int, stream: int | None) -> None:
-        self.pending.append(_Slot(token, thread.next_position, thread.levels, stream))
+        self.pending.append(_Slot(token, thread.next_position, thread.where, stream))
         thread.next_position += 1
 
     def _write(self, thread: _Thread, token: int, logprob: float, sampled: bool = True) -> None:
@@ -258,8 +259,11 @@ class _Row:
         opener = _Token(self.tags.path_open, False, 0.0)
         stream = max(self.streams) + 1
         for k, head in enumerate(heads):
+            levels = thread.levels + ((thread.block, self.next_path),)
+            pad = [-1] * (self.params.max_depth - len(levels))
+            where = tuple([b for b, _ in levels] + pad + [p for _, p in levels] + pad)
             child = _Thread(
-                stream + k, thread.levels + ((thread.block, self.next_path),), (thread.block, k + 1),
+                stream + k, levels, where, (thread.block, k + 1),
                 [first if k == 0 else opener] + [_Token(t, False, 0.0) for t in head],
                 next_position=thread.path_start,
             )  # fmt: skip
@@ -275,7 +279,7 @@ class _Row:
             # Re-read the block causally: path 1's slots already are its causal encoding; paths 2..N are
             # fed again as plain text at sequential positions and their isolated slots are hidden.
             first = children[0].levels[-1][1]
-            self.pending = [s for s in self.pending if s.levels and s.levels[-1][1] == first]
+            self.pending = [s for s in self.pending if s.where[-1] == first]  # one level: where = (block, path)
             thread.next_position = children[0].next_position
             for child in children[1:]:
                 for token in child.tokens:
@@ -574,36 +578,35 @@ class ParallelEngine:
             capacity = max(kv_length, cache.capacity * 3 // 2)
             cache.grow(capacity)
             meta.grow(capacity)
-        # One int tensor for the step's query grid [3, b, Q] (ids, positions, slot), one for its levels
-        # [2, b, Q, D] (block, path), and one for the metadata writes [2 + 2 D, n] (cache row, slot, then the
-        # blocks and the paths of each level) of the real tokens.
+        # One int tensor for the step's query grid [3, b, Q] (ids, positions, slot), one for its block and path
+        # ids [b, Q, 2 D] (`_Slot.where`), and the metadata writes of the real tokens: [2, n] (cache row, slot)
+        # and [n, 2 D].
         depth = params.max_depth
-        ids, pos, q_slot, q_levels = [], [], [], []
-        written: list[list[int]] = [[] for _ in range(2 + 2 * depth)]
+        ids, pos, q_slot, q_where = [], [], [], []
+        written: list[list[int]] = [[], []]
+        written_where: list[tuple[int, ...]] = []
         targets: list[_Target] = []
-        outside = [(-1, -1)] * depth
+        outside = (-1,) * (2 * depth)
         for i, (b, r, start) in enumerate(zip(group, rows, lengths)):
             pending = r.pending
             pad = width - len(pending)
             ids.append([s.token for s in pending] + [self.pad_id] * pad)
             pos.append([s.position for s in pending] + [0] * pad)
-            levels = [[*s.levels, *outside[len(s.levels) :]] for s in pending]
-            q_levels.append(levels + [outside] * pad)
+            where = [s.where for s in pending]
+            q_where.append(where + [outside] * pad)
             q_slot.append(list(range(start, start + width)))
             written[0].extend([b] * len(pending))
             written[1].extend(range(start, start + len(pending)))
-            for d in range(depth):
-                written[2 + d].extend(level[d][0] for level in levels)
-                written[2 + depth + d].extend(level[d][1] for level in levels)
+            written_where.extend(where)
             for col, s in enumerate(pending):
                 if s.stream is not None:
                     targets.append(_Target(i, col, s.stream, r.ban_row(s.stream), r.counter(s.stream)))
             if r.hide_paths:
                 meta.hide(b, r.hide_paths)
                 r.hide_paths = []
-        meta.write(torch.tensor(written, device=device))
+        meta.write(torch.tensor(written, device=device), torch.tensor(written_where, device=device))
         grid = torch.tensor([ids, pos, q_slot], device=device)
-        q_block_path = torch.tensor(q_levels, device=device).movedim(-1, 0)
+        q_block_path = torch.tensor(q_where, device=device).view(len(group), width, 2, depth).movedim(2, 0)
         row_index = torch.tensor(group, device=device)[:, None]
         # group is sorted: a range of rows is read as a view of the cache, other groups are gathered.
         row_t = slice(group[0], group[-1] + 1) if group[-1] - group[0] == len(group) - 1 else row_index[:, 0]

@@ -117,14 +117,14 @@ class SlotMeta:
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
-    def write(self, written: torch.Tensor) -> None:
-        """Mark slots used: `written` [2 + 2 D, n] holds per slot its cache row, slot index, its block ids at the
-        D levels, then its path ids."""
-        index = (written[0], written[1])
+    def write(self, index: torch.Tensor, where: torch.Tensor) -> None:
+        """Mark slots used: `index` [2, n] holds per slot its cache row and slot index, `where` [n, 2 D] its block
+        ids at the D levels, then its path ids."""
+        rows_slots = (index[0], index[1])
         depth = self.block.shape[2]
-        self.valid[index] = True
-        self.block[index] = written[2 : 2 + depth].T
-        self.path[index] = written[2 + depth :].T
+        self.valid[rows_slots] = True
+        self.block[rows_slots] = where[:, :depth]
+        self.path[rows_slots] = where[:, depth:]
 
     def hide(self, row: int, path_ids: list[int]) -> None:
         hidden = torch.isin(self.path[row], torch.tensor(path_ids, device=self.path.device)).any(-1)
