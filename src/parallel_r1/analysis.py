@@ -25,7 +25,7 @@ from pathlib import Path
 from parallel_r1.answers import extract_answer, verify
 from parallel_r1.files import atomic_write_text, iter_jsonl
 from parallel_r1.format import parse
-from parallel_r1.rollout import upgrade_record
+from parallel_r1.rollout import record_depth, upgrade_record
 from parallel_r1.settings import InputError
 
 POSITION_BINS = 10
@@ -257,7 +257,7 @@ def analyze_records(records: Sequence[dict]) -> list[GroupSummary]:
     out = []
     for key in keys:
         members = groups[key]
-        blocks = [analyze_response(r["response"], r.get("question"), max(1, r.get("depth") or 1)) for r in members]
+        blocks = [analyze_response(r["response"], r.get("question"), record_depth(r)) for r in members]
         out.append(summarize_group(str(key[1]), members, blocks))
     return out
 

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from parallel_r1.format import parse
+from parallel_r1.rollout import record_depth
 from parallel_r1.tasks.search import path_candidate
 
 _TRY_RE = re.compile(r"(?:^|\n|>)\s*(\d+)\*\d+=")
@@ -79,7 +80,7 @@ def block_diagnostics(records: Iterable[dict]) -> dict:
         covered += gold in tries
         group = f"{r.get('step', '')}/{r.get('problem_index', r.get('problem_id', ''))}"
         firsts.setdefault(group, []).append(tries[0] if tries else None)
-        for facts in block_facts(text, max(1, r.get("depth") or 1)):
+        for facts in block_facts(text, record_depth(r)):
             blocks += 1
             widths[len(facts["tried"])] += 1
             known = [c for c in facts["tried"] if c is not None]

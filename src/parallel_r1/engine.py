@@ -109,7 +109,11 @@ class _Thread:
     plan: list[int] = field(default_factory=list)  # params.plans: the open block's plan, token ids
     closed: bool = False  # a path that has its </Path>
 
-    def flat(self, tags: TagIds | None = None, seal: bool = False) -> list[_Token]:
+    def size(self) -> int:
+        """len(self.flat(...)) without building it: what the response cap counts, checked every step."""
+        return len(self.tokens) + sum(child.size() for child in self.children)
+
+    def flat(self, tags: TagIds, seal: bool = False) -> list[_Token]:
         """Its tokens followed by those of its open block's paths, in the sequential layout. `seal` (a path
         that a sibling follows in the layout of a row cut short): every block it holds open ends with an
         inserted `</Parallel>`, an open summary with `</Summary>`, so that the sibling's `<Path>` is read at
@@ -117,7 +121,7 @@ class _Thread:
         out = list(self.tokens)
         for k, child in enumerate(self.children):
             out += child.flat(tags, seal or k < len(self.children) - 1)
-        if seal and tags is not None and (self.children or self.state == "summary"):
+        if seal and (self.children or self.state == "summary"):
             out.append(_Token(tags.parallel_close if self.children else tags.summary_close, False, 0.0))
         return out
 
@@ -153,7 +157,7 @@ class _Row:
             self.pending[-1].stream = MAIN_STREAM
 
     def length(self) -> int:
-        return len(self.main.flat())
+        return self.main.size()
 
     def ban_row(self, stream: int) -> int:
         capped = self.blocks >= self.params.max_blocks

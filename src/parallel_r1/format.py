@@ -324,13 +324,12 @@ class _Scanner:
 
     def _misplaced(self, tag: _Tag, where: str) -> None:
         if tag.name == PARALLEL_OPEN:
-            rule = "blocks do not nest"
-            if self.max_depth > 1:
-                rule = (
-                    f"blocks nest at most {self.max_depth} deep"
-                    if where == "inside a path"
-                    else ("a block opens only in main text or inside a path")
-                )
+            if self.max_depth == 1:
+                rule = "blocks do not nest"
+            elif where == "inside a path":
+                rule = f"blocks nest at most {self.max_depth} deep"
+            else:
+                rule = "a block opens only in main text or inside a path"
             self._error("nested_block", tag.start, f"{tag.name} {where}: {rule}")
         elif tag.name == PATH_OPEN:
             self._error("path_outside_block", tag.start, f"{tag.name} {where}: a path must sit inside a block")

@@ -174,6 +174,11 @@ def rollout_record(
     return record  # type: ignore[return-value]
 
 
+def record_depth(record: dict) -> int:
+    """How deep to parse a record's response: its `depth`, at least 1 (records written before nesting have none)."""
+    return max(1, record.get("depth") or 1)
+
+
 def upgrade_record(record: dict) -> dict:
     """A record from before `pred` and `gold` were named the same everywhere, in today's names: GRPO logs
     held the gold in "gold" and the prediction in "answer", eval samples the gold in "answer" and the

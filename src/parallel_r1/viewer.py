@@ -23,7 +23,7 @@ from rich.text import Text
 from parallel_r1.analysis import group_key, read_rollouts
 from parallel_r1.files import atomic_write_text
 from parallel_r1.format import TAGS, parse
-from parallel_r1.rollout import Rollout, upgrade_record
+from parallel_r1.rollout import Rollout, record_depth, upgrade_record
 
 DEFAULT_LIMIT = 2000
 # The page loads nothing and runs only its own inline script.
@@ -196,7 +196,7 @@ def render_card(record: dict) -> str:
         f'<article class="sample" data-correct="{flag}" data-blocks="{int(num_blocks)}" '
         f'data-group="{html.escape(group, quote=True)}">'
         f'<div class="meta">{"".join(f"<span>{m}</span>" for m in meta)}</div>'
-        f"{question_html}{render_response(response, max(1, record.get('depth') or 1))}</article>"
+        f"{question_html}{render_response(response, record_depth(record))}</article>"
     )
 
 
