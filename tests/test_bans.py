@@ -8,11 +8,14 @@ from parallel_r1.bans import (
     BAN_PARALLEL,
     BAN_PATH,
     BAN_PATH_NEST,
+    BAN_PLAN,
     BAN_SUMMARY,
+    BanTable,
     ban_rows,
     ban_table,
+    plan_heads,
 )
-from parallel_r1.format import TagIds
+from parallel_r1.format import PlanLines, TagIds
 
 
 @pytest.fixture()
@@ -84,3 +87,28 @@ def test_seen_bans_parallel_in_a_path_only_at_the_nesting_cap(tags):
     N, P = BAN_NONE, BAN_PARALLEL  # at the cap from the word in the inner path on, until its </Path>
     assert ban_rows(ids, tags, "seen", max_blocks=4, max_depth=2) == [N, N, N, N, N, P, P, N, P]
     assert ban_rows(ids, tags, "seen", max_blocks=4) == [BAN_NONE] * len(ids)  # no nesting: Seen bans nothing
+
+
+def test_distinct_plans_ban_the_heads_of_earlier_lines_at_each_line_start(tiny_tokenizer, tags):
+    """A plan "6*3 / 9*3 / <Path>": the first token of each line bans the first tokens of the lines before it,
+    a token inside a line bans only what BAN_PLAN bans, and the replay's rows are rows of the caller's table
+    (one new row per set of heads, reused)."""
+    lines = PlanLines(tiny_tokenizer)
+    enc = tiny_tokenizer.encode
+    six, nine, star, three, newline = enc("6")[0], enc("9")[0], enc("*")[0], enc("3")[0], enc("\n")[0]
+    plan = [six, star, three, newline, nine, star, three, newline]
+    assert plan_heads([], lines) == ()
+    assert plan_heads(plan[:2], lines) == ()
+    assert plan_heads(plan[:4], lines) == (six,)
+    assert plan_heads(plan, lines) == tuple(sorted({six, nine}))
+    table = BanTable(tags, 64, torch.device("cpu"))
+    ids = [tags.parallel_open, *plan, tags.path_open]
+    rows = ban_rows(ids, tags, "unseen", max_blocks=2, plans=True, distinct_plans=(lines, table))
+    assert rows[1:5] == [BAN_PLAN] * 4 and rows[6:9] == [BAN_PLAN] * 3
+    after_six, after_both = rows[5], rows[9]
+    assert after_six == table.row(BAN_PLAN, (six,)) and after_six >= 8
+    assert table.table[after_six, six] and not table.table[after_six, nine]
+    assert table.table[after_both, [six, nine]].all() and table.table[after_both, tags.path_open].item() is False
+    assert (table.table[after_both] >= table.table[BAN_PLAN]).all()  # BAN_PLAN's tags stay banned
+    assert len(table.table) == 10  # the 8 state rows and one per set of heads
+    assert ban_rows(ids, tags, "unseen", max_blocks=2, plans=True) == [BAN_MAIN] + [BAN_PLAN] * 9

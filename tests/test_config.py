@@ -303,3 +303,22 @@ stages:
 """
     with pytest.raises(ConfigError, match="max_depth"):
         parse_recipe(text)
+
+
+@pytest.mark.parametrize("rollout", ["{distinct_plans: true}", "{plans: true, distinct_plans: true, backend: vllm}"])
+def test_distinct_plans_are_checked_at_load(rollout):
+    """distinct_plans needs plans (it bans at plan lines) and the hf engine (vLLM samples a plan whole)."""
+    text = f"""
+name: distinct
+stages:
+  - name: rl
+    kind: grpo
+    variant: unseen
+    model: {{name_or_path: tiny}}
+    max_steps: 1
+    grpo:
+      rollout: {rollout}
+"""
+    with pytest.raises(ConfigError, match="distinct_plans"):
+        parse_recipe(text)
+    assert parse_recipe(text.replace("distinct_plans: true", "distinct_plans: false"))

@@ -12,7 +12,7 @@ import torch
 
 from parallel_r1 import tasks
 from parallel_r1.attention import response_logprobs
-from parallel_r1.bans import Behaviour, ban_rows, ban_table
+from parallel_r1.bans import BanTable, Behaviour, ban_rows
 from parallel_r1.engine import ParallelEngine
 from parallel_r1.format import TagIds
 from parallel_r1.rollout import SamplingParams
@@ -64,18 +64,21 @@ def planned(tiny_tokenizer):
     return _sft(tiny_tokenizer, "planned")
 
 
-def _largest_gap(model, tokenizer, prompts, variant, behaviour: bool, plans: bool = False) -> tuple[float, int, set]:
+def _largest_gap(
+    model, tokenizer, prompts, variant, behaviour: bool, plans: bool = False, distinct: bool = False
+) -> tuple[float, int, set]:
     """(largest |engine - trainer| over the sampled tokens, closed blocks, their numbers of paths) of 16
-    samples, 3 paths a block (`plans`: planned blocks of at most 3 paths)."""
+    samples, 3 paths a block (`plans`: planned blocks of at most 3 paths; `distinct`: distinct_plans)."""
     tags = TagIds.from_tokenizer(tokenizer)
     top_k, top_p = (8, 0.9) if behaviour else (0, 1.0)
     params = SamplingParams(
         seed=3, variant=variant, max_response_tokens=160, max_path_tokens=40, num_paths=3, max_blocks=3,
-        top_k=top_k, top_p=top_p, plans=plans, max_paths=3,
+        top_k=top_k, top_p=top_p, plans=plans, max_paths=3, distinct_plans=distinct,
     )  # fmt: skip
     engine = ParallelEngine(model, tokenizer, behaviour_logprobs=behaviour)
     rollouts = engine.generate(prompts, n=4, params=params)
-    table = ban_table(tags, model.config.vocab_size, torch.device("cpu"))
+    table = BanTable(tags, model.config.vocab_size, torch.device("cpu"))
+    replay_distinct = (engine.plan_lines, table) if distinct else None
     gap, blocks, widths = 0.0, 0, set()
     for r in rollouts:
         blocks += sum(b.closed for b in r.structure.blocks)
@@ -83,8 +86,9 @@ def _largest_gap(model, tokenizer, prompts, variant, behaviour: bool, plans: boo
         ids = torch.tensor([r.prompt_ids + r.response_ids])
         replay = None
         if behaviour:
-            rows = [0] * len(r.prompt_ids) + ban_rows(r.response_ids, tags, variant, params.max_blocks, plans)
-            replay = Behaviour(torch.tensor([rows]), table, top_k, top_p)
+            caps = (params.max_blocks, plans, 1, replay_distinct)
+            rows = [0] * len(r.prompt_ids) + ban_rows(r.response_ids, tags, variant, *caps)
+            replay = Behaviour(torch.tensor([rows]), table.table, top_k, top_p)
         with torch.no_grad():
             logprobs, _ = response_logprobs(model, ids, torch.ones_like(ids), tags, variant, behaviour=replay)
         assert logprobs.dtype == model.dtype
@@ -129,6 +133,23 @@ def test_planned_blocks_of_a_variable_number_of_paths_are_exact(planned):
         for variant in VARIANTS:
             gap, blocks, _ = _largest_gap(model64, tokenizer, prompts, variant, behaviour=True, plans=True)
             assert blocks >= 3 or variant == "seen", "the planned model should open blocks of its own"
+            assert gap <= FLOAT64_BOUND, (variant, gap)
+    finally:
+        model.float()
+
+
+def test_distinct_plans_are_exact(planned):
+    """distinct_plans (a plan line may not start like an earlier one): the plan-dependent bans replayed, the
+    engine's behaviour log-probs agree with the trainer's to 1e-9 in float64, and within the stated bound
+    in float32 under the full softmax, for the variants that fork by plans."""
+    model, tokenizer, prompts = planned
+    for variant in ("unseen", "threads"):
+        gap, blocks, _ = _largest_gap(model, tokenizer, prompts, variant, behaviour=False, plans=True, distinct=True)
+        assert blocks >= 3 and gap <= FLOAT32_BOUND, (variant, blocks, gap)
+    model64 = model.double()
+    try:
+        for variant in ("unseen", "threads"):
+            gap, _, _ = _largest_gap(model64, tokenizer, prompts, variant, behaviour=True, plans=True, distinct=True)
             assert gap <= FLOAT64_BOUND, (variant, gap)
     finally:
         model.float()

@@ -1,11 +1,12 @@
 import copy
+import dataclasses
 from collections import Counter
 
 import pytest
 import torch
 
 from parallel_r1.attention import build_attention, build_positions, response_logprobs, structure_ids
-from parallel_r1.bans import BAN_MAIN, BAN_NONE, BAN_PATH, Behaviour, ban_rows, ban_table
+from parallel_r1.bans import BAN_MAIN, BAN_NONE, BAN_PATH, BanTable, Behaviour, ban_rows, ban_table
 from parallel_r1.engine import ParallelEngine, SamplingParams, output_layer, step_mask
 from parallel_r1.format import TagIds
 from parallel_r1.rollout import unseen_positions
@@ -570,6 +571,43 @@ def test_planned_cap_and_behaviour_logprobs(plan_model, tiny_tokenizer, tags):
         sampled = torch.tensor(r.sampled_mask)
         assert torch.allclose(torch.tensor(r.logprobs)[sampled], replayed[0, len(r.prompt_ids) :][sampled], atol=1e-4)
     assert blocks >= 2
+
+
+def _repeated_heads(rollouts, lines) -> tuple[int, int]:
+    """(plans with two lines that start with the same token, plans of two lines or more)."""
+    repeated = plans = 0
+    for r in rollouts:
+        for plan, _, _ in planned_blocks(r, lines):
+            heads = [line[0] for line in lines.lines(plan)]
+            plans += len(heads) >= 2
+            repeated += len(set(heads)) < len(heads)
+    return repeated, plans
+
+
+def test_distinct_plans_never_start_two_lines_alike_and_replay_exactly(plan_model, tiny_tokenizer, tags):
+    """distinct_plans: no plan has two lines with the same first token (the same model repeats them without
+    it), and behaviour log-probs, the plan-dependent bans included, are what the trainer replays."""
+    plan_model = copy.deepcopy(plan_model)
+    with torch.no_grad():
+        plan_model.lm_head.bias[tiny_tokenizer.encode("6")[0]] = 3.0  # lines that start with 6, often
+    params = SamplingParams(**{**PLAN_PARAMS, "top_k": 8, "distinct_plans": True})
+    engine = ParallelEngine(plan_model, tiny_tokenizer)
+    free = engine.generate(PROMPTS, n=8, params=dataclasses.replace(params, distinct_plans=False))
+    assert _repeated_heads(free, engine.plan_lines)[0] >= 2
+    engine = ParallelEngine(plan_model, tiny_tokenizer, behaviour_logprobs=True)
+    rollouts = engine.generate(PROMPTS, n=8, params=params)
+    repeated, plans = _repeated_heads(rollouts, engine.plan_lines)
+    assert repeated == 0 and plans >= 3
+    table = BanTable(tags, plan_model.config.vocab_size, torch.device("cpu"))
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        distinct = (engine.plan_lines, table)
+        rows = ban_rows(r.response_ids, tags, "unseen", params.max_blocks, plans=True, distinct_plans=distinct)
+        behaviour = Behaviour(torch.tensor([[0] * len(r.prompt_ids) + rows]), table.table, params.top_k, 1.0)
+        with torch.no_grad():
+            replayed, _ = response_logprobs(plan_model, ids, torch.ones_like(ids), tags, "unseen", behaviour=behaviour)
+        sampled = torch.tensor(r.sampled_mask)
+        assert torch.allclose(torch.tensor(r.logprobs)[sampled], replayed[0, len(r.prompt_ids) :][sampled], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- nested blocks

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel_r1.format import TagIds
+from parallel_r1.format import PlanLines, TagIds
 
 # Ban-table rows: which tags each decoding state may not sample.
 BAN_NONE, BAN_MAIN, BAN_MAIN_CAPPED, BAN_PATH, BAN_SUMMARY, BAN_PARALLEL, BAN_PLAN, BAN_PATH_NEST = range(8)
@@ -51,6 +51,37 @@ def ban_table(tags: TagIds, vocab_size: int, device: torch.device) -> torch.Tens
     return table
 
 
+class BanTable:
+    """A ban table that grows: the 8 state rows of `ban_table`, then one row per (state row, extra banned
+    tokens) met so far, for the bans that depend on what a response wrote (`plan_heads`). The engine and the
+    trainer each keep one; a row number is only meaningful with the table that gave it."""
+
+    def __init__(self, tags: TagIds, vocab_size: int, device: torch.device):
+        self.table = ban_table(tags, vocab_size, device)  # [R, V] bool
+        self._rows: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    def row(self, base: int, extra: tuple[int, ...] = ()) -> int:
+        """The row that bans what `base` bans and the tokens `extra`."""
+        if not extra:
+            return base
+        key = (base, extra)
+        if key not in self._rows:
+            banned = self.table[base].clone()
+            banned[list(extra)] = True
+            self.table = torch.cat([self.table, banned[None]])
+            self._rows[key] = len(self.table) - 1
+        return self._rows[key]
+
+
+def plan_heads(plan: list[int], lines: PlanLines) -> tuple[int, ...]:
+    """`distinct_plans`: the tokens banned as the next token of a plan whose ids so far are `plan`. At the
+    start of a line, the first token of each earlier line (so that no two paths of the block start with the
+    same thing: the built-in task's plan lines begin with their candidate); inside a line, none."""
+    if plan and not lines.ends_line(plan[-1]):
+        return ()
+    return tuple(sorted({line[0] for line in lines.lines(plan)}))
+
+
 class SeenDepth:
     """How deep the Seen text read so far sits in open paths, from its tags alone (the Seen engine enforces no
     structure, so tags that close nothing are skipped): with nesting on (`max_depth` > 1), `<Parallel>` may
@@ -79,14 +110,21 @@ class SeenDepth:
 
 
 def ban_rows(
-    response_ids: list[int], tags: TagIds, variant: str, max_blocks: int, plans: bool = False, max_depth: int = 1
+    response_ids: list[int],
+    tags: TagIds,
+    variant: str,
+    max_blocks: int,
+    plans: bool = False,
+    max_depth: int = 1,
+    distinct_plans: tuple[PlanLines, BanTable] | None = None,
 ) -> list[int]:
     """The ban-table row (BAN_*) each response token was sampled under, replayed from the tokens alone:
     the decoding state `_Row.ban_row` reads when the engine samples it (`plans`: a block's plan, from its
     `<Parallel>` to its first `<Path>`, is sampled under BAN_PLAN; a path may open a block while the blocks
-    it sits in are fewer than `max_depth`). Rows of engine-inserted tokens are meaningless (they are not
-    trained on)."""
-    rows, blocks = [], 0
+    it sits in are fewer than `max_depth`). With `distinct_plans` (the tokenizer's `PlanLines` and the
+    caller's `BanTable`) a plan token also bans its `plan_heads`, in a row of that table. Rows of
+    engine-inserted tokens are meaningless (they are not trained on)."""
+    rows, blocks, plan = [], 0, []
     if variant == "seen":
         depth = SeenDepth(tags, max_depth)
         for token in response_ids:
@@ -107,12 +145,18 @@ def ban_rows(
             nest = not capped and stack.count("path") < max_depth
             rows.append(BAN_PATH_NEST if nest else BAN_PATH)
         elif state == "plan":
-            rows.append(BAN_PLAN)
+            if distinct_plans is None:
+                rows.append(BAN_PLAN)
+            else:
+                lines, table = distinct_plans
+                rows.append(table.row(BAN_PLAN, plan_heads(plan, lines)))
+                plan.append(token)
         else:
             rows.append(BAN_SUMMARY if state == "summary" else BAN_MAIN_CAPPED if capped else BAN_MAIN)
         if token == tags.parallel_open:
             blocks += 1
             stack.append("plan" if plans else "block")
+            plan = []
         elif token == tags.path_open:
             stack[-1] = "path"
         elif token == tags.path_close:

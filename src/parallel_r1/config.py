@@ -331,6 +331,10 @@ class GRPOConfig:
         )
         _require(self.overlong_penalty > 0, "overlong_penalty must be > 0")
         _require(
+            not (self.rollout.distinct_plans and self.rollout.backend == "vllm"),
+            "rollout.distinct_plans needs the hf backend (vLLM samples a plan as one request)",
+        )
+        _require(
             not (self.behaviour_logprobs and self.rollout.backend == "vllm"),
             "behaviour_logprobs needs the hf backend (vLLM bans by a finite logit bias the trainer cannot replay)",
         )

@@ -49,8 +49,9 @@ from parallel_r1.bans import (
     BAN_PATH_NEST,
     BAN_PLAN,
     BAN_SUMMARY,
+    BanTable,
     SeenDepth,
-    ban_table,
+    plan_heads,
 )
 from parallel_r1.format import PlanLines, TagIds
 from parallel_r1.kv_cache import SlotCache, SlotMeta
@@ -159,13 +160,15 @@ class _Row:
     def length(self) -> int:
         return self.main.size()
 
-    def ban_row(self, stream: int) -> int:
+    def ban_row(self, stream: int, bans: BanTable) -> int:
+        """The row of `bans` that `stream`'s next token is sampled under (`bans.ban_rows` replays it)."""
         capped = self.blocks >= self.params.max_blocks
         if self.params.variant == "seen":
             return BAN_PARALLEL if capped or self.seen_depth.at_cap() else BAN_NONE
         thread = self.streams[stream]
         if thread.state == "plan":
-            return BAN_PLAN
+            heads = plan_heads(thread.plan, self.plan_lines) if self.params.distinct_plans else ()
+            return bans.row(BAN_PLAN, heads)
         if thread.state == "summary":
             return BAN_SUMMARY
         if thread is self.main:
@@ -499,7 +502,7 @@ class ParallelEngine:
         waiting ones."""
         device = self.model.device
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        bans = ban_table(self.tags, vocab, device)
+        bans = BanTable(self.tags, vocab, device)
         batch = min(self.max_batch_size, len(rows))
         widest = max(params.num_paths, params.max_paths if params.plans else 0)
         capacity = max(len(r.prompt_ids) for r in rows) + 2 * widest + 64
@@ -569,7 +572,7 @@ class ParallelEngine:
             live[i], live[j] = live[j], live[i]
         return [everyone[:i], everyone[i:]]
 
-    def _step(self, live, group, cache: SlotCache, meta: SlotMeta, bans, params, seed) -> None:
+    def _step(self, live, group, cache: SlotCache, meta: SlotMeta, bans: BanTable, params, seed) -> None:
         """One forward over the rows `group` of `live`: feed their pending tokens, sample, advance."""
         seconds = self.stats.seconds
         started = time.perf_counter()
@@ -604,7 +607,7 @@ class ParallelEngine:
             written_where.extend(where)
             for col, s in enumerate(pending):
                 if s.stream is not None:
-                    targets.append(_Target(i, col, s.stream, r.ban_row(s.stream), r.counter(s.stream)))
+                    targets.append(_Target(i, col, s.stream, r.ban_row(s.stream, bans), r.counter(s.stream)))
             if r.hide_paths:
                 meta.hide(b, r.hide_paths)
                 r.hide_paths = []
@@ -638,7 +641,8 @@ class ParallelEngine:
         if params.temperature > 0:
             counters = [(seed, rows[t.row].key, rows[t.row].sample_index, *t.counter) for t in targets]
             noise = uniforms_for(counters, device)
-        tokens, logprobs, removed = sample_tokens(logits, bans[target_t[:, 2]], params, noise, self.behaviour_logprobs)
+        banned = bans.table[target_t[:, 2]]
+        tokens, logprobs, removed = sample_tokens(logits, banned, params, noise, self.behaviour_logprobs)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         removed_sum, removed_max = torch.stack([removed.sum(), removed.max()]).tolist()
         seconds["sample"] += time.perf_counter() - started

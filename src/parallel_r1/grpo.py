@@ -41,10 +41,10 @@ from accelerate.utils import gather_object
 
 from parallel_r1 import data, tasks
 from parallel_r1.backends import make_engine
-from parallel_r1.bans import ban_rows, ban_table
+from parallel_r1.bans import BanTable, ban_rows
 from parallel_r1.batch import RolloutBatch, batch_logprobs, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig, StageConfig
-from parallel_r1.format import TagIds
+from parallel_r1.format import PlanLines, TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.objectives import (
     REGIONS,
@@ -214,11 +214,12 @@ class GRPOTrainer(StageTrainer):
         self.behaviour_logprobs = self.cfg.rollout.backend == "hf" if behaviour is None else behaviour
 
         self.prepare(stage.max_steps)
-        self.ban_table = None
+        self.bans = None
         if self.behaviour_logprobs:
             with full_weights(acc, self.model):  # ZeRO-3 holds a shard of the output embedding outside
                 vocab = acc.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
-            self.ban_table = ban_table(self.tags, vocab, acc.device)
+            self.bans = BanTable(self.tags, vocab, acc.device)
+        self.plan_lines = PlanLines(self.tokenizer)
         self.engine = self._make_engine()
         self.resume()
 
@@ -322,7 +323,8 @@ class GRPOTrainer(StageTrainer):
         rollouts = [x for r in rounds for x in r.rollouts]
         keep_P = torch.tensor([g in trained for g in range(len(rollouts) // cfg.n)], dtype=torch.bool)
         advantages = [a for r in rounds for a in r.adv_PG.flatten().tolist()]
-        response_ban_rows = [b for r in rounds for b in r.ban_rows] if self.ban_table is not None else None
+        response_ban_rows = [b for r in rounds for b in r.ban_rows] if self.bans is not None else None
+        ban_table = None if self.bans is None else self.bans.table
         batch = collate_rollouts(rollouts, advantages, self.tokenizer.pad_token_id, response_ban_rows)
         batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
         if cfg.overlong_filter:
@@ -331,7 +333,7 @@ class GRPOTrainer(StageTrainer):
         if not self.use_engine_logprobs:
             old_logp_BT = recompute_logprobs(
                 acc.unwrap_model(self.model), batch.to(acc.device), self.tags, self.stage.variant,
-                cfg.rollout.temperature, cfg.micro_batch_size, self.ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
+                cfg.rollout.temperature, cfg.micro_batch_size, ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
                 cfg.update_rows, cfg.micro_batch_tokens,
             )  # fmt: skip
             batch.old_logp_BT = old_logp_BT.cpu()
@@ -388,9 +390,10 @@ class GRPOTrainer(StageTrainer):
         adv_PG = group_advantages(rewards_PG, scale=cfg.advantage == "grpo")
         keep_P = informative_groups(rewards_PG) if cfg.filter_zero_variance else torch.ones(len(mine), dtype=torch.bool)
         bans = []
-        if self.ban_table is not None:
+        if self.bans is not None:
             caps = (params.max_blocks, params.plans, params.max_depth)
-            bans = [ban_rows(r.response_ids, self.tags, self.stage.variant, *caps) for r in rollouts]
+            distinct = (self.plan_lines, self.bans) if params.distinct_plans else None
+            bans = [ban_rows(r.response_ids, self.tags, self.stage.variant, *caps, distinct) for r in rollouts]
         return _Round(prompts, mine, rollouts, scores, adv_PG, self._global_keep(keep_P.tolist()), penalty_B, bans)
 
     def _global_keep(self, keep: list[bool]) -> list[bool]:
@@ -432,7 +435,7 @@ class GRPOTrainer(StageTrainer):
                 out = policy_update(
                     acc, self.model, self.optimizer, minibatch, cfg, self.tags, self.stage.variant,
                     self.stage.max_grad_norm, num_tokens, num_sequences, self.ref_model,
-                    measure_gap=measure_gap and updates == 0, ban_table=self.ban_table,
+                    measure_gap=measure_gap and updates == 0, ban_table=None if self.bans is None else self.bans.table,
                 )  # fmt: skip
                 updates += 1
                 self._vllm_stale = True

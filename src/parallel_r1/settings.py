@@ -75,6 +75,11 @@ class SamplingSettings:
     max_paths: int = _knob(
         4, "plans: the most paths of a block; the plan is closed by an inserted <Path> at that many lines"
     )
+    distinct_plans: bool = _knob(
+        False,
+        "plans: a plan line may not start with a token that began an earlier line of its plan, so that no two "
+        "paths of a block start alike (the built-in task's plan lines begin with their candidate); hf engine",
+    )
     max_depth: int = _knob(
         1,
         "how deep blocks nest: a path may open a block of its own while it sits in fewer than max_depth blocks, "
@@ -92,6 +97,7 @@ class SamplingSettings:
         require(self.max_paths >= 1, "max_paths must be >= 1")
         require(self.max_depth >= 1, "max_depth must be >= 1 (1: blocks do not nest)")
         require(self.max_depth == 1 or not self.plans, "nested blocks (max_depth > 1) do not take plans yet")
+        require(self.plans or not self.distinct_plans, "distinct_plans needs plans: true")
 
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
@@ -258,7 +264,7 @@ ARMS = (
     "mixed_acc",
 )
 # Arms with a recipe in STUDY_RECIPES that the default study does not run (name them in `arms`).
-OPTIONAL_ARMS = ("unseen_planned", "choice_s1", "choice_s2", "choice_mid", "choice_acc")
+OPTIONAL_ARMS = ("unseen_planned", "unseen_distinct", "choice_s1", "choice_s2", "choice_mid", "choice_acc")
 SEEDS = (0, 1, 2)
 SWEEP_LRS = (3.0e-5, 1.0e-4, 3.0e-4)  # the RL learning rates `study --sweep` tries by default
 

@@ -167,6 +167,8 @@ class VLLMEngine:
         params = params or SamplingParams()
         if params.max_depth > 1:
             raise ValueError("the vllm backend does not nest blocks yet: use max_depth 1 or the hf backend")
+        if params.distinct_plans:
+            raise ValueError("the vllm backend does not ban repeated plan heads: use distinct_plans false or hf")
         encoded = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
         samples = [_Sample(i, j, ids) for i, ids in enumerate(encoded) for j in range(n)]
         if params.open_block:
