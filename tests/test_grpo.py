@@ -699,3 +699,42 @@ def test_the_speedup_reward_is_the_share_of_tokens_off_the_critical_path(tmp_pat
             assert rec["speedup_bonus"] == pytest.approx(expected if rec["correct"] else 0.0)
         if variant == "unseen":
             assert any(rec["speedup_bonus"] > 0 for rec in records)
+
+
+def test_a_grpo_step_on_distinct_plans_replays_their_bans(tmp_path, monkeypatch):
+    """distinct_plans in GRPO: the trainer's recomputed old log-probs replay the plan-dependent bans (rows the
+    trainer's own BanTable adds), so they equal the engine's behaviour log-probs (mismatch under 1e-4), and
+    no sampled plan starts two lines alike."""
+    from test_engine import with_bias
+
+    from parallel_r1 import trainer as trainer_module
+    from parallel_r1.config import parse_recipe
+
+    loader = trainer_module.load_model_and_tokenizer
+
+    def biased(*args, **kwargs):
+        model, tokenizer = loader(*args, **kwargs)
+        tags = TagIds.from_tokenizer(tokenizer)
+        newline, six = tokenizer.encode("\n")[0], tokenizer.encode("6")[0]
+        bias = {tags.parallel_open: 4.0, tags.path_close: 2.5, tags.summary_close: 3.0, tags.path_open: 2.0}
+        return with_bias(model, {**bias, newline: 5.0, six: 4.0}), tokenizer
+
+    monkeypatch.setattr(trainer_module, "load_model_and_tokenizer", biased)
+    text = GRPO_STAGE.replace(
+        "max_path_tokens: 6,", "max_path_tokens: 12, plans: true, max_paths: 3, distinct_plans: true,"
+    )
+    stage = parse_recipe(text.replace("max_response_tokens: 24", "max_response_tokens: 64")).stages[0]
+    stage.grpo.old_logprobs = "recompute"
+    trainer = GRPOTrainer(stage, tmp_path, init_model="tiny", seed=0)
+    rollouts = _capturing(trainer)
+    metrics, _ = trainer.train_step(0, [0, 1])
+    lines = trainer.plan_lines
+    plans = [
+        [line[0] for line in lines.lines(r.response_ids[b.token_span.start + 1 : b.paths[0].token_span.start])]
+        for r in rollouts
+        for b in r.structure.blocks
+        if b.closed and b.paths
+    ]
+    assert sum(len(p) >= 2 for p in plans) >= 2 and all(len(set(p)) == len(p) for p in plans)
+    assert metrics["mismatch_max"] < 1e-4 and metrics["trained_tokens"] > 50
+    assert len(trainer.bans.table) > 8  # the plan-dependent rows were met
