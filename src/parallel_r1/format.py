@@ -22,8 +22,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 PARALLEL_OPEN = "<Parallel>"
 PARALLEL_CLOSE = "</Parallel>"
 PATH_OPEN = "<Path>"
@@ -96,6 +94,8 @@ def add_parallel_tokens(tokenizer, model=None) -> TagIds:
 
 def _embed_as_pieces(model, tokenizer, pieces: dict[str, list[int]]) -> None:
     """Set each added tag's input (and untied output) embedding row to the mean of its pieces' rows."""
+    import torch  # here, not at the top: `parallel-r1 check` imports this module and starts without torch
+
     weights = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
     if output is not None and output.weight is not weights[0]:
