@@ -728,7 +728,7 @@ def test_a_grpo_step_on_distinct_plans_replays_their_bans(tmp_path, monkeypatch)
     trainer = GRPOTrainer(stage, tmp_path, init_model="tiny", seed=0)
     rollouts = _capturing(trainer)
     metrics, _ = trainer.train_step(0, [0, 1])
-    lines = trainer.plan_lines
+    lines = trainer.engine.plan_lines
     plans = [
         [line[0] for line in lines.lines(r.response_ids[b.token_span.start + 1 : b.paths[0].token_span.start])]
         for r in rollouts

@@ -44,7 +44,7 @@ from parallel_r1.backends import make_engine
 from parallel_r1.bans import BanTable, ban_rows
 from parallel_r1.batch import RolloutBatch, batch_logprobs, collate_rollouts, recompute_logprobs
 from parallel_r1.config import GRPOConfig, StageConfig
-from parallel_r1.format import PlanLines, TagIds
+from parallel_r1.format import TagIds
 from parallel_r1.models import PRESETS, save_model
 from parallel_r1.objectives import (
     REGIONS,
@@ -219,9 +219,13 @@ class GRPOTrainer(StageTrainer):
             with full_weights(acc, self.model):  # ZeRO-3 holds a shard of the output embedding outside
                 vocab = acc.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
             self.bans = BanTable(self.tags, vocab, acc.device)
-        self.plan_lines = PlanLines(self.tokenizer)
         self.engine = self._make_engine()
         self.resume()
+
+    @property
+    def ban_table(self) -> torch.Tensor | None:
+        """The current [R, V] table of `self.bans` (it grows as `ban_rows` meets plan-dependent bans)."""
+        return None if self.bans is None else self.bans.table
 
     def _make_engine(self):
         """The rollout engine. hf: on the trained model itself. vllm: an engine in this process, on this
@@ -324,7 +328,6 @@ class GRPOTrainer(StageTrainer):
         keep_P = torch.tensor([g in trained for g in range(len(rollouts) // cfg.n)], dtype=torch.bool)
         advantages = [a for r in rounds for a in r.adv_PG.flatten().tolist()]
         response_ban_rows = [b for r in rounds for b in r.ban_rows] if self.bans is not None else None
-        ban_table = None if self.bans is None else self.bans.table
         batch = collate_rollouts(rollouts, advantages, self.tokenizer.pad_token_id, response_ban_rows)
         batch.loss_mask_BT[(~keep_P).repeat_interleave(cfg.n)] = 0.0
         if cfg.overlong_filter:
@@ -333,7 +336,7 @@ class GRPOTrainer(StageTrainer):
         if not self.use_engine_logprobs:
             old_logp_BT = recompute_logprobs(
                 acc.unwrap_model(self.model), batch.to(acc.device), self.tags, self.stage.variant,
-                cfg.rollout.temperature, cfg.micro_batch_size, ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
+                cfg.rollout.temperature, cfg.micro_batch_size, self.ban_table, cfg.rollout.top_k, cfg.rollout.top_p,
                 cfg.update_rows, cfg.micro_batch_tokens,
             )  # fmt: skip
             batch.old_logp_BT = old_logp_BT.cpu()
@@ -392,7 +395,7 @@ class GRPOTrainer(StageTrainer):
         bans = []
         if self.bans is not None:
             caps = (params.max_blocks, params.plans, params.max_depth)
-            distinct = (self.plan_lines, self.bans) if params.distinct_plans else None
+            distinct = (self.engine.plan_lines, self.bans) if params.distinct_plans else None
             bans = [ban_rows(r.response_ids, self.tags, self.stage.variant, *caps, distinct) for r in rollouts]
         return _Round(prompts, mine, rollouts, scores, adv_PG, self._global_keep(keep_P.tolist()), penalty_B, bans)
 
@@ -435,7 +438,7 @@ class GRPOTrainer(StageTrainer):
                 out = policy_update(
                     acc, self.model, self.optimizer, minibatch, cfg, self.tags, self.stage.variant,
                     self.stage.max_grad_norm, num_tokens, num_sequences, self.ref_model,
-                    measure_gap=measure_gap and updates == 0, ban_table=None if self.bans is None else self.bans.table,
+                    measure_gap=measure_gap and updates == 0, ban_table=self.ban_table,
                 )  # fmt: skip
                 updates += 1
                 self._vllm_stale = True
